@@ -1,0 +1,27 @@
+# alphanet-train: `make setup` (idempotent), `make demo`, `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Outside CI the default suite skips tests marked slow; CI=true runs everything.
+PYTEST_ARGS ?= $(if $(filter true 1,$(CI)),,-m "not slow")
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml scripts/install_system_packages.sh
+	scripts/install_system_packages.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m models.flops configs/alphanet_models.yaml
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Shard writers, loaders and multi-resolution rescaling (see the data pipeline issue)."""

@@ -1,0 +1,66 @@
+"""The loss section of a run config and the builders it drives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from losses.cross_entropy import LabelSmoothingCrossEntropy
+from losses.divergences import (
+    AdaptiveAlphaDivergence,
+    AlphaDivergence,
+    KDLoss,
+    KLDivergence,
+    ReverseKLDivergence,
+    SymmetricKLDivergence,
+)
+
+KDLossName = Literal["adaptive_alpha", "alpha", "kl", "reverse_kl", "symmetric_kl"]
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    """Losses of the sandwich rule: label-smoothed CE for the largest net, a KD loss for the others."""
+
+    kd_loss: KDLossName = "adaptive_alpha"
+    """KD loss of the distilled sub-networks: adaptive_alpha | alpha | kl | reverse_kl | symmetric_kl."""
+    alpha: float = 1.0
+    """α of ``kd_loss: alpha``."""
+    alpha_minus: float = -1.0
+    """α− of ``kd_loss: adaptive_alpha`` (penalises over-estimating the teacher's uncertainty)."""
+    alpha_plus: float = 1.0
+    """α+ of ``kd_loss: adaptive_alpha`` (penalises under-estimation)."""
+    clip: float | None = 5.0
+    """β, the clip of the importance weights (p/q)^α for alpha losses; null disables clipping."""
+    temperature: float = 1.0
+    """Softmax temperature of ``kd_loss: kl``."""
+    label_smoothing: float = 0.1
+    """ε of the largest sub-network's cross-entropy, spread as ε/K over all K classes."""
+
+    def __post_init__(self) -> None:
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"loss.clip must be positive or null, got {self.clip}")
+        if self.kd_loss == "adaptive_alpha" and not self.alpha_minus < self.alpha_plus:
+            raise ValueError(f"loss.alpha_minus ({self.alpha_minus}) must be < loss.alpha_plus ({self.alpha_plus})")
+        if self.temperature <= 0:
+            raise ValueError(f"loss.temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+KD_LOSSES: dict[str, Callable[[LossConfig], KDLoss]] = {
+    "adaptive_alpha": lambda c: AdaptiveAlphaDivergence(c.alpha_minus, c.alpha_plus, c.clip),
+    "alpha": lambda c: AlphaDivergence(c.alpha, c.clip),
+    "kl": lambda c: KLDivergence(c.temperature),
+    "reverse_kl": lambda c: ReverseKLDivergence(),
+    "symmetric_kl": lambda c: SymmetricKLDivergence(),
+}
+
+
+def build_kd_loss(config: LossConfig) -> KDLoss:
+    """The KD loss named by ``config.kd_loss``."""
+    return KD_LOSSES[config.kd_loss](config)
+
+
+def build_label_loss(config: LossConfig) -> LabelSmoothingCrossEntropy:
+    return LabelSmoothingCrossEntropy(config.label_smoothing)

@@ -1,0 +1,42 @@
+"""Supernet, search space, standalone sub-networks and their exact cost."""
+
+from models.config import ModelConfig
+from models.search_space import (
+    ArchConfig,
+    ArchSampler,
+    SearchSpace,
+    load_named_archs,
+    load_search_space,
+)
+from models.static import StaticSubnet, extract_subnet
+from models.supernet import AlphaNetSupernet
+
+
+def __getattr__(name: str):
+    # Lazy, so that ``python -m models.flops`` does not import its own module twice.
+    if name in ("Cost", "subnet_cost"):
+        from models import flops
+
+        return getattr(flops, name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")
+
+
+def build_supernet(config: ModelConfig) -> AlphaNetSupernet:
+    """The supernet described by a model config section."""
+    return AlphaNetSupernet(load_search_space(config.search_space), config)
+
+
+__all__ = [
+    "AlphaNetSupernet",
+    "ArchConfig",
+    "ArchSampler",
+    "Cost",
+    "ModelConfig",
+    "SearchSpace",
+    "StaticSubnet",
+    "build_supernet",
+    "extract_subnet",
+    "load_named_archs",
+    "load_search_space",
+    "subnet_cost",
+]

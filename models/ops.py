@@ -1,0 +1,137 @@
+"""Dynamic operators: each holds the weights of its largest configuration and runs a slice of them.
+
+Channel slices are leading slices (``weight[:out, :in]``); a smaller kernel is the centre crop of the
+largest one.  The input channel count is always read from the input tensor, so a sub-network is
+defined by the output widths, kernel sizes and expansion ratios set on its blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor`` without going 10% below it (MobileNet rule)."""
+    min_value = divisor if min_value is None else min_value
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+def expanded_channels(in_channels: int, expand: int) -> int:
+    """Hidden width of an inverted-residual block: the input itself at expand 1, else rounded to 8."""
+    return in_channels if expand == 1 else make_divisible(round(in_channels * expand), 8)
+
+
+def se_channels(channels: int, reduction: int = 4) -> int:
+    """Bottleneck width of a squeeze-and-excitation module over ``channels``."""
+    return make_divisible(channels // reduction, 8)
+
+
+def centre_crop_kernel(weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    full = weight.shape[-1]
+    if kernel_size == full:
+        return weight
+    start = (full - kernel_size) // 2
+    return weight[..., start : start + kernel_size, start : start + kernel_size]
+
+
+class DynamicConv2d(nn.Module):
+    """A dense convolution (groups=1) run on ``weight[:out, :in]`` with a centre-cropped kernel."""
+
+    def __init__(self, max_in: int, max_out: int, kernel_size: int = 1, stride: int = 1, bias: bool = False):
+        super().__init__()
+        self.stride = stride
+        self.weight = nn.Parameter(torch.empty(max_out, max_in, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(max_out)) if bias else None
+        nn.init.kaiming_normal_(self.weight, mode="fan_out")
+
+    def forward(self, x: torch.Tensor, out_channels: int, kernel_size: int | None = None) -> torch.Tensor:
+        k = kernel_size or self.weight.shape[-1]
+        weight = centre_crop_kernel(self.weight[:out_channels, : x.shape[1]], k)
+        bias = self.bias[:out_channels] if self.bias is not None else None
+        return F.conv2d(x, weight, bias, self.stride, k // 2)
+
+
+class DynamicDepthwiseConv2d(nn.Module):
+    """A depthwise convolution over as many channels as the input has, kernel centre-cropped."""
+
+    def __init__(self, max_channels: int, max_kernel: int, stride: int = 1):
+        super().__init__()
+        self.stride = stride
+        self.weight = nn.Parameter(torch.empty(max_channels, 1, max_kernel, max_kernel))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out")
+
+    def forward(self, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        channels = x.shape[1]
+        weight = centre_crop_kernel(self.weight[:channels], kernel_size)
+        return F.conv2d(x, weight, None, self.stride, kernel_size // 2, groups=channels)
+
+
+class DynamicBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over the first C channels of its parameters and running statistics.
+
+    Mirrors ``nn.BatchNorm2d.forward`` (momentum, cumulative average when momentum is None, eval
+    with running statistics); the running-statistic slices are views, so updates land in place.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_stats = not self.training or self.track_running_stats
+        return F.batch_norm(
+            x,
+            self.running_mean[:channels] if keep_stats and self.running_mean is not None else None,
+            self.running_var[:channels] if keep_stats and self.running_var is not None else None,
+            self.weight[:channels] if self.weight is not None else None,
+            self.bias[:channels] if self.bias is not None else None,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+
+class DynamicLinear(nn.Module):
+    """A linear layer over the first ``in_features`` columns of its weight."""
+
+    def __init__(self, max_in: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, max_in))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight[:, : x.shape[1]], self.bias)
+
+
+class DynamicSqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (reduction 4, ReLU inside, hard-sigmoid gate) over the input's channels."""
+
+    def __init__(self, max_channels: int, reduction: int = 4):
+        super().__init__()
+        self.reduction = reduction
+        mid = se_channels(max_channels, reduction)
+        self.reduce = DynamicConv2d(max_channels, mid, 1, bias=True)
+        self.expand = DynamicConv2d(mid, max_channels, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        scale = x.mean(dim=(2, 3), keepdim=True)
+        scale = F.relu(self.reduce(scale, se_channels(channels, self.reduction)))
+        scale = F.hardsigmoid(self.expand(scale, channels))
+        return x * scale
+
+
+def drop_connect(x: torch.Tensor, rate: float) -> torch.Tensor:
+    """Stochastic depth: zero each sample's residual branch with probability ``rate``, rescale the rest."""
+    keep = 1.0 - rate
+    mask = torch.empty((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
+    return x * mask / keep

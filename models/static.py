@@ -1,0 +1,132 @@
+"""Standalone sub-networks built from plain torch layers, and their extraction from a supernet.
+
+A :class:`StaticSubnet` needs nothing of the supernet: it is built from a search space (for strides,
+SE flags and the head's expansion) and an :class:`ArchConfig`.  Its parameter names mirror the
+supernet's, so extraction is a slice of each supernet tensor to the static shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.ops import expanded_channels, se_channels
+from models.search_space import ArchConfig, SearchSpace
+
+
+def _conv(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=bias)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: pool → 1×1 conv + ReLU → 1×1 conv → hard sigmoid → scale."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        mid = se_channels(channels, reduction)
+        self.reduce = _conv(channels, mid, bias=True)
+        self.expand = _conv(mid, channels, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = F.hardsigmoid(self.expand(F.relu(self.reduce(x.mean(dim=(2, 3), keepdim=True)))))
+        return x * scale
+
+
+class MBConvBlock(nn.Module):
+    """A fixed inverted-residual block (see ``models.supernet.DynamicMBConvBlock``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, expand: int, stride: int, se: bool):
+        super().__init__()
+        mid = expanded_channels(in_channels, expand)
+        self.stride = stride
+        self.expand_conv = _conv(in_channels, mid) if expand != 1 else None
+        self.expand_bn = nn.BatchNorm2d(mid) if expand != 1 else None
+        self.dw_conv = _conv(mid, mid, kernel, stride, groups=mid)
+        self.dw_bn = nn.BatchNorm2d(mid)
+        self.se = SqueezeExcite(mid) if se else None
+        self.project_conv = _conv(mid, out_channels)
+        self.project_bn = nn.BatchNorm2d(out_channels)
+        self.identity = stride == 1 and in_channels == out_channels
+        self.shortcut_conv = _conv(in_channels, out_channels) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.expand_conv is not None:
+            h = F.silu(self.expand_bn(self.expand_conv(h)))
+        h = F.silu(self.dw_bn(self.dw_conv(h)))
+        if self.se is not None:
+            h = self.se(h)
+        h = self.project_bn(self.project_conv(h))
+        if self.identity:
+            return x + h
+        shortcut = F.avg_pool2d(x, self.stride) if self.stride > 1 else x
+        if self.shortcut_conv is not None:
+            shortcut = self.shortcut_conv(shortcut)
+        return h + shortcut
+
+
+class StaticSubnet(nn.Module):
+    """One sub-network of ``space`` as an ordinary ``nn.Module`` (expects inputs at ``arch.resolution``)."""
+
+    def __init__(self, space: SearchSpace, arch: ArchConfig, num_classes: int = 1000, dropout: float = 0.0):
+        super().__init__()
+        arch.validate(space)
+        self.space = space
+        self.arch = arch
+        self.num_classes = num_classes
+        self.dropout = dropout
+        stem = arch.widths[0]
+        self.stem_conv = _conv(3, stem, space.stem.kernel, space.stem.stride)
+        self.stem_bn = nn.BatchNorm2d(stem)
+        blocks = []
+        in_channels = stem
+        for i, stage in enumerate(space.stages):
+            out_channels = arch.widths[i + 1]
+            for b in range(arch.depths[i]):
+                stride = stage.stride if b == 0 else 1
+                blocks.append(MBConvBlock(in_channels, out_channels, arch.kernels[i], arch.expands[i], stride, stage.se))
+                in_channels = out_channels
+        self.blocks = nn.ModuleList(blocks)
+        expanded = space.head.expand * in_channels
+        self.final_expand_conv = _conv(in_channels, expanded)
+        self.final_expand_bn = nn.BatchNorm2d(expanded)
+        self.feature_mix_conv = _conv(expanded, arch.widths[-1])
+        self.classifier = nn.Linear(arch.widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.stem_bn(self.stem_conv(x)))
+        for block in self.blocks:
+            x = block(x)
+        x = F.silu(self.final_expand_bn(self.final_expand_conv(x)))
+        x = F.silu(self.feature_mix_conv(x.mean(dim=(2, 3), keepdim=True))).flatten(1)
+        x = F.dropout(x, self.dropout, training=self.training)
+        return self.classifier(x)
+
+
+def _slice_to_shape(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Leading slices of every dimension; the two kernel dimensions of a conv weight are centre-cropped."""
+    if tensor.shape == shape:
+        return tensor
+    index = []
+    for dim, (have, want) in enumerate(zip(tensor.shape, shape)):
+        start = (have - want) // 2 if tensor.ndim == 4 and dim >= 2 else 0
+        index.append(slice(start, start + want))
+    return tensor[tuple(index)]
+
+
+def extract_subnet(supernet: nn.Module, arch: ArchConfig | None = None) -> StaticSubnet:
+    """Copy ``arch``'s weights and BN statistics out of ``supernet`` into a new :class:`StaticSubnet`."""
+    arch = arch or supernet.arch
+    static = StaticSubnet(supernet.space, arch, supernet.config.num_classes, supernet.config.dropout)
+    block_map = supernet.active_block_indices(arch)
+    source = supernet.state_dict()
+    weights = {}
+    for key, target in static.state_dict().items():
+        source_key = key
+        if key.startswith("blocks."):
+            _, j, rest = key.split(".", 2)
+            source_key = f"blocks.{block_map[int(j)]}.{rest}"
+        weights[key] = _slice_to_shape(source[source_key], target.shape).clone()
+    static.load_state_dict(weights)
+    return static.to(next(supernet.parameters()).device)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Debian packages the Python requirements need (FFCV builds against libturbojpeg and OpenCV).
+# Idempotent: installs only what is missing; needs root (or sudo) only when something is missing.
+set -euo pipefail
+packages=(pkg-config g++ libturbojpeg0-dev libopencv-dev numactl)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+echo "installing Debian packages: ${missing[*]}"
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "error: need root (or sudo) to install: ${missing[*]}" >&2; exit 1; }
+  SUDO=sudo
+fi
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,1 @@
+"""Training: config, distributed environment, DeepSpeed engine, sandwich step, checkpoints."""

@@ -1,0 +1,107 @@
+"""The root run config: composes every component's section, loads strict YAML, applies overrides.
+
+``python -m trainer.config --config configs/X.yaml [--set model.dropout=0.1 ...]`` validates a config
+and prints it resolved (every default filled in); a problem exits with code 2 and names the key and
+the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from losses.config import LossConfig
+from models.config import ModelConfig
+from models.search_space import SearchSpace, load_search_space
+from typedconfig import ConfigError, apply_overrides, from_mapping, load_yaml, to_mapping
+
+RESOLVED_CONFIG_NAME = "config.yaml"
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """Everything one run needs; each component reads only its own section."""
+
+    seed: int = 0
+    """Seed of every random generator (architecture sampler, data order, initialisation)."""
+    run_dir: Path = Path("runs/default")
+    """Folder of the run: resolved config, logs, metrics, checkpoints."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+def _cross_check(config: RunConfig, source: str) -> SearchSpace:
+    """Checks that involve several sections (and loading the search space named by the model)."""
+    try:
+        return load_search_space(config.model.search_space)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), key="model.search_space", source=source) from exc
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path``, apply ``section.key=value`` overrides, build and validate the typed config."""
+    data = apply_overrides(load_yaml(path), overrides or [])
+    source = f"{path} (with --set overrides)" if overrides else str(path)
+    config = from_mapping(RunConfig, data, source=source)
+    _cross_check(config, source)
+    return config
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(to_mapping(config), sort_keys=False)
+
+
+def config_hash(section: Any) -> str:
+    """A stable short hash of a config section (e.g. the model section, stored in checkpoints)."""
+    return hashlib.sha256(json.dumps(to_mapping(section), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_resolved(config: RunConfig, run_dir: Path | None = None) -> Path:
+    """Write the resolved config into the run folder (atomically) and return its path."""
+    run_dir = Path(run_dir or config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / RESOLVED_CONFIG_NAME
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(config_to_yaml(config))
+    tmp.replace(target)
+    return target
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="run config YAML, e.g. configs/tiny_cpu.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any key after the file, e.g. --set model.dropout=0.1 loss.kd_loss=kl",
+    )
+
+
+def load_config_or_exit(args: argparse.Namespace) -> RunConfig:
+    """Entry points call this: a config problem prints one clear line and exits with code 2."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.config", description="Validate and print a resolved run config.")
+    add_config_arguments(parser)
+    config = load_config_or_exit(parser.parse_args(argv))
+    print(config_to_yaml(config), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

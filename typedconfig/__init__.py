@@ -1,0 +1,25 @@
+"""Strict, typed configuration: YAML mappings → frozen-shape dataclasses.
+
+Every component of alphanet-train owns a ``@dataclass(kw_only=True, slots=True)`` config.  This
+package turns plain mappings (from YAML) into those dataclasses and rejects anything suspicious
+before heavy work starts: an unknown key, a value of the wrong type, a missing required field.
+Errors name the dotted key and the file so a user can fix the right line.
+"""
+
+from typedconfig.core import (
+    ConfigError,
+    apply_overrides,
+    from_mapping,
+    load_yaml,
+    parse_override,
+    to_mapping,
+)
+
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "from_mapping",
+    "load_yaml",
+    "parse_override",
+    "to_mapping",
+]

@@ -1,0 +1,201 @@
+"""Mapping ↔ dataclass conversion with strict checks, YAML loading and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the key and the source file."""
+
+    def __init__(self, message: str, *, key: str | None = None, source: str | Path | None = None):
+        where = []
+        if key:
+            where.append(f"key '{key}'")
+        if source:
+            where.append(f"in {source}")
+        prefix = f"{' '.join(where)}: " if where else ""
+        super().__init__(prefix + message)
+        self.key = key
+        self.source = str(source) if source is not None else None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping (``safe_load`` only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("file not found", source=path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", source=path) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"top level must be a mapping, got {type(data).__name__}", source=path)
+    return data
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
+    """Convert ``value`` to type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"value {value!r} matches none of {tp}", key=key, source=source)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"must be one of {list(args)}, got {value!r}", key=key, source=source)
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a mapping, got {type(value).__name__}", key=key, source=source)
+        return from_mapping(tp, value, prefix=key, source=source)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"expected a list, got {type(value).__name__} {value!r}", key=key, source=source)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"expected {len(args)} items, got {len(value)}", key=key, source=source)
+            items = [_convert(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_type = args[0] if args else Any
+            items = [_convert(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a mapping, got {type(value).__name__}", key=key, source=source)
+        ktype, vtype = args if args else (Any, Any)
+        return {
+            _convert(k, ktype, key, source): _convert(v, vtype, _join(key, str(k)), source)
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true/false, got {value!r}", key=key, source=source)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"expected an integer, got {value!r}", key=key, source=source)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"expected a number, got {value!r}", key=key, source=source)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected a string, got {value!r}", key=key, source=source)
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"expected a path, got {value!r}", key=key, source=source)
+        return Path(value)
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def from_mapping(cls: type[T], data: dict[str, Any], *, prefix: str = "", source: str | Path | None = None) -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and failed checks are ConfigErrors.
+
+    Validation inside ``__post_init__`` may raise ``ValueError``; it is re-raised as a ConfigError
+    naming the section, so every message points at the file.
+    """
+    source = str(source) if source is not None else None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown}; allowed: {sorted(fields)}",
+            key=_join(prefix, str(unknown[0])),
+            source=source,
+        )
+    kwargs = {}
+    for name, field in fields.items():
+        key = _join(prefix, name)
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key, source)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError("required key is missing", key=key, source=source)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if exc.source is None and source is not None:
+            raise ConfigError(str(exc), source=source) from exc
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc), key=prefix or None, source=source) from exc
+
+
+def to_mapping(obj: Any) -> Any:
+    """Dataclass (or nested containers) → plain YAML-safe Python values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_mapping(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_mapping(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_mapping(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"trainer.lr=0.4"`` → (["trainer", "lr"], 0.4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value", source="--set")
+    dotted, raw = text.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key", source="--set")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse value {raw!r}: {exc}", key=dotted, source="--set") from exc
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``a.b.c=value`` override applied (creating sections)."""
+    import copy
+
+    result = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = result
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"cannot set a sub-key of a non-mapping value", key=".".join(parts[: i + 1]), source="--set"
+                )
+            node = child
+        node[parts[-1]] = value
+    return result
