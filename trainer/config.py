@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from data_pipeline.config import DataConfig
 from losses.config import LossConfig
 from models.config import ModelConfig
 from models.search_space import SearchSpace, load_search_space
@@ -33,6 +34,7 @@ class RunConfig:
     """Seed of every random generator (architecture sampler, data order, initialisation)."""
     run_dir: Path = Path("runs/default")
     """Folder of the run: resolved config, logs, metrics, checkpoints."""
+    data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 

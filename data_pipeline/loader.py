@@ -1,0 +1,113 @@
+"""``build_loader``: one resumable loader per split, the same batches from WebDataset or FFCV storage."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from data_pipeline.batch import Batch
+from data_pipeline.config import DataConfig
+from data_pipeline.plan import EpochPlan
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+@dataclass(slots=True)
+class EpochSummary:
+    epoch: int
+    batches: int = 0
+    images: int = 0
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    """(shard, key, reason) of samples that failed to decode this epoch."""
+    problems: list[str] = field(default_factory=list)
+    """Static problems found when the split was indexed (truncated shards, missing labels)."""
+
+    def text(self) -> str:
+        line = f"epoch {self.epoch}: {self.batches} batches, {self.images} images"
+        if self.skipped or self.problems:
+            line += f", {len(self.skipped)} undecodable skipped, {len(self.problems)} indexing problem(s)"
+        details = [f"  {shard}/{key}: {reason}" for shard, key, reason in self.skipped[:20]]
+        details += [f"  {p}" for p in self.problems[:20]]
+        return "\n".join([line, *details])
+
+
+class ResumableLoader:
+    """Iterates one epoch per ``iter()``; ``state_dict`` pins the epoch and the next batch exactly."""
+
+    def __init__(self, backend, plan: EpochPlan, split: str):
+        self.backend = backend
+        self.plan = plan
+        self.split = split
+        self.epoch = 0
+        self.position = 0
+        """Batches of the current epoch already yielded."""
+        self.last_summary: EpochSummary | None = None
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    @property
+    def num_samples(self) -> int:
+        return self.plan.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = epoch, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch = self.epoch
+        summary = EpochSummary(epoch=epoch, problems=self.backend.problem_lines())
+        for batch in self.backend.iterate(self.plan.batches(epoch, self.position), epoch):
+            self.position += 1
+            summary.batches += 1
+            summary.images += len(batch)
+            summary.skipped += batch.skipped
+            for shard, key, reason in batch.skipped:
+                log.warning("%s split: skipped %s/%s: %s", self.split, shard, key, reason)
+            yield batch
+        self.last_summary = summary
+        self.epoch, self.position = epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "epoch": self.epoch,
+            "position": self.position,
+            "rank": self.plan.rank,
+            "world_size": self.plan.world_size,
+            "num_samples": self.plan.num_samples,
+            "batch_size": self.plan.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        for key in ("world_size", "num_samples", "batch_size", "split"):
+            have = getattr(self.plan, key, None) if key != "split" else self.split
+            if state[key] != have:
+                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has {key}={have}")
+        if not 0 <= state["position"] <= self.plan.num_batches:
+            raise ValueError(f"loader position {state['position']} outside 0..{self.plan.num_batches}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def build_loader(config: DataConfig, split: str, *, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0) -> ResumableLoader:
+    """The loader of ``split`` for this rank: NCHW uint8 batches at ``config.base_resolution``.
+
+    Raises ``DataError`` at once for a missing dataset, shard or split.
+    """
+    if config.format == "webdataset":
+        from data_pipeline.wds_backend import WebDatasetBackend
+
+        backend = WebDatasetBackend(config, split, train, seed)
+    else:
+        from data_pipeline.ffcv_backend import FFCVBackend
+
+        backend = FFCVBackend(config, split, train, seed)
+    plan = EpochPlan(
+        num_samples=backend.num_samples, batch_size=config.batch_size, rank=rank, world_size=world_size, seed=seed, train=train
+    )
+    return ResumableLoader(backend, plan, split)

@@ -1,0 +1,251 @@
+"""Convert an ImageFolder tree or the bundled digits into WebDataset shards and/or FFCV ``.beton`` files.
+
+    python -m data_pipeline.prepare --source digits --out data/digits
+    python -m data_pipeline.prepare --source /datasets/imagenet --out data/imagenet --formats webdataset ffcv
+
+An ImageFolder source is ``root/class/*.jpg`` (one split, ``--split``) or ``root/{train,val}/class/*.jpg``.
+Output: ``{split}-{index:06d}.tar`` shards (samples ``key.jpg`` + ``key.cls``), ``{split}.beton``,
+and ``manifest.json`` (counts per split and class, class names, files with sizes and sha256).
+Everything is written under temporary names and renamed into place; the manifest is written last,
+so an interrupted run never leaves output that looks complete, and re-running on finished output is
+a no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+
+
+@dataclass(slots=True)
+class Sample:
+    key: str
+    label: int
+    path: Path | None = None
+    image: Image.Image | None = None
+
+    def jpeg_bytes(self, quality: int) -> bytes:
+        """Original bytes of a JPEG file; anything else is encoded as JPEG."""
+        if self.path is not None and self.path.suffix.lower() in (".jpg", ".jpeg"):
+            return self.path.read_bytes()
+        buffer = io.BytesIO()
+        self.load().save(buffer, format="JPEG", quality=quality)
+        return buffer.getvalue()
+
+    def load(self) -> Image.Image:
+        if self.image is not None:
+            return self.image
+        with Image.open(self.path) as img:
+            return img.convert("RGB")
+
+
+class Source:
+    """Splits of samples with integer labels and class names."""
+
+    def __init__(self, splits: dict[str, list[Sample]], classes: list[str], description: str):
+        self.splits = splits
+        self.classes = classes
+        self.description = description
+
+
+def digits_source() -> Source:
+    from data_pipeline.bundled import load_digits_splits
+
+    raw, classes = load_digits_splits()
+    splits = {
+        name: [Sample(key=f"{name}{i:05d}", label=label, image=image) for i, (image, label) in enumerate(items)]
+        for name, items in raw.items()
+    }
+    return Source(splits, classes, "bundled scikit-learn digits (32x32 RGB)")
+
+
+def _safe_key(text: str) -> str:
+    # WebDataset groups members by the part of the name before the first dot: keys must not contain dots.
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
+
+
+def _class_folder(root: Path, split: str, classes: list[str]) -> list[Sample]:
+    samples = []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                samples.append(Sample(key=_safe_key(f"{split}_{name}_{path.stem}"), label=label, path=path))
+    return samples
+
+
+def image_folder_source(root: Path, split: str) -> Source:
+    if not root.is_dir():
+        raise FileNotFoundError(f"ImageFolder root {root} does not exist")
+    split_dirs = [d for d in ("train", "val") if (root / d).is_dir()]
+    roots = {d: root / d for d in split_dirs} if split_dirs else {split: root}
+    first = next(iter(roots.values()))
+    classes = sorted(d.name for d in first.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"no class folders under {first}")
+    for name, split_root in roots.items():
+        have = sorted(d.name for d in split_root.iterdir() if d.is_dir())
+        if have != classes:
+            raise ValueError(f"split '{name}' has classes {have}, expected {classes}")
+    splits = {name: _class_folder(split_root, name, classes) for name, split_root in roots.items()}
+    return Source(splits, classes, f"ImageFolder {root}")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_entry(path: Path, **extra) -> dict:
+    return {"name": path.name, "size": path.stat().st_size, "sha256": sha256_of(path), **extra}
+
+
+def write_webdataset(samples: list[Sample], out: Path, split: str, shard_mb: float, quality: int, progress) -> list[dict]:
+    """Write ``{split}-%06d.tar`` shards of about ``shard_mb`` MB into ``out`` (via a temp folder)."""
+    import webdataset as wds
+
+    tmp = out / f".tmp-{split}-webdataset"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    counts: Counter = Counter()
+    task = progress.add_task(f"{split}: webdataset", total=len(samples))
+    with wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxsize=int(shard_mb * 1e6), maxcount=10**9, verbose=0) as sink:
+        for sample in samples:
+            sink.write({"__key__": sample.key, "jpg": sample.jpeg_bytes(quality), "cls": str(sample.label).encode()})
+            counts[Path(sink.fname).name] += 1
+            progress.advance(task)
+    shards = []
+    for path in sorted(tmp.glob("*.tar")):
+        final = out / path.name
+        os.replace(path, final)
+        shards.append(_file_entry(final, count=counts[path.name]))
+    shutil.rmtree(tmp)
+    return shards
+
+
+def write_ffcv(samples: list[Sample], out: Path, split: str, max_side: int, quality: int, workers: int, progress) -> tuple[dict, list[dict]]:
+    """Write ``{split}.beton``; images that fail to decode are skipped and returned as such."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    task = progress.add_task(f"{split}: ffcv (decode check)", total=len(samples))
+    good, skipped = [], []
+    for sample in samples:
+        try:
+            sample.load().load()
+            good.append(sample)
+        except Exception as exc:  # PIL raises many types for broken files
+            skipped.append({"key": sample.key, "reason": f"{type(exc).__name__}: {exc}"})
+        progress.advance(task)
+
+    class Indexed:
+        def __len__(self) -> int:
+            return len(good)
+
+        def __getitem__(self, i: int):
+            return good[i].load(), good[i].label
+
+    final = out / f"{split}.beton"
+    tmp = out / f".tmp-{split}.beton"
+    fields = {"image": RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=quality), "label": IntField()}
+    DatasetWriter(str(tmp), fields, num_workers=max(1, workers)).from_indexed_dataset(Indexed(), chunksize=64)
+    os.replace(tmp, final)
+    return _file_entry(final, count=len(good)), skipped
+
+
+def _complete(out: Path, formats: list[str], options: dict) -> bool:
+    """True when ``out`` already holds a finished run with the same options and every file present."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    if manifest.get("options") != options or not set(formats) <= set(manifest.get("formats", [])):
+        return False
+    for split in manifest["splits"].values():
+        files = list(split.get("webdataset", {}).get("shards", []))
+        if "ffcv" in split:
+            files.append(split["ffcv"])
+        if any(not (out / f["name"]).is_file() or (out / f["name"]).stat().st_size != f["size"] for f in files):
+            return False
+    return True
+
+
+def prepare(source_name: str, out: Path, formats: list[str], split: str = "train", shard_mb: float = 64.0,
+            max_side: int = 512, quality: int = 90, workers: int = 2, quiet: bool = False) -> dict:
+    """Write the dataset and its manifest; return the manifest (the existing one when already done)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    options = {"source": str(source_name), "shard_mb": shard_mb, "max_side": max_side, "jpeg_quality": quality}
+    if _complete(out, formats, options):
+        if not quiet:
+            print(f"{out}: already prepared ({MANIFEST} matches), nothing to do")
+        return json.loads((out / MANIFEST).read_text())
+    source = digits_source() if source_name == "digits" else image_folder_source(Path(source_name), split)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"version": MANIFEST_VERSION, "source": source.description, "options": options,
+                "formats": sorted(formats), "classes": source.classes, "splits": {}}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=quiet) as progress:
+        for name, samples in source.splits.items():
+            per_class = Counter(source.classes[s.label] for s in samples)
+            entry: dict = {"count": len(samples), "per_class": dict(sorted(per_class.items()))}
+            if "webdataset" in formats:
+                entry["webdataset"] = {"shards": write_webdataset(samples, out, name, shard_mb, quality, progress)}
+            if "ffcv" in formats:
+                entry["ffcv"], entry["ffcv_skipped"] = write_ffcv(samples, out, name, max_side, quality, workers, progress)
+            manifest["splits"][name] = entry
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    if not quiet:
+        for name, entry in manifest["splits"].items():
+            shards = len(entry.get("webdataset", {}).get("shards", []))
+            skipped = len(entry.get("ffcv_skipped", []))
+            print(f"{name}: {entry['count']} images, {shards} shard(s)" + (f", {skipped} undecodable skipped" if skipped else ""))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", default="digits", help="'digits' (bundled) or an ImageFolder root")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--formats", nargs="+", choices=["webdataset", "ffcv"], default=["webdataset", "ffcv"])
+    parser.add_argument("--split", default="train", help="split name of a flat ImageFolder root")
+    parser.add_argument("--shard-mb", type=float, default=64.0, help="target WebDataset shard size in MB")
+    parser.add_argument("--max-side", type=int, default=512, help="FFCV: longest side stored")
+    parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        prepare(args.source, args.out, args.formats, args.split, args.shard_mb, args.max_side,
+                args.jpeg_quality, args.workers, args.quiet)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Small datasets written by the tests themselves (JPEG ImageFolder trees, corrupted shards)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def jpeg_bytes(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, corrupt: int = 0) -> Path:
+    """``root/{train,val}/class_k/*.jpg`` with varied image sizes; ``corrupt`` broken JPEGs in train."""
+    for split, count in (("train", per_class), ("val", per_class // 3)):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                seed = hash((split, c, i)) % 10_000
+                (folder / f"img{i:03d}.jpg").write_bytes(jpeg_bytes(seed, (36 + 4 * (i % 3), 30 + 2 * (i % 4))))
+    for k in range(corrupt):
+        (root / "train" / "class_0" / f"broken{k}.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" * 3)
+    return root
+
+
+def rewrite_tar(src: Path, dst: Path, edit) -> None:
+    """Copy tar ``src`` to ``dst`` passing each (name, bytes) through ``edit`` (return None to drop)."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for info in tin.getmembers():
+            data = tin.extractfile(info).read()
+            result = edit(info.name, data)
+            if result is None:
+                continue
+            out = tarfile.TarInfo(info.name)
+            out.size = len(result)
+            tout.addfile(out, io.BytesIO(result))
