@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-MANIFEST = "manifest.json"
+from data_pipeline.shards import MANIFEST
 MANIFEST_VERSION = 1
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 

@@ -13,7 +13,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.prepare import MANIFEST
+MANIFEST = "manifest.json"
 
 
 class DataError(RuntimeError):

@@ -73,6 +73,9 @@ class WebDatasetBackend:
             collate_fn=partial(_collate, resolution=self.config.base_resolution),
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if workers else None,
+            # Its own generator: creating the iterator must not consume torch's global RNG, which the
+            # trainer checkpoints (dropout) — or a resumed run would draw different masks.
+            generator=torch.Generator().manual_seed(epoch),
         )
         return iter(loader)
 

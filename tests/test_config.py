@@ -146,3 +146,17 @@ def test_config_cli_exit_codes(tmp_path, repo):
         cwd=repo, capture_output=True, text=True,
     )
     assert missing.returncode == 2 and "file not found" in missing.stderr
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "alphanet_imagenet.yaml"])
+def test_shipped_recipes_are_valid(repo, name):
+    config = load_config(repo / "configs" / name)
+    assert config.trainer.num_subnets == 4 and config.loss.kd_loss == "adaptive_alpha"
+
+
+def test_imagenet_recipe_is_the_papers(repo):
+    c = load_config(repo / "configs/alphanet_imagenet.yaml")
+    assert (c.trainer.epochs, c.trainer.lr_per_256, c.trainer.warmup_epochs, c.trainer.weight_decay) == (360, 0.1, 5.0, 1e-5)
+    assert (c.trainer.grad_clip_value, c.loss.clip, c.loss.alpha_minus, c.loss.alpha_plus) == (1.0, 5.0, -1.0, 1.0)
+    assert (c.model.dropout, c.model.drop_connect, c.loss.label_smoothing, c.data.auto_augment) == (0.2, 0.2, 0.1, True)
+    assert c.data.batch_size == 32 and c.model.search_space == "alphanet"

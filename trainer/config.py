@@ -21,6 +21,7 @@ from data_pipeline.config import DataConfig
 from losses.config import LossConfig
 from models.config import ModelConfig
 from models.search_space import SearchSpace, load_search_space
+from trainer.trainer_config import TrainerConfig
 from typedconfig import ConfigError, apply_overrides, from_mapping, load_yaml, to_mapping
 
 RESOLVED_CONFIG_NAME = "config.yaml"
@@ -37,14 +38,20 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 def _cross_check(config: RunConfig, source: str) -> SearchSpace:
     """Checks that involve several sections (and loading the search space named by the model)."""
     try:
-        return load_search_space(config.model.search_space)
+        space = load_search_space(config.model.search_space)
     except ConfigError as exc:
         raise ConfigError(str(exc), key="model.search_space", source=source) from exc
+    if config.data.base_resolution % space.total_stride:
+        raise ConfigError(
+            f"{config.data.base_resolution} is not divisible by the total stride {space.total_stride} of search space "
+            f"'{space.name}'", key="data.base_resolution", source=source)
+    return space
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

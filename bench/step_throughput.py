@@ -1,0 +1,146 @@
+"""Sandwich-step throughput through DeepSpeed (ZeRO 0–3) vs a plain-PyTorch loop of the same math, and
+per-rank optimizer-state memory, with 2 processes on CPU (gloo).
+
+    .venv/bin/python bench/step_throughput.py [--steps 6] [--batch 16] [--space tiny]
+
+The plain loop runs the same N sub-network forward/backward passes, all-reduces each gradient once
+(averaging over ranks), clips by value and takes one Nesterov SGD step.  Ratios are samples/s of each
+engine against that baseline, measured in the same processes, after one warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of the tensors in an optimizer's state (momentum buffers and flat fp32 partitions)."""
+    seen, total = set(), 0
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and id(value) not in seen:
+                seen.add(id(value))
+                total += value.numel() * value.element_size()
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        for tensor in getattr(optimizer, name, []) or []:
+            if torch.is_tensor(tensor) and id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def worker(args) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    from losses import LossConfig, build_kd_loss, build_label_loss
+    from models import ArchSampler, ModelConfig, build_supernet
+    from trainer.distributed import resolve
+    from trainer.ds_config import build_ds_config
+    from trainer.loop import init_distributed
+    from trainer.optim import ClippedSGD, param_groups
+    from trainer.sandwich import SandwichStep, sample_sandwich
+    from trainer.trainer_config import TrainerConfig
+
+    env = resolve()
+    init_distributed(env)
+    torch.set_num_threads(1)
+    model_config = ModelConfig(search_space=args.space, num_classes=10 if args.space == "tiny" else 1000)
+    losses = SandwichStep(build_label_loss(LossConfig()), build_kd_loss(LossConfig()))
+    gen = torch.Generator().manual_seed(env.rank)
+
+    def make_batch(net):
+        res = max(net.space.resolutions)
+        return torch.randn(args.batch, 3, res, res, generator=gen), torch.randint(0, model_config.num_classes, (args.batch,), generator=gen)
+
+    class PlainEngine:
+        """Engine interface over a plain module: one all-reduce per gradient at the last backward."""
+
+        def __init__(self, net, optimizer):
+            self.net, self.optimizer, self.boundary = net, optimizer, False
+
+        def __call__(self, x):
+            return self.net(x)
+
+        def set_gradient_accumulation_boundary(self, boundary):
+            self.boundary = boundary
+
+        def backward(self, loss):
+            loss.backward()
+            if self.boundary:
+                for p in self.net.parameters():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
+
+        def step(self):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+        def train(self):
+            self.net.train()
+
+    def timed(engine, module, label):
+        sampler = ArchSampler(module.space, seed=0)
+        rates = []
+        for step in range(args.steps + 1):
+            images, labels = make_batch(module)
+            dist.barrier()
+            start = time.perf_counter()
+            engine.train()
+            losses(engine, module, sample_sandwich(module.space, sampler, 4), images, labels)
+            engine.step()
+            dist.barrier()
+            if step:  # the first step is a warm-up
+                rates.append(args.batch * dist.get_world_size() / (time.perf_counter() - start))
+        return sorted(rates)[len(rates) // 2]
+
+    results = {}
+    tc = TrainerConfig()
+    torch.manual_seed(0)
+    net = build_supernet(model_config)
+    opt = ClippedSGD(param_groups(net, tc.weight_decay), lr=0.01, momentum=0.9, nesterov=True, clip_value=1.0)
+    results["plain PyTorch"] = (timed(PlainEngine(net, opt), net, "plain"), optimizer_state_bytes(opt))
+    for stage in (0, 1, 2, 3):
+        torch.manual_seed(0)
+        net = build_supernet(model_config)
+        opt = ClippedSGD(param_groups(net, tc.weight_decay), lr=0.01, momentum=0.9, nesterov=True, clip_value=1.0)
+        config = build_ds_config(TrainerConfig(zero_stage=stage), micro_batch=args.batch, world_size=env.world_size)
+        engine, ds_opt, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=config)
+        results[f"DeepSpeed ZeRO-{stage}"] = (timed(engine, engine.module, f"zero{stage}"), optimizer_state_bytes(ds_opt))
+    if env.rank == 0:
+        base_rate, base_mem = results["plain PyTorch"]
+        print(f"space {args.space}, 2 ranks x {args.batch} images, 4 sub-networks per step, median of {args.steps} steps")
+        for name, (rate, mem) in results.items():
+            print(f"{name:18s} {rate:8.1f} samples/s  ratio {rate / base_rate:5.2f}   "
+                  f"optimizer state on rank 0: {mem / 2**20:7.2f} MiB  ratio {mem / max(base_mem, 1):5.2f}")
+    dist.barrier()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--space", default="tiny")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).resolve()),
+               "--worker", "--steps", str(args.steps), "--batch", str(args.batch), "--space", args.space]
+    sys.exit(subprocess.run(command, env=env).returncode)
+
+
+if __name__ == "__main__":
+    main()

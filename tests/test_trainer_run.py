@@ -1,0 +1,217 @@
+"""The Trainer in-process (one rank): checkpoints, refusal of a foreign checkpoint, signals, non-finite
+steps, consolidation; and real multi-process runs through the launcher: kill -9 and resume exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline import prepare as prep
+from trainer.checkpoint import latest_tag
+from trainer.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    prep.prepare("digits", out, ["webdataset"], shard_mb=1.0, quiet=True)
+    return out
+
+
+def overrides(run_dir: Path, digits: Path, **extra) -> list[str]:
+    base = {"run_dir": run_dir, "data.root": digits, "data.batch_size": 16, "data.num_workers": 0,
+            "trainer.epochs": 2, "trainer.max_steps": 6, "trainer.checkpoint_every_steps": 2,
+            "trainer.log_every_steps": 1, "trainer.eval_every_epochs": 0, "trainer.calib_batches": 2,
+            "trainer.tensorboard": False, "trainer.keep_checkpoints": 2}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+_PORT = free_port()
+
+
+@pytest.fixture
+def single_rank(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_PORT", str(_PORT))  # one process group, reused by every in-process test
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+
+def run_in_process(repo, args: list[str]):
+    from trainer.loop import Trainer
+
+    trainer = Trainer(load_config(repo / "configs/tiny_cpu.yaml", args))
+    try:
+        return trainer, trainer.train()
+    finally:
+        trainer.close(destroy_process_group=False)  # DeepSpeed cannot re-initialise one in the same process
+
+
+def test_checkpoints_retention_resume_and_foreign_config(repo, digits, tmp_path, single_rank):
+    run = tmp_path / "run"
+    trainer, results = run_in_process(repo, overrides(run, digits))
+    assert results["global_step"] == 6
+    ckpt = run / "checkpoints"
+    assert latest_tag(ckpt) == "step000000006"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step000000004", "step000000006"]  # keep 2
+    assert (ckpt / "step000000006" / "trainer_rank0.pt").is_file()
+    assert (run / "config.yaml").is_file()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss/largest" in line]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val/top1_largest" in line]
+    assert len(val) == 1 and 0 <= val[0]["val/top1_smallest"] <= 100
+
+    # Same command with a larger max_steps resumes from step 6 (not from scratch).
+    trainer, results = run_in_process(repo, overrides(run, digits, **{"trainer.max_steps": 8}))
+    assert trainer.resumed_from == "step000000006" and results["global_step"] == 8
+
+    # A different model config is refused with a clear message.
+    from trainer.loop import TrainingStopped
+
+    with pytest.raises(TrainingStopped, match="different model config"):
+        run_in_process(repo, overrides(run, digits, **{"model.dropout": 0.3}))
+
+    # Consolidated fp32 weights reload into a supernet and equal the checkpointed module.
+    from safetensors.torch import load_file
+
+    from models import build_supernet
+    from trainer.consolidate import consolidate
+
+    path = consolidate(run)
+    state = load_file(str(path))
+    net = build_supernet(load_config(repo / "configs/tiny_cpu.yaml").model)
+    net.load_state_dict(state)
+    module_file = next((ckpt / "step000000008").glob("*model_states.pt"))
+    saved = torch.load(module_file, weights_only=False)["module"]
+    assert all(torch.equal(saved[k].float(), state[k]) for k in saved)
+
+
+def test_signal_saves_at_the_next_step_boundary(repo, digits, tmp_path, single_rank, monkeypatch):
+    from trainer import loop
+
+    original = loop.Trainer.train_step
+
+    def step_then_signal(self, batches):
+        values = original(self, batches)
+        if self.global_step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return values
+
+    monkeypatch.setattr(loop.Trainer, "train_step", step_then_signal)
+    run = tmp_path / "run"
+    _, results = run_in_process(repo, overrides(run, digits, **{"trainer.checkpoint_every_steps": 100}))
+    assert results["stopped_by_signal"] and results["global_step"] == 3
+    assert latest_tag(run / "checkpoints") == "step000000003"
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(repo, digits, tmp_path, single_rank, monkeypatch):
+    from trainer import loop
+
+    real_normalize = loop.normalize
+    calls = {"n": 0}
+
+    def poisoned(images, mean, std):
+        calls["n"] += 1
+        out = real_normalize(images, mean, std)
+        return out * float("nan") if calls["n"] > 3 else out
+
+    monkeypatch.setattr(loop, "normalize", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(loop.TrainingStopped) as err:
+        run_in_process(repo, overrides(run, digits, **{"trainer.max_steps": 20, "trainer.max_consecutive_bad_steps": 3}))
+    message = str(err.value)
+    assert "3 consecutive steps" in message and "step000000002" in message
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in lines] == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+
+
+# ---- real processes through the deepspeed launcher -----------------------------------------------------
+def launch(repo, args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+               "trainer/run.py", "--config", "configs/tiny_cpu.yaml", "--set", *args]
+    return subprocess.Popen(command, cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def losses_by_step(run: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith(("loss/", "kd_div/"))} for r in records if "loss/largest" in r}
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    from trainer.consolidate import consolidated_state_dict
+
+    return consolidated_state_dict(run / "checkpoints", latest_tag(run / "checkpoints"))[0]
+
+
+def test_kill_9_and_rerun_resumes_exactly(repo, digits, tmp_path):
+    args = overrides(tmp_path / "x", digits, **{"trainer.max_steps": 14, "trainer.checkpoint_every_steps": 4,
+                                                 "data.num_workers": 1})
+    args = [a for a in args if not a.startswith("run_dir=")]
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+
+    proc = launch(repo, [f"run_dir={reference}", *args], tmp_path / "reference.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+
+    kill_after = random.Random(7).randint(5, 11)  # a step after the first checkpoint (step 4)
+    proc = launch(repo, [f"run_dir={interrupted}", *args], tmp_path / "interrupted.log")
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        metrics = interrupted / "metrics.jsonl"
+        if metrics.is_file() and any(json.loads(l)["step"] >= kill_after for l in metrics.read_text().splitlines() if l.strip()):
+            break
+        assert proc.poll() is None, (tmp_path / "interrupted.log").read_text()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest_tag(interrupted / "checkpoints") is not None
+    resumed_at = int(latest_tag(interrupted / "checkpoints")[4:])
+    assert 4 <= resumed_at < 14
+
+    proc = launch(repo, [f"run_dir={interrupted}", *args], tmp_path / "resumed.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert f"resumed from" in (tmp_path / "resumed.log").read_text()
+
+    expected, got = losses_by_step(reference), losses_by_step(interrupted)
+    assert sorted(got) == sorted(expected) == list(range(1, 15))
+    for step in range(resumed_at + 1, 15):
+        assert got[step] == expected[step], step  # bit-identical per-step losses after the resume point
+    ref_w, got_w = final_weights(reference), final_weights(interrupted)
+    assert set(ref_w) == set(got_w)
+    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+
+
+def test_demo_recipe_reaches_its_accuracy(repo, tmp_path):
+    """The tiny CPU recipe exactly as `make demo` runs it (2 processes, deepspeed launcher, bundled data)."""
+    data = tmp_path / "digits"
+    prep.prepare("digits", data, ["webdataset"], quiet=True)
+    run = tmp_path / "demo"
+    start = time.time()
+    proc = launch(repo, [f"run_dir={run}", f"data.root={data}"], tmp_path / "demo.log")
+    assert proc.wait(timeout=1200) == 0, (tmp_path / "demo.log").read_text()[-3000:]
+    minutes = (time.time() - start) / 60
+    final = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val/top1_largest" in l][-1]
+    print(f"demo: {minutes:.1f} min, top-1 largest {final['val/top1_largest']:.2f}%, smallest {final['val/top1_smallest']:.2f}%")
+    assert final["val/top1_largest"] >= 90.0 and final["val/top1_smallest"] >= 85.0
+    assert "val top-1 largest" in (tmp_path / "demo.log").read_text()

@@ -1,0 +1,115 @@
+"""Trainer building blocks: environment resolver, DeepSpeed config, LR schedule, optimizer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.distributed import DistributedEnvError, first_host, resolve
+from trainer.ds_config import build_ds_config, global_batch_size
+from trainer.optim import ClippedSGD, param_groups
+from trainer.schedule import lr_at
+from trainer.trainer_config import TrainerConfig
+
+SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_STEP_ID": "0",
+         "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "1234"}
+
+
+def test_resolver_single_process():
+    env = resolve({})
+    assert (env.rank, env.world_size, env.local_rank, env.source) == (0, 1, 0, "single")
+
+
+def test_resolver_launcher_variables():
+    env = resolve({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.source) == (3, 4, 1, "n1", 1234, "launcher")
+    # The deepspeed launcher passes --local_rank instead of LOCAL_RANK in some versions.
+    env = resolve({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, local_rank_arg=1)
+    assert env.local_rank == 1
+
+
+def test_resolver_slurm_variables():
+    env = resolve(SLURM)
+    assert (env.rank, env.world_size, env.local_rank, env.source) == (5, 16, 5, "slurm")
+    assert env.master_addr == "gpu07"
+    assert env.master_port == 29500 + 1234 % 20000
+    assert resolve({**SLURM, "MASTER_ADDR": "head", "MASTER_PORT": "4000"}).master_addr == "head"
+
+
+@pytest.mark.parametrize(
+    "env, fragment",
+    [
+        ({"RANK": "0"}, "not ['WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT']"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "LOCAL_RANK"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "outside world size"),
+        ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "not an integer"),
+        ({k: v for k, v in SLURM.items() if k != "SLURM_LOCALID"}, "SLURM_LOCALID"),
+    ],
+)
+def test_resolver_rejects_half_set_environments(env, fragment):
+    with pytest.raises(DistributedEnvError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        resolve(env)
+
+
+def test_resolver_rejects_local_rank_without_launcher():
+    with pytest.raises(DistributedEnvError, match="--local_rank=1"):
+        resolve({}, local_rank_arg=1)
+
+
+def test_first_host_of_node_lists():
+    assert first_host("node[01-04,07]") in ("node01",)
+    assert first_host("single") == "single"
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_ds_config_batch_arithmetic_and_explicit_settings(stage):
+    tc = TrainerConfig(zero_stage=stage, gradient_accumulation_steps=2, bf16=stage == 2)
+    config = build_ds_config(tc, micro_batch=32, world_size=64)
+    assert config["train_batch_size"] == 32 * 64
+    assert config["gradient_accumulation_steps"] == 1  # the trainer accumulates with explicit boundaries
+    assert config["gradient_clipping"] == 0.0  # clipping by value happens in the optimizer
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["zero_allow_untested_optimizer"] is True
+    assert ("bf16" in config) == (stage == 2) and (config.get("data_types") == {"buffer_dtype": "bf16"}) == (stage == 2)
+    assert global_batch_size(tc, micro_batch=32, world_size=64) == 4096
+
+
+def test_lr_schedule_warmup_then_cosine():
+    kw = dict(base_lr=0.8, total_steps=1000, warmup_steps=100)
+    assert lr_at(0, **kw) == pytest.approx(0.8 * 0.001)
+    assert lr_at(50, **kw) == pytest.approx(0.8 * (0.001 + 0.999 * 0.5))
+    assert lr_at(100, **kw) == pytest.approx(0.8)
+    assert lr_at(550, **kw) == pytest.approx(0.8 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(1000, **kw) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(5, base_lr=1.0, total_steps=10, warmup_steps=0) == pytest.approx(0.5)
+
+
+def test_no_weight_decay_on_batchnorm_and_biases():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    decay, no_decay = param_groups(model, 1e-5)
+    assert decay["weight_decay"] == 1e-5 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[3].bias)}
+
+
+def test_clipped_sgd_clips_by_value_and_skips_non_finite():
+    p = nn.Parameter(torch.zeros(3))
+    opt = ClippedSGD([p], lr=1.0, momentum=0.0, nesterov=False, clip_value=0.5)
+    p.grad = torch.tensor([2.0, -0.1, -3.0])
+    opt.step()
+    torch.testing.assert_close(p.data, torch.tensor([-0.5, 0.1, 0.5]))
+    assert not opt.last_step_skipped
+    p.grad = torch.tensor([float("nan"), 0.0, 0.0])
+    before = p.data.clone()
+    opt.step()
+    assert opt.last_step_skipped and torch.equal(p.data, before)
+
+
+def test_trainer_config_rejects_impossible_values():
+    with pytest.raises(ValueError, match="zero_stage"):
+        TrainerConfig(zero_stage=4)
+    with pytest.raises(ValueError, match="num_subnets"):
+        TrainerConfig(num_subnets=1)

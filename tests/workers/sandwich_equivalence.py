@@ -1,0 +1,55 @@
+"""Worker for test_trainer_equivalence: a few sandwich steps through a DeepSpeed engine, weights saved by rank 0.
+
+Launched as ``python -m torch.distributed.run --nproc_per_node 2 tests/workers/sandwich_equivalence.py STAGE OUT``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def batches_for(rank: int, step: int, n: int = 6):
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+def main() -> None:
+    stage, out = int(sys.argv[1]), sys.argv[2]
+    import deepspeed
+
+    from losses import LossConfig, build_kd_loss, build_label_loss
+    from models import ArchSampler, ModelConfig, build_supernet
+    from trainer.distributed import resolve
+    from trainer.ds_config import build_ds_config
+    from trainer.evaluate import gathered
+    from trainer.loop import init_distributed
+    from trainer.optim import ClippedSGD, param_groups
+    from trainer.sandwich import SandwichStep, sample_sandwich
+    from trainer.trainer_config import TrainerConfig
+
+    env = resolve()
+    init_distributed(env)
+    torch.manual_seed(0)
+    net = build_supernet(ModelConfig(search_space="tiny", num_classes=10, dropout=0.0, drop_connect=0.0, zero_init_residual_bn=False))
+    tc = TrainerConfig(zero_stage=stage, weight_decay=1e-3, grad_clip_value=0.05)
+    opt = ClippedSGD(param_groups(net, tc.weight_decay), lr=0.1, momentum=0.9, nesterov=True, clip_value=tc.grad_clip_value)
+    engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=build_ds_config(tc, micro_batch=6, world_size=env.world_size))
+    sampler = ArchSampler(engine.module.space, seed=0)
+    step_fn = SandwichStep(build_label_loss(LossConfig()), build_kd_loss(LossConfig()))
+    for step in range(3):
+        images, labels = batches_for(env.rank, step)
+        subnets = sample_sandwich(engine.module.space, sampler, 4)
+        engine.train()
+        step_fn(engine, engine.module, subnets, images, labels)
+        engine.step()
+    with gathered(engine.module, stage):
+        state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    if env.rank == 0:
+        torch.save(state, out)
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()

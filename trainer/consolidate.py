@@ -1,0 +1,83 @@
+"""Consolidated fp32 weights from a sharded DeepSpeed checkpoint, written as safetensors.
+
+    python -m trainer.consolidate RUN_DIR [--tag stepNNNNNNNNN] [--out RUN_DIR/supernet.safetensors]
+
+Works for every ZeRO stage (stage 0 keeps whole tensors in the model-states file; stages 1–3 are
+merged by DeepSpeed's ``zero_to_fp32``).  The file's metadata records the tag, step, search space
+and model-config hash, so search and export can check what they load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import latest_tag
+
+WEIGHTS_NAME = "supernet.safetensors"
+
+
+def _model_states_file(tag_dir: Path) -> Path:
+    files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"no DeepSpeed model-states file in {tag_dir}")
+    return files[0]
+
+
+def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(fp32 state dict with buffers, client state) of one checkpoint."""
+    tag_dir = Path(checkpoint_dir) / tag
+    states = torch.load(_model_states_file(tag_dir), map_location="cpu", weights_only=False)
+    zero_stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+    client = {k: v for k, v in states.items() if k in ("global_step", "model_hash", "search_space", "world_size")}
+    if zero_stage == 0:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    return {k: v.contiguous() for k, v in state.items()}, client
+
+
+def write_safetensors(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, out)
+    return out
+
+
+def consolidate(run_dir: Path, tag: str | None = None, out: Path | None = None) -> Path:
+    checkpoint_dir = Path(run_dir) / "checkpoints"
+    tag = tag or latest_tag(checkpoint_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no committed checkpoint under {checkpoint_dir}")
+    state, client = consolidated_state_dict(checkpoint_dir, tag)
+    metadata = {"tag": tag, **{k: json.dumps(v) for k, v in client.items()}}
+    return write_safetensors(state, Path(out) if out else Path(run_dir) / WEIGHTS_NAME, metadata)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.consolidate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--tag", help="checkpoint tag (default: the one named by 'latest')")
+    parser.add_argument("--out", type=Path, help=f"output file (default: RUN_DIR/{WEIGHTS_NAME})")
+    args = parser.parse_args(argv)
+    try:
+        path = consolidate(args.run_dir, args.tag, args.out)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

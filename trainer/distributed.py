@@ -1,0 +1,104 @@
+"""One resolver for the process environment: SLURM, then torchrun / deepspeed launcher, then single process.
+
+It returns rank, world size, local rank and the rendezvous address, and fails with a clear message
+when an environment is half set (a common cause of silent hangs on clusters).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import Mapping
+
+DEFAULT_PORT = 29500
+
+
+class DistributedEnvError(RuntimeError):
+    """The environment names some but not all of what a launcher must set."""
+
+
+@dataclass(frozen=True, slots=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str
+    """Where it came from: slurm | launcher | single."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def export(self) -> None:
+        """Set the variables torch.distributed's env:// rendezvous reads."""
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(self.local_rank),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError as exc:
+        raise DistributedEnvError(f"{key}={env[key]!r} is not an integer") from exc
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list (``node[01-04,07]`` → ``node01``), via scontrol when available."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    match = re.match(r"^([^\[,]+)(?:\[([^\]]+)\])?", nodelist)
+    if not match:
+        raise DistributedEnvError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def resolve(env: Mapping[str, str] | None = None, local_rank_arg: int | None = None) -> DistEnv:
+    """Rank/world/local rank/master from the environment (see module docstring for the order)."""
+    env = dict(os.environ if env is None else env)
+    launcher_keys = ("RANK", "WORLD_SIZE")
+    in_slurm_step = "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env
+    if in_slurm_step and not all(k in env for k in launcher_keys):
+        missing = [k for k in ("SLURM_LOCALID", "SLURM_JOB_NODELIST") if k not in env]
+        if missing:
+            raise DistributedEnvError(f"SLURM task environment without {missing}: launch each task with srun")
+        rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
+        master = env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"])
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT + _int(env, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in env else DEFAULT_PORT
+        return _checked(DistEnv(rank, world, _int(env, "SLURM_LOCALID"), master, port, "slurm"))
+    present = [k for k in launcher_keys if k in env]
+    if present:
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise DistributedEnvError(f"launcher environment has {present} but not {missing}")
+        local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else local_rank_arg
+        if local is None:
+            raise DistributedEnvError("launcher environment has no LOCAL_RANK and no --local_rank was passed")
+        return _checked(DistEnv(_int(env, "RANK"), _int(env, "WORLD_SIZE"), local, env["MASTER_ADDR"], _int(env, "MASTER_PORT"), "launcher"))
+    if local_rank_arg not in (None, 0, -1):
+        raise DistributedEnvError(f"--local_rank={local_rank_arg} given but no RANK/WORLD_SIZE in the environment")
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", DEFAULT_PORT)), "single")
+
+
+def _checked(dist_env: DistEnv) -> DistEnv:
+    if dist_env.world_size < 1 or not 0 <= dist_env.rank < dist_env.world_size:
+        raise DistributedEnvError(f"rank {dist_env.rank} is outside world size {dist_env.world_size}")
+    if dist_env.local_rank < 0:
+        raise DistributedEnvError(f"local rank {dist_env.local_rank} is negative")
+    return dist_env

@@ -1,0 +1,272 @@
+"""The Trainer: builds everything in a fixed order, then steps, checkpoints and validates.
+
+Build order: distributed → model → engine → data → checkpointer (+ resume) → logger.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipeline import build_loader
+from data_pipeline.rescale import normalize
+from losses import build_kd_loss, build_label_loss
+from models import ArchSampler, build_supernet
+from trainer.checkpoint import Checkpointer, latest_tag, rng_state, set_rng_state
+from trainer.config import RunConfig, config_hash, write_resolved
+from trainer.distributed import DistEnv, resolve
+from trainer.ds_config import build_ds_config, global_batch_size
+from trainer.evaluate import evaluate_arch
+from trainer.metrics import MetricsLogger
+from trainer.optim import ClippedSGD, param_groups
+from trainer.sandwich import SandwichStep, sample_sandwich
+from trainer.schedule import lr_at
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps); the message says where to resume from."""
+
+
+def init_distributed(env: DistEnv) -> torch.device:
+    import deepspeed
+
+    env.export()
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+    return torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, *, local_rank_arg: int | None = None):
+        self.config = config
+        tc = config.trainer
+        # 1. distributed
+        self.env = resolve(local_rank_arg=local_rank_arg)
+        self.device = init_distributed(self.env)
+        self.rank, self.world = self.env.rank, self.env.world_size
+        seed = config.seed
+        random.seed(seed + self.rank)
+        np.random.seed(seed + self.rank)
+        torch.manual_seed(seed)  # identical initial weights on every rank ...
+        # 2. model
+        self.supernet = build_supernet(config.model)
+        self.space = self.supernet.space
+        torch.manual_seed(seed + 1000 * (self.rank + 1))  # ... then per-rank dropout / drop-connect draws
+        # 3. engine
+        import deepspeed
+
+        micro = config.data.batch_size
+        self.global_batch = global_batch_size(tc, micro_batch=micro, world_size=self.world)
+        self.base_lr = tc.lr_per_256 * self.global_batch / 256
+        optimizer = ClippedSGD(param_groups(self.supernet, tc.weight_decay), lr=self.base_lr, momentum=tc.momentum,
+                               nesterov=tc.nesterov, clip_value=tc.grad_clip_value)
+        ds_config = build_ds_config(tc, micro_batch=micro, world_size=self.world)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.supernet, optimizer=optimizer, config=ds_config)
+        self.module = self.engine.module
+        self.client_optimizer = optimizer
+        # 4. data
+        data = config.data
+        self.train_loader = build_loader(data, data.train_split, train=True, rank=self.rank, world_size=self.world, seed=seed)
+        self.val_loader = build_loader(data, data.val_split, train=False, rank=self.rank, world_size=self.world, seed=seed)
+        self.calib_loader = build_loader(data, data.train_split, train=True, rank=self.rank, world_size=self.world, seed=seed + 1)
+        self.steps_per_epoch = len(self.train_loader) // tc.gradient_accumulation_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"an epoch of {len(self.train_loader)} batches is shorter than one optimizer step")
+        self.total_steps = tc.epochs * self.steps_per_epoch
+        self.warmup_steps = round(tc.warmup_epochs * self.steps_per_epoch)
+        self.sampler = ArchSampler(self.space, seed)
+        self.sandwich = SandwichStep(build_label_loss(config.loss), build_kd_loss(config.loss))
+        # 5. checkpointer and resume
+        self.run_dir = Path(config.run_dir)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.rank, self.world, tc.keep_checkpoints)
+        self.model_hash = config_hash(config.model)
+        self.global_step = 0
+        self.bad_steps = 0
+        self.skipped_total = 0
+        self.last_checkpoint: str | None = None
+        self.resumed_from = self._maybe_resume()
+        # 6. logger (rank 0 only)
+        if self.env.is_main:
+            write_resolved(config, self.run_dir)
+        self.log = MetricsLogger(self.run_dir, enabled=self.env.is_main, total_steps=self._final_step(),
+                                 start_step=self.global_step, tensorboard=tc.tensorboard)
+        self._stop_signal = 0
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+
+    # ------------------------------------------------------------------------------------------ state
+    def _final_step(self) -> int:
+        tc = self.config.trainer
+        return min(self.total_steps, tc.max_steps) if tc.max_steps else self.total_steps
+
+    def _client_state(self) -> dict[str, Any]:
+        return {"global_step": self.global_step, "model_hash": self.model_hash, "world_size": self.world,
+                "sampler": self.sampler.state_dict(), "bad_steps": self.bad_steps, "skipped_total": self.skipped_total,
+                "search_space": self.space.to_dict()}
+
+    def _rank_state(self) -> dict[str, Any]:
+        return {"loader": self.train_loader.state_dict(), "rng": rng_state()}
+
+    def _maybe_resume(self) -> str | None:
+        tag = latest_tag(self.checkpointer.dir)
+        if tag is None:
+            return None
+        client, rank_state = self.checkpointer.load(self.engine, tag)
+        if client.get("model_hash") != self.model_hash:
+            raise TrainingStopped(
+                f"checkpoint {self.checkpointer.dir / tag} was written for a different model config "
+                f"(hash {client.get('model_hash')} vs {self.model_hash}); use a new run_dir or the original config")
+        if client.get("world_size") != self.world:
+            raise TrainingStopped(f"checkpoint {tag} was written by {client.get('world_size')} ranks, this run has {self.world}")
+        self.global_step = int(client["global_step"])
+        self.sampler.load_state_dict(client["sampler"])
+        self.bad_steps, self.skipped_total = int(client["bad_steps"]), int(client["skipped_total"])
+        self.train_loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"])
+        self.last_checkpoint = tag
+        return tag
+
+    def save(self) -> str:
+        tag = self.checkpointer.save(self.engine, self.global_step, self._client_state(), self._rank_state())
+        self.last_checkpoint = tag
+        return tag
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank."""
+        if not dist.is_initialized() or self.world == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    # ------------------------------------------------------------------------------------------ steps
+    def set_lr(self, step: int) -> float:
+        lr = lr_at(step, base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps)
+        for group in self.client_optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(self, batches: list) -> dict[str, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` mini-batches, N sub-networks each."""
+        lr = self.set_lr(self.global_step)
+        subnets = sample_sandwich(self.space, self.sampler, self.config.trainer.num_subnets)
+        data = self.config.data
+        self.engine.train()
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            images = normalize(batch.images, data.mean, data.std)
+            values = self.sandwich(self.engine, self.module, subnets, images, batch.labels, last_micro_batch=i == len(batches) - 1)
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0) + value / len(batches)
+        self.engine.step()
+        skipped = self.client_optimizer.last_step_skipped
+        self.global_step += 1
+        self.skipped_total += int(skipped)
+        self.bad_steps = self.bad_steps + 1 if skipped else 0
+        return {"lr": lr, "skipped": float(skipped), **sums}
+
+    def _reduce_for_log(self, values: dict) -> dict[str, float]:
+        keys = sorted(k for k, v in values.items() if isinstance(v, torch.Tensor))
+        if keys:
+            stacked = torch.stack([values[k].float().cpu() for k in keys])
+            if dist.is_initialized() and self.world > 1:
+                dist.all_reduce(stacked)
+                stacked /= self.world
+            values = {**values, **dict(zip(keys, stacked.tolist()))}
+        return {k: float(v) for k, v in values.items()}
+
+    # ------------------------------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        tc = self.config.trainer
+        final_step = self._final_step()
+        if self.resumed_from:
+            self.log.print(f"resumed from {self.checkpointer.dir / self.resumed_from} at step {self.global_step}")
+        self.log.print(f"training {self.space.name} supernet: {self.world} rank(s), global batch {self.global_batch}, "
+                       f"{self.steps_per_epoch} steps/epoch, {final_step} steps, lr {self.base_lr:.4f}")
+        results: dict[str, Any] = {}
+        images_since_log = 0
+        while self.global_step < final_step:
+            epoch = self.train_loader.epoch
+            pending: list = []
+            stopped = False
+            for batch in self.train_loader:
+                pending.append(batch)
+                if len(pending) < tc.gradient_accumulation_steps:
+                    continue
+                values = self.train_step(pending)
+                images_since_log += sum(len(b) for b in pending) * self.world
+                pending = []
+                if self.global_step % tc.log_every_steps == 0 or self.global_step == final_step:
+                    self.log.log_step(self.global_step, epoch, self._reduce_for_log(values), images_since_log)
+                    images_since_log = 0
+                if self.bad_steps >= tc.max_consecutive_bad_steps:
+                    where = self.checkpointer.dir / self.last_checkpoint if self.last_checkpoint else "none yet"
+                    raise TrainingStopped(
+                        f"{self.bad_steps} consecutive steps had a non-finite loss or gradient (step {self.global_step}); "
+                        f"last good checkpoint: {where}")
+                if self.global_step % tc.checkpoint_every_steps == 0 and self.bad_steps == 0:
+                    self.save()  # never during a streak of skipped steps: the last checkpoint stays a good one
+                if self._agree(self._stop_signal != 0):
+                    tag = self.save()
+                    self.log.print(f"signal received: saved {self.checkpointer.dir / tag}; rerun the same command to resume")
+                    results["stopped_by_signal"] = True
+                    stopped = True
+                    break
+                if self.global_step >= final_step:
+                    break
+            if stopped:
+                break
+            epoch_done = self.train_loader.position == 0 and self.train_loader.epoch == epoch + 1
+            if epoch_done and self.train_loader.last_summary is not None:
+                self.log.print(self.train_loader.last_summary.text())
+            if self.global_step >= final_step or (epoch_done and tc.eval_every_epochs and (epoch + 1) % tc.eval_every_epochs == 0):
+                results["val"] = self.validate(epoch)
+            if epoch_done or self.global_step >= final_step:
+                if self.last_checkpoint != f"step{self.global_step:09d}":
+                    self.save()
+        if "val" not in results and not results.get("stopped_by_signal"):
+            results["val"] = self.validate(self.train_loader.epoch)  # e.g. rerunning a finished run
+        results["global_step"] = self.global_step
+        results["skipped_steps"] = self.skipped_total
+        return results
+
+    def validate(self, epoch: int) -> dict[str, dict[str, float]]:
+        """Top-1/top-5 of the largest and smallest sub-networks after BN recalibration."""
+        tc, data = self.config.trainer, self.config.data
+        self.calib_loader.set_epoch(epoch)
+        calib = []
+        for batch in self.calib_loader:
+            calib.append(normalize(batch.to(self.device).images, data.mean, data.std))
+            if len(calib) >= tc.calib_batches:
+                break
+        results = {}
+        for name, arch in (("largest", self.space.largest()), ("smallest", self.space.smallest())):
+            self.val_loader.set_epoch(0)
+            results[name] = evaluate_arch(self.module, arch, calib, self.val_loader, zero_stage=tc.zero_stage,
+                                          mean=data.mean, std=data.std, device=self.device)
+        record = {"step": self.global_step, "epoch": epoch,
+                  **{f"val/{k}_{name}": v for name, r in results.items() for k, v in r.items() if k != "samples"}}
+        self.log.log_record(record)
+        self.log.print(f"epoch {epoch} step {self.global_step}: val top-1 largest {results['largest']['top1']:.2f}% "
+                       f"smallest {results['smallest']['top1']:.2f}% ({results['largest']['samples']} images)")
+        return results
+
+    def close(self, *, destroy_process_group: bool = True) -> None:
+        """Flush logs; end the process group unless the caller reuses it (in-process tests)."""
+        self.log.close()
+        if dist.is_initialized():
+            dist.barrier()
+            if destroy_process_group:
+                dist.destroy_process_group()

@@ -1,0 +1,101 @@
+"""Rank-0 observability: a rich live display (or plain lines when not on a terminal), JSONL, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def truncate_jsonl(path: Path, after_step: int) -> None:
+    """Drop records of steps beyond ``after_step`` (left by a run that died after its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+class MetricsLogger:
+    """Does nothing on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int, tensorboard: bool):
+        self.enabled = enabled
+        self.console = Console()
+        if not self.console.is_terminal:
+            self.console = Console(width=200, soft_wrap=True)  # log files: one record per line
+        self.total_steps = total_steps
+        self._progress: Progress | None = None
+        self._writer = None
+        self._jsonl = None
+        if not enabled:
+            return
+        path = Path(run_dir) / METRICS_FILE
+        truncate_jsonl(path, start_step)
+        self._jsonl = path.open("a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+        if self.console.is_terminal:
+            self._progress = Progress(
+                TextColumn("[bold]{task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.description}"), console=self.console, transient=False,
+            )
+            self._task = self._progress.add_task("", total=total_steps, completed=start_step, epoch="")
+            self._progress.start()
+        self._last_time, self._last_step = time.perf_counter(), start_step
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message, highlight=False)
+
+    def log_step(self, step: int, epoch: int, values: dict[str, float], images: int) -> None:
+        """Record step metrics; ``images`` is the global number processed since the previous call."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        rate = images / max(1e-9, now - self._last_time)
+        self._last_time, self._last_step = now, step
+        record = {"step": step, "epoch": epoch, **values, "images_per_s": rate}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch"):
+                    self._writer.add_scalar(key, value, step)
+        short = " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in values.items() if k.startswith("loss/"))
+        kd = values.get("kd_div/smallest")
+        text = f"lr={values.get('lr', 0):.4f} {short}" + (f" kd(smallest)={kd:.3f}" if kd is not None else "") + f" {rate:.0f} img/s"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, description=text, epoch=f"epoch {epoch}")
+        else:
+            self.console.print(f"step {step}/{self.total_steps} epoch {epoch} {text}", highlight=False)
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self._writer.add_scalar(key, value, record.get("step", 0))
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None

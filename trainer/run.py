@@ -1,0 +1,47 @@
+"""Training entry point: ``deepspeed trainer/run.py --config configs/X.yaml [--set key=value ...]``.
+
+Also runs under ``torchrun``, ``srun`` and as a plain ``python trainer/run.py``.  Rerunning the same
+command resumes from the newest committed checkpoint of the run folder.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts trainer/ first on sys.path; drop it so module names there cannot shadow packages.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+
+from trainer.config import add_config_arguments, load_config_or_exit  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trainer/run.py", description="Train an AlphaNet supernet with the sandwich rule.")
+    add_config_arguments(parser)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    config = load_config_or_exit(args)
+
+    from data_pipeline import DataError
+    from trainer.distributed import DistributedEnvError
+    from trainer.loop import Trainer, TrainingStopped
+
+    try:
+        trainer = Trainer(config, local_rank_arg=args.local_rank)
+    except (DataError, DistributedEnvError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train()
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

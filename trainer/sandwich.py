@@ -1,0 +1,59 @@
+"""The sandwich rule (AlphaNet Alg. 1): one mini-batch, N sub-networks, gradients summed.
+
+1. The largest sub-network at the largest resolution, dropout and drop-connect on, label-smoothed CE;
+   its detached logits are the teacher's.
+2. N−2 random sub-networks and the smallest, regularisation off, each at its own resolution (bicubic
+   rescale of the batch on the device), KD loss against the teacher.
+Every backward pass accumulates into the same gradients; DeepSpeed reduces them once, at the last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data_pipeline.rescale import rescale
+from losses.divergences import KDLoss
+from models.search_space import ArchConfig, ArchSampler, SearchSpace
+
+
+@dataclass(frozen=True, slots=True)
+class Subnet:
+    name: str
+    arch: ArchConfig
+
+
+def sample_sandwich(space: SearchSpace, sampler: ArchSampler, n: int) -> list[Subnet]:
+    """largest, random1..random{n-2}, smallest — every rank draws the same from the same sampler state."""
+    randoms = [Subnet(f"random{i + 1}", sampler.random()) for i in range(n - 2)]
+    return [Subnet("largest", space.largest()), *randoms, Subnet("smallest", space.smallest())]
+
+
+class SandwichStep:
+    """Forward + backward of every sub-network of one mini-batch; returns per-sub-network metrics
+    (detached tensors, so that no device sync happens until they are logged)."""
+
+    def __init__(self, label_loss: torch.nn.Module, kd_loss: KDLoss):
+        self.label_loss = label_loss
+        self.kd_loss = kd_loss
+
+    def __call__(self, engine, supernet, subnets: list[Subnet], images: torch.Tensor, labels: torch.Tensor,
+                 *, last_micro_batch: bool = True) -> dict[str, torch.Tensor]:
+        metrics: dict[str, torch.Tensor] = {}
+        teacher = None
+        dtype = next(supernet.parameters()).dtype
+        for i, subnet in enumerate(subnets):
+            is_teacher = subnet.name == "largest"
+            supernet.set_arch(subnet.arch, regularize=is_teacher)
+            logits = engine(rescale(images, subnet.arch.resolution).to(dtype))
+            if is_teacher:
+                loss = self.label_loss(logits, labels)
+                teacher = logits.detach()
+            else:
+                loss = self.kd_loss(logits, teacher)
+                metrics[f"kd_div/{subnet.name}"] = self.kd_loss.divergence(logits.detach(), teacher).mean()
+            metrics[f"loss/{subnet.name}"] = loss.detach().float()
+            engine.set_gradient_accumulation_boundary(last_micro_batch and i == len(subnets) - 1)
+            engine.backward(loss)
+        return metrics
