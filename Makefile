@@ -17,7 +17,8 @@ $(STAMP): requirements.txt pyproject.toml scripts/install_system_packages.sh
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# The demo: model table, bundled data, a 2-process DeepSpeed run of the tiny recipe on CPU.
+# The demo: model table, bundled data, a 2-process DeepSpeed run of the tiny recipe on CPU, then the
+# search of the trained supernet (Pareto front table + PNG, exported models).
 # Rerunning it resumes the finished run and only re-validates it; `make clean` starts over.
 DEMO_ENV := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
 
@@ -25,6 +26,7 @@ demo: setup
 	$(PY) -m models.flops configs/alphanet_models.yaml
 	$(PY) -m data_pipeline.prepare --source digits --out data/digits --formats webdataset ffcv --quiet
 	$(DEMO_ENV) $(VENV)/bin/deepspeed --num_gpus 2 trainer/run.py --config configs/tiny_cpu.yaml
+	$(DEMO_ENV) $(PY) trainer/search.py --config configs/search_tiny_cpu.yaml --run runs/tiny_cpu --export tiny_m pareto@0.5
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

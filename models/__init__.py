@@ -8,6 +8,7 @@ from models.search_space import (
     load_named_archs,
     load_search_space,
 )
+from models.export import load_subnet, save_subnet
 from models.static import StaticSubnet, extract_subnet
 from models.supernet import AlphaNetSupernet
 
@@ -38,5 +39,7 @@ __all__ = [
     "extract_subnet",
     "load_named_archs",
     "load_search_space",
+    "load_subnet",
+    "save_subnet",
     "subnet_cost",
 ]

@@ -283,6 +283,10 @@ class ArchSampler:
     def _pick(self, choices: tuple[int, ...]) -> int:
         return int(choices[int(self._rng.integers(len(choices)))])
 
+    def index(self, n: int) -> int:
+        """A uniform integer in [0, n) from the same seeded stream (e.g. to pick parents)."""
+        return int(self._rng.integers(n))
+
     def random(self) -> ArchConfig:
         """Each gene drawn uniformly and independently from its choices."""
         genes = {gene: self._pick(choices) for gene, choices in self.space.choices()}

@@ -31,8 +31,9 @@ def gathered(module: nn.Module, zero_stage: int):
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Cumulative-average BN statistics over ``batches`` (already normalised and rescaled); returns count."""
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, across_ranks: bool = True) -> int:
+    """Cumulative-average BN statistics over ``batches`` (already normalised and rescaled); returns count.
+    With ``across_ranks`` the statistics are then averaged over ranks (a collective)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
         bn.reset_running_stats()
@@ -42,7 +43,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     for images in batches:
         model(images)
         count += 1
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if across_ranks and dist.is_initialized() and dist.get_world_size() > 1:
         for bn in bns:
             for stat in (bn.running_mean, bn.running_var):
                 dist.all_reduce(stat)
@@ -52,8 +53,9 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def accuracy_counts(model: nn.Module, batches: Iterable[Batch], resolution: int, mean, std, device) -> torch.Tensor:
-    """[correct top-1, correct top-5, samples] summed over ranks (eval padding excluded)."""
+def accuracy_counts(model: nn.Module, batches: Iterable[Batch], resolution: int, mean, std, device,
+                    *, across_ranks: bool = True) -> torch.Tensor:
+    """[correct top-1, correct top-5, samples] (eval padding excluded), summed over ranks if ``across_ranks``."""
     totals = torch.zeros(3, dtype=torch.float64)
     model.eval()
     for batch in batches:
@@ -66,7 +68,7 @@ def accuracy_counts(model: nn.Module, batches: Iterable[Batch], resolution: int,
         totals[0] += (hit[:, 0] & valid).sum().item()
         totals[1] += (hit.any(dim=1) & valid).sum().item()
         totals[2] += valid.sum().item()
-    if dist.is_initialized():
+    if across_ranks and dist.is_initialized():
         dist.all_reduce(totals)
     return totals
 

@@ -1,0 +1,212 @@
+"""Evolutionary search: selection and front rules, a resumable search run, uneven splits over 2
+processes, and export round trips (PyTorch and ONNX equal to the recalibrated supernet)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from data_pipeline import prepare as prep
+from models import ArchConfig, ArchSampler, build_supernet, load_search_space, load_subnet
+from trainer.config import load_config, write_resolved
+from trainer.evolution import Candidate, FlopsConstrainedSampler, best_per_bucket, pareto_front, select_parents
+
+
+def cand(mflops: float, top1: float) -> Candidate:
+    space = load_search_space("tiny")
+    return Candidate(space.smallest(), mflops, 0.0, top1, top1)
+
+
+def test_pareto_front_is_the_non_dominated_set():
+    rng = random.Random(0)
+    pool = [cand(rng.uniform(0, 10), rng.uniform(0, 100)) for _ in range(200)]
+    front = pareto_front(pool)
+    brute = [c for c in pool if not any((o.mflops <= c.mflops and o.top1 > c.top1) or (o.mflops < c.mflops and o.top1 >= c.top1) for o in pool)]
+    assert sorted((c.mflops, c.top1) for c in front) == sorted((c.mflops, c.top1) for c in brute)
+    assert all(a.mflops < b.mflops and a.top1 < b.top1 for a, b in zip(front, front[1:]))
+
+
+def test_parents_come_from_every_bucket_best_first():
+    pool = [cand(1.5, 50), cand(1.2, 70), cand(2.5, 40), cand(2.1, 45), cand(3.3, 10), cand(1.9, 60)]
+    parents = select_parents(pool, 4, bucket_mflops=1.0)
+    assert [(p.mflops, p.top1) for p in parents] == [(1.2, 70), (2.1, 45), (3.3, 10), (1.9, 60)]
+    assert [(c.mflops, c.top1) for c in best_per_bucket(pool, 1.0)] == [(1.2, 70), (2.1, 45), (3.3, 10)]
+
+
+def test_constrained_sampler_respects_range_and_novelty():
+    space = load_search_space("tiny")
+    sampler = FlopsConstrainedSampler(space, ArchSampler(space, 0), 0.3, 0.8, num_classes=10)
+    seen: set[str] = set()
+    archs = [sampler.draw(ArchSampler(space, 0).random if False else sampler.sampler.random, seen) for _ in range(30)]
+    assert all(0.3 <= sampler.mflops(a) <= 0.8 for a in archs)
+    assert len({json.dumps(a.to_dict()) for a in archs}) == 30
+    narrow = FlopsConstrainedSampler(space, ArchSampler(space, 0), 50.0, 60.0, num_classes=10, max_tries=50)
+    with pytest.raises(RuntimeError, match="widen the range"):
+        narrow.draw(narrow.sampler.random, set())
+
+
+# ---- a run folder with supernet weights, no training needed ----------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, repo) -> Path:
+    root = tmp_path_factory.mktemp("search")
+    data = root / "digits"
+    prep.prepare("digits", data, ["webdataset"], quiet=True)
+    config = load_config(repo / "configs/tiny_cpu.yaml", [f"run_dir={root / 'run'}", f"data.root={data}", "data.num_workers=0"])
+    write_resolved(config)
+    torch.manual_seed(0)
+    net = build_supernet(config.model)
+    with torch.no_grad():  # nonzero BN gammas so that sub-networks differ from each other
+        for name, p in net.named_parameters():
+            if name.endswith("project_bn.weight"):
+                p.normal_(0.5, 0.1)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "run" / "supernet.safetensors"))
+    search = {"search": {"min_mflops": 0.1, "max_mflops": 2.0, "population": 5, "parents": 3, "crossovers": 2,
+                         "mutations": 2, "iterations": 1, "calib_batches": 2, "val_batches": 2, "batch_size": 50,
+                         "bucket_mflops": 0.2, "mark_models": str(repo / "configs/tiny_models.yaml")}}
+    (root / "search.yaml").write_text(yaml.safe_dump(search))
+    return root
+
+
+def search_cmd(run_dir: Path, *extra: str) -> list[str]:
+    return ["trainer/search.py", "--config", str(run_dir / "search.yaml"), "--run-dir", str(run_dir / "run"), *extra]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def test_search_writes_front_resumes_and_exports(run_dir, repo, monkeypatch, tmp_path):
+    from trainer import search
+
+    monkeypatch.chdir(repo)
+    out = run_dir / "run" / "search"
+    assert search.main(search_cmd(run_dir, "--export", "tiny_m", "pareto@0.6")[1:]) == 0
+    records = read_jsonl(out / "candidates.jsonl")
+    assert len(records) == 5 + 4 + 3  # population + children + the 3 marked models
+    front = json.loads((out / "front.json").read_text())
+    assert front["candidates"] == 9 and set(front["marked"]) == {"tiny_s", "tiny_m", "tiny_l"}
+    assert (out / "front.png").stat().st_size > 10_000
+    assert all(0.1 <= r["mflops"] <= 2.0 for r in records[:9])
+
+    # A rerun continues from candidates.jsonl: nothing is evaluated again ...
+    calls = {"n": 0}
+    real_call = search.CandidateEvaluator.__call__
+
+    def counting(self, arch):
+        calls["n"] += 1
+        return real_call(self, arch)
+
+    monkeypatch.setattr(search.CandidateEvaluator, "__call__", counting)
+    assert search.main(search_cmd(run_dir)[1:]) == 0
+    assert calls["n"] == 0 and len(read_jsonl(out / "candidates.jsonl")) == 12
+    # ... and after losing the tail (a killed search), only the missing candidates are evaluated.
+    lines = (out / "candidates.jsonl").read_text().splitlines()
+    (out / "candidates.jsonl").write_text("\n".join(lines[:6]) + "\n" + lines[6][: len(lines[6]) // 2])
+    assert search.main(search_cmd(run_dir)[1:]) == 0
+    assert calls["n"] == 6
+    again = read_jsonl(out / "candidates.jsonl")
+    key = lambda r: json.dumps(r["arch"], sort_keys=True)  # noqa: E731
+    assert {key(r): r["top1"] for r in again} == {key(r): r["top1"] for r in records}
+
+    # Exports reload without the supernet; PyTorch and ONNX agree with the recalibrated supernet.
+    for name in ("tiny_m", "pareto_0.6mflops"):
+        folder = out / "exports" / name
+        model = load_subnet(folder)
+        assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "arch.yaml", "model.onnx"}
+        check_against_supernet(run_dir, model)
+
+
+def check_against_supernet(run_dir: Path, model) -> None:
+    """The exported model's output equals the supernet's for its arch after the same BN recalibration."""
+    import numpy as np
+    import onnxruntime
+    from safetensors.torch import load_file
+
+    from data_pipeline import build_loader, normalize
+    from data_pipeline.rescale import rescale
+    from models.ops import DynamicBatchNorm2d
+
+    config = load_config(run_dir / "run" / "config.yaml")
+    net = build_supernet(config.model)
+    net.load_state_dict(load_file(str(run_dir / "run" / "supernet.safetensors")))
+    net.set_arch(model.arch)
+    from dataclasses import replace
+
+    data = replace(config.data, batch_size=50)
+    calib = []
+    for batch in build_loader(data, "train", train=True, seed=1):  # what the search used (seed + 1)
+        calib.append(rescale(normalize(batch.images, data.mean, data.std), model.arch.resolution))
+        if len(calib) == 2:
+            break
+    bns = [m for m in net.modules() if isinstance(m, DynamicBatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    net.train()
+    with torch.no_grad():
+        for x in calib:
+            net(x)
+    net.eval()
+    x = torch.randn(3, 3, model.arch.resolution, model.arch.resolution, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = net(x)
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+    session = onnxruntime.InferenceSession(str(Path(model_path_of(model)) / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"images": x.numpy()})[0], expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+_paths: dict[int, Path] = {}
+
+
+def model_path_of(model) -> Path:
+    return _paths[id(model)]
+
+
+@pytest.fixture(autouse=True)
+def _remember_paths(monkeypatch):
+    import models.export as export
+
+    real = export.load_subnet
+
+    def remembering(path, map_location="cpu"):
+        model = real(path, map_location)
+        _paths[id(model)] = Path(path)
+        return model
+
+    monkeypatch.setattr(sys.modules[__name__], "load_subnet", remembering)
+
+
+@pytest.mark.slow
+def test_uneven_split_over_two_processes(run_dir, repo, tmp_path):
+    """5 + 4 candidates over 2 ranks (3/2 then 2/2 shares): no deadlock, same scores as one process."""
+    out = run_dir / "run" / "search_two"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+           *search_cmd(run_dir, "--set", "search.output=search_two", "search.mark_models=null")]
+    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = {json.dumps(r["arch"], sort_keys=True): r["top1"] for r in read_jsonl(out / "candidates.jsonl")}
+    assert len(two) == 9
+    single = subprocess.run([sys.executable, *search_cmd(run_dir, "--set", "search.output=search_one", "search.mark_models=null")],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = {json.dumps(r["arch"], sort_keys=True): r["top1"] for r in read_jsonl(run_dir / "run" / "search_one" / "candidates.jsonl")}
+    assert one == two
+
+
+def test_search_config_errors_exit_2(run_dir, repo):
+    result = subprocess.run([sys.executable, *search_cmd(run_dir, "--set", "search.populaton=3")], cwd=repo,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "search.populaton" in result.stderr
+    _ = ArchConfig
