@@ -108,11 +108,14 @@ def test_search_writes_front_resumes_and_exports(run_dir, repo, monkeypatch, tmp
     monkeypatch.setattr(search.CandidateEvaluator, "__call__", counting)
     assert search.main(search_cmd(run_dir)[1:]) == 0
     assert calls["n"] == 0 and len(read_jsonl(out / "candidates.jsonl")) == 12
-    # ... and after losing the tail (a killed search), only the missing candidates are evaluated.
+    # ... and after a kill mid-generation (results of the generation only in a rank's partial file, the
+    # last line cut), only the missing candidates are evaluated.
     lines = (out / "candidates.jsonl").read_text().splitlines()
-    (out / "candidates.jsonl").write_text("\n".join(lines[:6]) + "\n" + lines[6][: len(lines[6]) // 2])
+    (out / "candidates.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    (out / "candidates.rank1.partial.jsonl").write_text("\n".join(lines[4:6]) + "\n" + lines[6][: len(lines[6]) // 2])
     assert search.main(search_cmd(run_dir)[1:]) == 0
     assert calls["n"] == 6
+    assert not list(out.glob("*.partial.jsonl"))
     again = read_jsonl(out / "candidates.jsonl")
     key = lambda r: json.dumps(r["arch"], sort_keys=True)  # noqa: E731
     assert {key(r): r["top1"] for r in again} == {key(r): r["top1"] for r in records}

@@ -28,6 +28,10 @@ from trainer.search_config import SearchConfig, SearchFile  # noqa: E402
 from typedconfig import ConfigError, apply_overrides, from_mapping, load_yaml  # noqa: E402
 
 
+CANDIDATES = "candidates.jsonl"
+PARTIAL = "candidates.rank{rank}.partial.jsonl"
+
+
 class CandidateEvaluator:
     """Top-1/top-5 of one architecture after BN recalibration, on this rank alone.
 
@@ -80,17 +84,19 @@ def ensure_weights(run_dir: Path, rank: int) -> Path:
     return weights
 
 
-def read_candidates(path: Path) -> dict[str, dict]:
+def read_candidates(out: Path) -> dict[str, dict]:
+    """Scores already computed: ``candidates.jsonl`` plus the per-rank partial files of an
+    interrupted generation (lines cut by a kill are skipped; those candidates are evaluated again)."""
     from trainer.evolution import Candidate, arch_key
 
     cache = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
+    for path in [out / CANDIDATES, *sorted(out.glob(PARTIAL.format(rank="*")))]:
+        if path.is_file():
+            for line in path.read_text().splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
-                    continue  # a line cut by a kill: that candidate is simply evaluated again
+                    continue
                 cache[arch_key(Candidate.from_record(record).arch)] = record
     return cache
 
@@ -169,23 +175,32 @@ def run_search(search: SearchConfig, run_config, run_dir: Path, exports: list[st
             break
     evaluate = CandidateEvaluator(supernet, calib, val, data, device)
 
-    path = out / "candidates.jsonl"
-    cache = read_candidates(path)
+    path, partial = out / CANDIDATES, out / PARTIAL.format(rank=env.rank)
+    cache = read_candidates(out)
     if cache:
         say(f"continuing from {path}: {len(cache)} candidates already evaluated")
-    if env.is_main and path.is_file():  # drop a line cut by a kill, so appends start on a clean line
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read the partial files before any rewrites them
+    if env.is_main and cache:  # one clean file: merged partials, no line cut by a kill
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in cache.values()))
         os.replace(tmp, path)
+        for stale in out.glob(PARTIAL.format(rank="*")):
+            stale.unlink()
+    if dist.is_initialized():
+        dist.barrier()
 
     def score(archs) -> list[Candidate]:
         missing = [a for a in archs if arch_key(a) not in cache]
         mine = missing[env.rank :: env.world_size]
         records = []
-        for arch in mine:
-            top1, top5 = evaluate(arch)
-            cost = subnet_cost(space, arch, num_classes)
-            records.append(Candidate(arch, round(cost.mflops, 4), round(cost.params_m, 5), top1, top5).to_record())
+        with partial.open("a") as sink:  # each result is on disk as soon as it exists
+            for arch in mine:
+                top1, top5 = evaluate(arch)
+                cost = subnet_cost(space, arch, num_classes)
+                records.append(Candidate(arch, round(cost.mflops, 4), round(cost.params_m, 5), top1, top5).to_record())
+                sink.write(json.dumps(records[-1]) + "\n")
+                sink.flush()
         if env.world_size > 1:
             gathered: list = [None] * env.world_size
             dist.all_gather_object(gathered, records)
@@ -196,6 +211,9 @@ def run_search(search: SearchConfig, run_config, run_dir: Path, exports: list[st
                     f.write(json.dumps(record) + "\n")
         for record in records:
             cache[arch_key(Candidate.from_record(record).arch)] = record
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 has appended everything before the partial files go
+        partial.unlink(missing_ok=True)
         return [Candidate.from_record(cache[arch_key(a)]) for a in archs]
 
     sampler = ArchSampler(space, search.seed)
