@@ -3,8 +3,8 @@ per-rank optimizer-state memory, with 2 processes on CPU (gloo).
 
     .venv/bin/python bench/step_throughput.py [--steps 6] [--batch 16] [--space tiny]
 
-The plain loop runs the same N sub-network forward/backward passes, all-reduces each gradient once
-(averaging over ranks), clips by value and takes one Nesterov SGD step.  Ratios are samples/s of each
+The plain loop runs the same N sub-network forward/backward passes, all-reduces all gradients once
+as one flat tensor (averaging over ranks), clips by value and takes one Nesterov SGD step.  Ratios are samples/s of each
 engine against that baseline, measured in the same processes, after one warm-up step.
 """
 
@@ -21,20 +21,9 @@ import torch
 
 
 def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of the tensors in an optimizer's state (momentum buffers and flat fp32 partitions)."""
-    seen, total = set(), 0
+    """Bytes of the SGD momentum buffers this rank holds (ZeRO 1–3 keep only their partition's)."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    for state in inner.state.values():
-        for value in state.values():
-            if torch.is_tensor(value) and id(value) not in seen:
-                seen.add(id(value))
-                total += value.numel() * value.element_size()
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
-        for tensor in getattr(optimizer, name, []) or []:
-            if torch.is_tensor(tensor) and id(tensor) not in seen:
-                seen.add(id(tensor))
-                total += tensor.numel() * tensor.element_size()
-    return total
+    return sum(v.numel() * v.element_size() for state in inner.state.values() for v in state.values() if torch.is_tensor(v))
 
 
 def worker(args) -> None:
@@ -75,12 +64,19 @@ def worker(args) -> None:
 
         def backward(self, loss):
             loss.backward()
-            if self.boundary:
-                for p in self.net.parameters():
+            if self.boundary:  # one flat all-reduce of every gradient, like DDP's buckets in one go
+                from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+                params = list(self.net.parameters())
+                for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                    p.grad /= dist.get_world_size()
+                grads = [p.grad for p in params]
+                flat = _flatten_dense_tensors(grads)
+                dist.all_reduce(flat)
+                flat /= dist.get_world_size()
+                for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                    g.copy_(synced)
 
         def step(self):
             self.optimizer.step()
@@ -122,7 +118,7 @@ def worker(args) -> None:
         print(f"space {args.space}, 2 ranks x {args.batch} images, 4 sub-networks per step, median of {args.steps} steps")
         for name, (rate, mem) in results.items():
             print(f"{name:18s} {rate:8.1f} samples/s  ratio {rate / base_rate:5.2f}   "
-                  f"optimizer state on rank 0: {mem / 2**20:7.2f} MiB  ratio {mem / max(base_mem, 1):5.2f}")
+                  f"momentum on rank 0: {mem / 2**20:7.3f} MiB  ratio {mem / max(base_mem, 1):5.2f}")
     dist.barrier()
 
 
