@@ -29,6 +29,7 @@ demo: setup
 	$(DEMO_ENV) $(PY) trainer/search.py --config configs/search_tiny_cpu.yaml --run runs/tiny_cpu --export tiny_m pareto@0.5
 
 test: setup
+	scripts/install_system_packages.sh --test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

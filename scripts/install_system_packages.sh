@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # Debian packages the Python requirements need (FFCV builds against libturbojpeg and OpenCV).
 # Idempotent: installs only what is missing; needs root (or sudo) only when something is missing.
+# With --test: the packages of a local SLURM cluster for tests/test_slurm.py, installed only as root
+# (elsewhere those tests skip and say why).
 set -euo pipefail
 packages=(pkg-config g++ libturbojpeg0-dev libopencv-dev numactl)
+if [ "${1:-}" = "--test" ]; then
+  packages=(slurmctld slurmd slurm-client munge)
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "not root: the SLURM tests will be skipped"
+    exit 0
+  fi
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

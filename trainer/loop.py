@@ -5,8 +5,10 @@ Build order: distributed → model → engine → data → checkpointer (+ resum
 
 from __future__ import annotations
 
+import os
 import random
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,18 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
+    def _requeue_if_asked(self) -> bool:
+        """Under slurm/alphanet.sh: rank 0 requeues the job once the checkpoint is committed (SLURM
+        kills the job at once on requeue, so this must come last)."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if os.environ.get("ALPHANET_REQUEUE_ON_SIGNAL") != "1" or not job:
+            return False
+        if self.env.is_main:
+            self.log.print(f"requeueing SLURM job {job}")
+            self.log.close()
+            subprocess.run(["scontrol", "requeue", job], check=False)
+        return True
+
     def _agree(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank."""
         if not dist.is_initialized() or self.world == 1:
@@ -222,6 +236,7 @@ class Trainer:
                     tag = self.save()
                     self.log.print(f"signal received: saved {self.checkpointer.dir / tag}; rerun the same command to resume")
                     results["stopped_by_signal"] = True
+                    results["requeued"] = self._requeue_if_asked()
                     stopped = True
                     break
                 if self.global_step >= final_step:

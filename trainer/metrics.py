@@ -62,7 +62,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         now = time.perf_counter()
-        rate = images / max(1e-9, now - self._last_time)
+        elapsed = max(1e-9, now - self._last_time)
+        rate = images / elapsed
+        eta = (self.total_steps - step) * elapsed / max(1, step - self._last_step)
         self._last_time, self._last_step = now, step
         record = {"step": step, "epoch": epoch, **values, "images_per_s": rate}
         self._jsonl.write(json.dumps(record) + "\n")
@@ -77,7 +79,8 @@ class MetricsLogger:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, description=text, epoch=f"epoch {epoch}")
         else:
-            self.console.print(f"step {step}/{self.total_steps} epoch {epoch} {text}", highlight=False)
+            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f} days"
+            self.console.print(f"step {step}/{self.total_steps} epoch {epoch} {text} eta {eta_text}", highlight=False)
 
     def log_record(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# AlphaNet supernet training on SLURM: 2-8 nodes x 8 GPUs (16-64 GPUs), one task per GPU.
+#   sbatch slurm/alphanet.sh                                   # settings below
+#   sbatch --nodes=4 --export=ALL,RUN_DIR=runs/a4n slurm/alphanet.sh trainer.zero_stage=2
+# Extra arguments are --set overrides of the config. On the USR1 signal (300 s before the time
+# limit, or `scancel --signal=USR1 JOBID`) every rank saves at the next step boundary, then rank 0
+# requeues the job, which resumes from that checkpoint with the same command.
+#SBATCH --job-name=alphanet
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=10
+#SBATCH --time=48:00:00
+#SBATCH --signal=USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+set -euo pipefail
+
+# ---- settings (override with sbatch --export=ALL,NAME=value) ------------------------------------
+CONFIG=${CONFIG:-configs/alphanet_imagenet.yaml}
+RUN_DIR=${RUN_DIR:-runs/alphanet_imagenet}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}          # 0: CPU nodes (gloo), as the tests run it
+REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+# --------------------------------------------------------------------------------------------------
+
+cd "$REPO"
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export MASTER_ADDR MASTER_PORT
+export ALPHANET_REQUEUE_ON_SIGNAL=1
+if [ "$GPUS_PER_NODE" -eq 0 ]; then export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}; fi
+echo "[$(date -Is)] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_JOB_NUM_NODES node(s), $SLURM_NTASKS task(s), master $MASTER_ADDR:$MASTER_PORT, run $RUN_DIR"
+srun --kill-on-bad-exit=1 "$PYTHON" trainer/run.py --config "$CONFIG" --set "run_dir=$RUN_DIR" "$@"
