@@ -235,3 +235,15 @@ def test_ffcv_bad_input_is_reported_and_a_damaged_file_fails_at_start(tmp_path):
     beton.write_bytes(beton.read_bytes()[: beton.stat().st_size // 3])
     with pytest.raises(DataError, match="train.beton"):
         build_loader(config(out, "ffcv", batch_size=4, base_resolution=16), "train", train=True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_auto_augment_is_seeded_per_sample(digits, fmt):
+    cfg = config(digits, fmt, auto_augment=True)
+    plain = next(iter(build_loader(config(digits, fmt), "train", train=True, seed=3)))
+    first = build_loader(cfg, "train", train=True, seed=3)
+    a = [b.images.clone() for _, b in zip(range(3), first)]
+    resumed = build_loader(cfg, "train", train=True, seed=3)
+    resumed.load_state_dict({**first.state_dict(), "epoch": 0, "position": 2})
+    assert torch.equal(next(iter(resumed)).images, a[2])
+    assert a[0].shape == plain.images.shape and not torch.equal(a[0], plain.images)

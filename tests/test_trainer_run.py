@@ -215,3 +215,23 @@ def test_demo_recipe_reaches_its_accuracy(repo, tmp_path):
     print(f"demo: {minutes:.1f} min, top-1 largest {final['val/top1_largest']:.2f}%, smallest {final['val/top1_smallest']:.2f}%")
     assert final["val/top1_largest"] >= 90.0 and final["val/top1_smallest"] >= 85.0
     assert "val top-1 largest" in (tmp_path / "demo.log").read_text()
+
+
+def test_plain_process_and_torchrun_entry_points(repo, digits, tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    args = ["--config", "configs/tiny_cpu.yaml", "--set", *overrides(tmp_path / "plain", digits, **{"trainer.max_steps": 2})]
+    plain = subprocess.run([sys.executable, "trainer/run.py", *args], cwd=repo, env={**env, "MASTER_PORT": str(free_port())},
+                           capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert latest_tag(tmp_path / "plain" / "checkpoints") == "step000000002"
+    args = ["--config", "configs/tiny_cpu.yaml", "--set", *overrides(tmp_path / "torchrun", digits, **{"trainer.max_steps": 2})]
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               str(free_port()), "trainer/run.py", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    assert "2 rank(s)" in torchrun.stdout
+    assert (tmp_path / "torchrun" / "checkpoints" / "step000000002" / "trainer_rank1.pt").is_file()
+    bad = subprocess.run([sys.executable, "trainer/run.py", *args], cwd=repo, env={**env, "RANK": "0"},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "WORLD_SIZE" in bad.stderr
