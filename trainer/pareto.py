@@ -36,6 +36,7 @@ def plot_front(candidates: list[Candidate], front: list[Candidate], marked: dict
     for name, c in marked.items():
         ax.scatter([c.mflops], [c.top1], marker="*", s=120, color="tab:blue", zorder=3)
         ax.annotate(name, (c.mflops, c.top1), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.margins(x=0.08, y=0.08)  # room for the labels of marked models at the edges
     ax.set_xlabel("MFLOPs (multiply-adds)")
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
