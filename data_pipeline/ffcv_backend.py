@@ -22,18 +22,11 @@ import torch
 
 from data_pipeline.batch import Batch
 from data_pipeline.config import DataConfig
+from data_pipeline.plan import _splitmix64
 from data_pipeline.shards import DataError, read_manifest
 from data_pipeline.transforms import seeded, train_transform
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MASK32 = np.uint64(0xFFFFFFFF)
-
-
-def _splitmix64(x):
-    x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
 
 
 def _seeded_crop_and_flip(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, seed):

@@ -97,24 +97,24 @@ def index_shard(path: Path, problems: ShardProblems) -> list[SampleRef]:
     except (tarfile.ReadError, EOFError, OSError) as exc:
         problems.truncated.append((path.name, str(exc) or type(exc).__name__))
     samples = []
-    for key in order:
-        parts = members[key]
-        image = parts.get("jpg") or parts.get("jpeg")
-        if image is None:
-            problems.missing_image.append((path.name, key))
-            continue
-        if "cls" not in parts:
-            problems.missing_label.append((path.name, key))
-            continue
-        offset, length = parts["cls"]
-        with path.open("rb") as f:
+    with path.open("rb") as f:  # one handle for every label of the shard
+        for key in order:
+            parts = members[key]
+            image = parts.get("jpg") or parts.get("jpeg")
+            if image is None:
+                problems.missing_image.append((path.name, key))
+                continue
+            if "cls" not in parts:
+                problems.missing_label.append((path.name, key))
+                continue
+            offset, length = parts["cls"]
             f.seek(offset)
             try:
                 label = int(f.read(length).decode().strip())
             except ValueError:
                 problems.missing_label.append((path.name, key))
                 continue
-        samples.append(SampleRef(shard=str(path), key=key, image=image, label=label))
+            samples.append(SampleRef(shard=str(path), key=key, image=image, label=label))
     return samples
 
 

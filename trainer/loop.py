@@ -20,7 +20,7 @@ from data_pipeline import build_loader
 from data_pipeline.rescale import normalize
 from losses import build_kd_loss, build_label_loss
 from models import ArchSampler, build_supernet
-from trainer.checkpoint import Checkpointer, latest_tag, rng_state, set_rng_state
+from trainer.checkpoint import Checkpointer, latest_tag, rng_state, set_rng_state, tag_for
 from trainer.config import RunConfig, config_hash, write_resolved
 from trainer.distributed import DistEnv, resolve
 from trainer.ds_config import build_ds_config, global_batch_size
@@ -249,7 +249,7 @@ class Trainer:
             if self.global_step >= final_step or (epoch_done and tc.eval_every_epochs and (epoch + 1) % tc.eval_every_epochs == 0):
                 results["val"] = self.validate(epoch)
             if epoch_done or self.global_step >= final_step:
-                if self.last_checkpoint != f"step{self.global_step:09d}":
+                if self.last_checkpoint != tag_for(self.global_step):
                     self.save()
         if "val" not in results and not results.get("stopped_by_signal"):
             results["val"] = self.validate(self.train_loader.epoch)  # e.g. rerunning a finished run

@@ -66,13 +66,7 @@ class MetricsLogger:
         rate = images / elapsed
         eta = (self.total_steps - step) * elapsed / max(1, step - self._last_step)
         self._last_time, self._last_step = now, step
-        record = {"step": step, "epoch": epoch, **values, "images_per_s": rate}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        if self._writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch"):
-                    self._writer.add_scalar(key, value, step)
+        self.log_record({"step": step, "epoch": epoch, **values, "images_per_s": rate})
         short = " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in values.items() if k.startswith("loss/"))
         kd = values.get("kd_div/smallest")
         text = f"lr={values.get('lr', 0):.4f} {short}" + (f" kd(smallest)={kd:.3f}" if kd is not None else "") + f" {rate:.0f} img/s"
