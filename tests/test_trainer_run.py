@@ -50,8 +50,10 @@ _PORT = free_port()
 
 @pytest.fixture
 def single_rank(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID"):
-        monkeypatch.delenv(key, raising=False)
+    # setenv first so that teardown also removes what the Trainer exports (RANK, WORLD_SIZE, ...).
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.setenv("MASTER_PORT", str(_PORT))  # one process group, reused by every in-process test
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
 
