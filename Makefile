@@ -6,15 +6,15 @@ STAMP := $(VENV)/.installed
 # Outside CI the default suite skips tests marked slow; CI=true runs everything.
 PYTEST_ARGS ?= $(if $(filter true 1,$(CI)),,-m "not slow")
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint clean
 
 setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml scripts/install_system_packages.sh
 	scripts/install_system_packages.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	scripts/quietly.sh "pip install requirements" $(PY) -m pip install --disable-pip-version-check -r requirements.txt
+	scripts/quietly.sh "pip install project" $(PY) -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # The demo: model table, bundled data, a 2-process DeepSpeed run of the tiny recipe on CPU, then the
@@ -31,6 +31,11 @@ demo: setup
 test: setup
 	scripts/install_system_packages.sh --test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff: lint rules and the formatter (120 columns), both configured in pyproject.toml.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf runs data .pytest_cache

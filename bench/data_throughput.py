@@ -25,7 +25,10 @@ def synthesise(root: Path, count: int, seed: int = 0) -> None:
     from PIL import Image
     from skimage import data
 
-    photos = [getattr(data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")]
+    photos = [
+        getattr(data, name)()
+        for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+    ]
     photos = [p if p.ndim == 3 else np.stack([p] * 3, -1) for p in photos]
     rng = np.random.default_rng(seed)
     for i in range(count):
@@ -72,21 +75,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         synthesise(root / "folder", args.images)
-        prepare(str(root / "folder"), root / "prepared", ["webdataset", "ffcv"], shard_mb=16, max_side=512, quality=90, quiet=True)
+        prepare(
+            str(root / "folder"),
+            root / "prepared",
+            ["webdataset", "ffcv"],
+            shard_mb=16,
+            max_side=512,
+            quality=90,
+            quiet=True,
+        )
 
-        baseline_tf = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()])
+        baseline_tf = v2.Compose(
+            [v2.PILToTensor(), v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()]
+        )
         folder = datasets.ImageFolder(str(root / "folder" / "train"), transform=baseline_tf)
-        baseline = DataLoader(folder, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True)
+        baseline = DataLoader(
+            folder, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True
+        )
         results = {"torchvision ImageFolder (baseline)": time_epochs(lambda: iter(baseline), args.epochs)}
 
         for fmt in ("webdataset", "ffcv"):
-            cfg = DataConfig(format=fmt, root=root / "prepared", base_resolution=224, batch_size=args.batch_size,
-                             num_workers=args.workers, eval_resize=256)
+            cfg = DataConfig(
+                format=fmt,
+                root=root / "prepared",
+                base_resolution=224,
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                eval_resize=256,
+            )
             loader = build_loader(cfg, "train", train=True, seed=0)
-            results[f"alphanet-train {fmt}"] = time_epochs(lambda: ((b.images, b.labels) for b in loader), args.epochs)
+            results[f"alphanet-train {fmt}"] = time_epochs(
+                lambda loader=loader: ((b.images, b.labels) for b in loader), args.epochs
+            )
 
         base_rate = None
-        print(f"{args.images} JPEGs of ~500x375, RandomResizedCrop(224)+flip, {args.workers} workers, batch {args.batch_size}")
+        print(
+            f"{args.images} JPEGs of ~500x375, RandomResizedCrop(224)+flip, {args.workers} workers, batch {args.batch_size}"
+        )
         for name, (first, best, count) in results.items():
             rate = count / best
             base_rate = base_rate or rate
@@ -113,8 +138,10 @@ def main() -> None:
 
     t_rescale = best_of(lambda: rescale(batch, arch.resolution))
     t_step = best_of(lambda: net(rescale(batch, arch.resolution)).sum().backward(), repeats=2)
-    print(f"bicubic rescale 224->{arch.resolution} of a batch of {args.batch_size}: {t_rescale * 1e3:.1f} ms = "
-          f"{t_rescale / t_step:.3f} x forward+backward of the smallest sub-network ({t_step * 1e3:.0f} ms), CPU")
+    print(
+        f"bicubic rescale 224->{arch.resolution} of a batch of {args.batch_size}: {t_rescale * 1e3:.1f} ms = "
+        f"{t_rescale / t_step:.3f} x forward+backward of the smallest sub-network ({t_step * 1e3:.0f} ms), CPU"
+    )
 
 
 if __name__ == "__main__":

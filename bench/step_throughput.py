@@ -23,7 +23,9 @@ import torch
 def optimizer_state_bytes(optimizer) -> int:
     """Bytes of the SGD momentum buffers this rank holds (ZeRO 1–3 keep only their partition's)."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    return sum(v.numel() * v.element_size() for state in inner.state.values() for v in state.values() if torch.is_tensor(v))
+    return sum(
+        v.numel() * v.element_size() for state in inner.state.values() for v in state.values() if torch.is_tensor(v)
+    )
 
 
 def worker(args) -> None:
@@ -32,9 +34,8 @@ def worker(args) -> None:
 
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, ModelConfig, build_supernet
-    from trainer.distributed import resolve
+    from trainer.distributed import init_distributed, resolve
     from trainer.ds_config import build_ds_config
-    from trainer.loop import init_distributed
     from trainer.optim import ClippedSGD, param_groups
     from trainer.sandwich import SandwichStep, sample_sandwich
     from trainer.trainer_config import TrainerConfig
@@ -48,7 +49,9 @@ def worker(args) -> None:
 
     def make_batch(net):
         res = max(net.space.resolutions)
-        return torch.randn(args.batch, 3, res, res, generator=gen), torch.randint(0, model_config.num_classes, (args.batch,), generator=gen)
+        return torch.randn(args.batch, 3, res, res, generator=gen), torch.randint(
+            0, model_config.num_classes, (args.batch,), generator=gen
+        )
 
     class PlainEngine:
         """Engine interface over a plain module: one all-reduce per gradient at the last backward."""
@@ -112,13 +115,20 @@ def worker(args) -> None:
         opt = ClippedSGD(param_groups(net, tc.weight_decay), lr=0.01, momentum=0.9, nesterov=True, clip_value=1.0)
         config = build_ds_config(TrainerConfig(zero_stage=stage), micro_batch=args.batch, world_size=env.world_size)
         engine, ds_opt, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=config)
-        results[f"DeepSpeed ZeRO-{stage}"] = (timed(engine, engine.module, f"zero{stage}"), optimizer_state_bytes(ds_opt))
+        results[f"DeepSpeed ZeRO-{stage}"] = (
+            timed(engine, engine.module, f"zero{stage}"),
+            optimizer_state_bytes(ds_opt),
+        )
     if env.rank == 0:
         base_rate, base_mem = results["plain PyTorch"]
-        print(f"space {args.space}, 2 ranks x {args.batch} images, 4 sub-networks per step, median of {args.steps} steps")
+        print(
+            f"space {args.space}, 2 ranks x {args.batch} images, 4 sub-networks per step, median of {args.steps} steps"
+        )
         for name, (rate, mem) in results.items():
-            print(f"{name:18s} {rate:8.1f} samples/s  ratio {rate / base_rate:5.2f}   "
-                  f"momentum on rank 0: {mem / 2**20:7.3f} MiB  ratio {mem / max(base_mem, 1):5.2f}")
+            print(
+                f"{name:18s} {rate:8.1f} samples/s  ratio {rate / base_rate:5.2f}   "
+                f"momentum on rank 0: {mem / 2**20:7.3f} MiB  ratio {mem / max(base_mem, 1):5.2f}"
+            )
     dist.barrier()
 
 
@@ -133,8 +143,21 @@ def main() -> None:
         worker(args)
         return
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).resolve()),
-               "--worker", "--steps", str(args.steps), "--batch", str(args.batch), "--space", args.space]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--space",
+        args.space,
+    ]
     sys.exit(subprocess.run(command, env=env).returncode)
 
 

@@ -6,4 +6,13 @@ from data_pipeline.loader import EpochSummary, ResumableLoader, build_loader
 from data_pipeline.rescale import normalize, rescale
 from data_pipeline.shards import DataError
 
-__all__ = ["Batch", "DataConfig", "DataError", "EpochSummary", "ResumableLoader", "build_loader", "normalize", "rescale"]
+__all__ = [
+    "Batch",
+    "DataConfig",
+    "DataError",
+    "EpochSummary",
+    "ResumableLoader",
+    "build_loader",
+    "normalize",
+    "rescale",
+]

@@ -18,7 +18,7 @@ class Batch:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     """(shard, key, reason) of samples dropped from this batch because they could not be decoded."""
 
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         return Batch(
             self.images.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),

@@ -122,7 +122,9 @@ class FFCVBackend:
         except Exception as exc:  # FFCV reports a damaged file with assorted low-level errors
             raise DataError(f"cannot read FFCV file {self.path}: {type(exc).__name__}: {exc}") from exc
         if self._loader.reader.num_samples != self._num_samples:
-            raise DataError(f"{self.path} holds {self._loader.reader.num_samples} samples, the manifest says {self._num_samples}")
+            raise DataError(
+                f"{self.path} holds {self._loader.reader.num_samples} samples, the manifest says {self._num_samples}"
+            )
 
     @property
     def num_samples(self) -> int:
@@ -171,11 +173,15 @@ class FFCVBackend:
                 # FFCV reuses its output buffers for later batches: copy before handing them out.
                 images = images.contiguous().clone()
                 if self._torch_augment is not None:
-                    images = torch.stack([seeded(self._torch_augment, img, seeds[offset + k]) for k, img in enumerate(images)])
+                    images = torch.stack(
+                        [seeded(self._torch_augment, img, seeds[offset + k]) for k, img in enumerate(images)]
+                    )
                 yield Batch(images, labels.long().clone(), valid[offset : offset + n].clone())
                 offset += n
         finally:
             iterator.close()
 
     def problem_lines(self) -> list[str]:
-        return [f"{self.path.name}: {s['key']} skipped at prepare time ({s['reason']})" for s in self._skipped_at_prepare]
+        return [
+            f"{self.path.name}: {s['key']} skipped at prepare time ({s['reason']})" for s in self._skipped_at_prepare
+        ]

@@ -94,7 +94,9 @@ class ResumableLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def build_loader(config: DataConfig, split: str, *, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0) -> ResumableLoader:
+def build_loader(
+    config: DataConfig, split: str, *, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0
+) -> ResumableLoader:
     """The loader of ``split`` for this rank: NCHW uint8 batches at ``config.base_resolution``.
 
     Raises ``DataError`` at once for a missing dataset, shard or split.
@@ -108,6 +110,11 @@ def build_loader(config: DataConfig, split: str, *, train: bool, rank: int = 0, 
 
         backend = FFCVBackend(config, split, train, seed)
     plan = EpochPlan(
-        num_samples=backend.num_samples, batch_size=config.batch_size, rank=rank, world_size=world_size, seed=seed, train=train
+        num_samples=backend.num_samples,
+        batch_size=config.batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        train=train,
     )
     return ResumableLoader(backend, plan, split)

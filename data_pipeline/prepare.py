@@ -14,6 +14,8 @@ a no-op.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -22,13 +24,14 @@ import re
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from PIL import Image
 
 from data_pipeline.shards import MANIFEST
+
 MANIFEST_VERSION = 1
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
@@ -118,7 +121,9 @@ def _file_entry(path: Path, **extra) -> dict:
     return {"name": path.name, "size": path.stat().st_size, "sha256": sha256_of(path), **extra}
 
 
-def write_webdataset(samples: list[Sample], out: Path, split: str, shard_mb: float, quality: int, progress) -> list[dict]:
+def write_webdataset(
+    samples: list[Sample], out: Path, split: str, shard_mb: float, quality: int, progress
+) -> list[dict]:
     """Write ``{split}-%06d.tar`` shards of about ``shard_mb`` MB into ``out`` (via a temp folder)."""
     import webdataset as wds
 
@@ -127,7 +132,9 @@ def write_webdataset(samples: list[Sample], out: Path, split: str, shard_mb: flo
     tmp.mkdir(parents=True)
     counts: Counter = Counter()
     task = progress.add_task(f"{split}: webdataset", total=len(samples))
-    with wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxsize=int(shard_mb * 1e6), maxcount=10**9, verbose=0) as sink:
+    with wds.ShardWriter(
+        str(tmp / f"{split}-%06d.tar"), maxsize=int(shard_mb * 1e6), maxcount=10**9, verbose=0
+    ) as sink:
         for sample in samples:
             sink.write({"__key__": sample.key, "jpg": sample.jpeg_bytes(quality), "cls": str(sample.label).encode()})
             counts[Path(sink.fname).name] += 1
@@ -141,10 +148,13 @@ def write_webdataset(samples: list[Sample], out: Path, split: str, shard_mb: flo
     return shards
 
 
-def write_ffcv(samples: list[Sample], out: Path, split: str, max_side: int, quality: int, workers: int, progress) -> tuple[dict, list[dict]]:
+def write_ffcv(
+    samples: list[Sample], out: Path, split: str, max_side: int, quality: int, workers: int, progress
+) -> tuple[dict, list[dict]]:
     """Write ``{split}.beton``; images that fail to decode are skipped and returned as such."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
+    from tqdm import tqdm
 
     task = progress.add_task(f"{split}: ffcv (decode check)", total=len(samples))
     good, skipped = [], []
@@ -165,8 +175,15 @@ def write_ffcv(samples: list[Sample], out: Path, split: str, max_side: int, qual
 
     final = out / f"{split}.beton"
     tmp = out / f".tmp-{split}.beton"
-    fields = {"image": RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=quality), "label": IntField()}
-    DatasetWriter(str(tmp), fields, num_workers=max(1, workers)).from_indexed_dataset(Indexed(), chunksize=64)
+    fields = {
+        "image": RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=quality),
+        "label": IntField(),
+    }
+    writer = DatasetWriter(str(tmp), fields, num_workers=max(1, workers))
+    # FFCV draws its own tqdm bar: under --quiet, hand it a tqdm that is switched off.
+    quiet_bar = mock.patch("ffcv.writer.tqdm", functools.partial(tqdm, disable=True))
+    with quiet_bar if progress.disable else contextlib.nullcontext():
+        writer.from_indexed_dataset(Indexed(), chunksize=64)
     os.replace(tmp, final)
     return _file_entry(final, count=len(good)), skipped
 
@@ -191,8 +208,17 @@ def _complete(out: Path, formats: list[str], options: dict) -> bool:
     return True
 
 
-def prepare(source_name: str, out: Path, formats: list[str], split: str = "train", shard_mb: float = 64.0,
-            max_side: int = 512, quality: int = 90, workers: int = 2, quiet: bool = False) -> dict:
+def prepare(
+    source_name: str,
+    out: Path,
+    formats: list[str],
+    split: str = "train",
+    shard_mb: float = 64.0,
+    max_side: int = 512,
+    quality: int = 90,
+    workers: int = 2,
+    quiet: bool = False,
+) -> dict:
     """Write the dataset and its manifest; return the manifest (the existing one when already done)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -203,8 +229,14 @@ def prepare(source_name: str, out: Path, formats: list[str], split: str = "train
         return json.loads((out / MANIFEST).read_text())
     source = digits_source() if source_name == "digits" else image_folder_source(Path(source_name), split)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"version": MANIFEST_VERSION, "source": source.description, "options": options,
-                "formats": sorted(formats), "classes": source.classes, "splits": {}}
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "source": source.description,
+        "options": options,
+        "formats": sorted(formats),
+        "classes": source.classes,
+        "splits": {},
+    }
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=quiet) as progress:
         for name, samples in source.splits.items():
@@ -213,7 +245,9 @@ def prepare(source_name: str, out: Path, formats: list[str], split: str = "train
             if "webdataset" in formats:
                 entry["webdataset"] = {"shards": write_webdataset(samples, out, name, shard_mb, quality, progress)}
             if "ffcv" in formats:
-                entry["ffcv"], entry["ffcv_skipped"] = write_ffcv(samples, out, name, max_side, quality, workers, progress)
+                entry["ffcv"], entry["ffcv_skipped"] = write_ffcv(
+                    samples, out, name, max_side, quality, workers, progress
+                )
             manifest["splits"][name] = entry
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
@@ -222,7 +256,10 @@ def prepare(source_name: str, out: Path, formats: list[str], split: str = "train
         for name, entry in manifest["splits"].items():
             shards = len(entry.get("webdataset", {}).get("shards", []))
             skipped = len(entry.get("ffcv_skipped", []))
-            print(f"{name}: {entry['count']} images, {shards} shard(s)" + (f", {skipped} undecodable skipped" if skipped else ""))
+            print(
+                f"{name}: {entry['count']} images, {shards} shard(s)"
+                + (f", {skipped} undecodable skipped" if skipped else "")
+            )
     return manifest
 
 
@@ -239,8 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
-        prepare(args.source, args.out, args.formats, args.split, args.shard_mb, args.max_side,
-                args.jpeg_quality, args.workers, args.quiet)
+        prepare(
+            args.source,
+            args.out,
+            args.formats,
+            args.split,
+            args.shard_mb,
+            args.max_side,
+            args.jpeg_quality,
+            args.workers,
+            args.quiet,
+        )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,9 @@ def train_transform(config: DataConfig, *, crop: bool = True) -> v2.Compose:
     whose decoder already crops and flips."""
     steps: list = []
     if crop:
-        steps.append(v2.RandomResizedCrop(config.base_resolution, scale=config.crop_scale, interpolation=BICUBIC, antialias=True))
+        steps.append(
+            v2.RandomResizedCrop(config.base_resolution, scale=config.crop_scale, interpolation=BICUBIC, antialias=True)
+        )
         if config.hflip:
             steps.append(v2.RandomHorizontalFlip())
     if config.auto_augment:
@@ -25,7 +27,9 @@ def train_transform(config: DataConfig, *, crop: bool = True) -> v2.Compose:
 
 def eval_transform(config: DataConfig) -> v2.Compose:
     """Resize the short side to ``eval_resize`` (bicubic), centre-crop ``base_resolution``."""
-    return v2.Compose([v2.Resize(config.eval_resize, interpolation=BICUBIC, antialias=True), v2.CenterCrop(config.base_resolution)])
+    return v2.Compose(
+        [v2.Resize(config.eval_resize, interpolation=BICUBIC, antialias=True), v2.CenterCrop(config.base_resolution)]
+    )
 
 
 def seeded(transform: v2.Compose, image: torch.Tensor, seed: int) -> torch.Tensor:

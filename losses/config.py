@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 from losses.cross_entropy import LabelSmoothingCrossEntropy
 from losses.divergences import (

@@ -1,6 +1,7 @@
 """Supernet, search space, standalone sub-networks and their exact cost."""
 
 from models.config import ModelConfig
+from models.export import load_subnet, save_subnet
 from models.search_space import (
     ArchConfig,
     ArchSampler,
@@ -8,7 +9,6 @@ from models.search_space import (
     load_named_archs,
     load_search_space,
 )
-from models.export import load_subnet, save_subnet
 from models.static import StaticSubnet, extract_subnet
 from models.supernet import AlphaNetSupernet
 

@@ -29,8 +29,12 @@ def save_subnet(model: StaticSubnet, out_dir: Path, *, extra: dict | None = None
     tmp = out_dir / f".{WEIGHTS}.tmp"
     save_file(state, str(tmp))
     os.replace(tmp, out_dir / WEIGHTS)
-    description = {"search_space": model.space.to_dict(), "arch": model.arch.to_dict(), "num_classes": model.num_classes,
-                   **(extra or {})}
+    description = {
+        "search_space": model.space.to_dict(),
+        "arch": model.arch.to_dict(),
+        "num_classes": model.num_classes,
+        **(extra or {}),
+    }
     tmp = out_dir / f".{ARCH}.tmp"
     tmp.write_text(yaml.safe_dump(description, sort_keys=False))
     os.replace(tmp, out_dir / ARCH)
@@ -59,8 +63,15 @@ def export_onnx(model: StaticSubnet, out_dir: Path, batch: int = 1) -> Path:
     tmp = out.with_name(f".{ONNX}.tmp")
     example = torch.zeros(batch, 3, model.arch.resolution, model.arch.resolution)
     model = model.eval()
-    torch.onnx.export(model, (example,), str(tmp), input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(tmp),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
+    )
     onnx.checker.check_model(str(tmp))
     os.replace(tmp, out)
     return out

@@ -79,7 +79,7 @@ def subnet_cost(space: SearchSpace, arch: ArchConfig, num_classes: int = 1000) -
 def model_table(path: str, num_classes: int = 1000) -> list[dict]:
     """Rows ``{name, resolution, mflops, params_m}`` for every model in ``path`` plus max and min."""
     space, archs = load_named_archs(path)
-    entries = list(archs.items()) + [("max", space.largest()), ("min", space.smallest())]
+    entries = [*archs.items(), ("max", space.largest()), ("min", space.smallest())]
     rows = []
     for name, arch in entries:
         cost = subnet_cost(space, arch, num_classes)

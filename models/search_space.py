@@ -140,7 +140,7 @@ class SearchSpace:
         genes += [(f"expands.{i}", s.expands) for i, s in enumerate(self.stages)]
         return genes
 
-    def _extreme(self, pick) -> "ArchConfig":
+    def _extreme(self, pick) -> ArchConfig:
         return ArchConfig(
             resolution=pick(self.resolutions),
             widths=(pick(self.stem.widths), *(pick(s.widths) for s in self.stages), pick(self.head.widths)),
@@ -149,11 +149,11 @@ class SearchSpace:
             expands=tuple(pick(s.expands) for s in self.stages),
         )
 
-    def largest(self) -> "ArchConfig":
+    def largest(self) -> ArchConfig:
         """Every choice at its maximum (the sandwich rule's teacher)."""
         return self._extreme(max)
 
-    def smallest(self) -> "ArchConfig":
+    def smallest(self) -> ArchConfig:
         """Every choice at its minimum."""
         return self._extreme(min)
 
@@ -161,11 +161,11 @@ class SearchSpace:
         return to_mapping(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str | Path | None = None) -> "SearchSpace":
+    def from_dict(cls, data: dict[str, Any], *, source: str | Path | None = None) -> SearchSpace:
         return from_mapping(cls, data, source=source)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "SearchSpace":
+    def from_yaml(cls, path: str | Path) -> SearchSpace:
         return cls.from_dict(load_yaml(path), source=path)
 
 
@@ -232,7 +232,7 @@ class ArchConfig:
                 out.append(f"{stage.name} expand {e} not in {list(stage.expands)}")
         return out
 
-    def validate(self, space: SearchSpace) -> "ArchConfig":
+    def validate(self, space: SearchSpace) -> ArchConfig:
         problems = self.problems(space)
         if problems:
             raise ValueError(f"architecture outside search space '{space.name}': " + "; ".join(problems))
@@ -244,7 +244,7 @@ class ArchConfig:
         field, idx = gene.split(".")
         return getattr(self, field)[int(idx)]
 
-    def with_genes(self, genes: dict[str, int]) -> "ArchConfig":
+    def with_genes(self, genes: dict[str, int]) -> ArchConfig:
         """A copy with the named genes (``resolution``, ``widths.3``, ...) replaced."""
         values = self.to_dict()
         for gene, v in genes.items():
@@ -265,7 +265,7 @@ class ArchConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str | Path | None = None) -> "ArchConfig":
+    def from_dict(cls, data: dict[str, Any], *, source: str | Path | None = None) -> ArchConfig:
         return from_mapping(cls, data, source=source)
 
 
@@ -346,4 +346,3 @@ __all__ = [
     "load_named_archs",
     "load_search_space",
 ]
-

@@ -85,7 +85,9 @@ class StaticSubnet(nn.Module):
             out_channels = arch.widths[i + 1]
             for b in range(arch.depths[i]):
                 stride = stage.stride if b == 0 else 1
-                blocks.append(MBConvBlock(in_channels, out_channels, arch.kernels[i], arch.expands[i], stride, stage.se))
+                blocks.append(
+                    MBConvBlock(in_channels, out_channels, arch.kernels[i], arch.expands[i], stride, stage.se)
+                )
                 in_channels = out_channels
         self.blocks = nn.ModuleList(blocks)
         expanded = space.head.expand * in_channels

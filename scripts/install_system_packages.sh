@@ -23,5 +23,13 @@ if [ "$(id -u)" -ne 0 ]; then
   command -v sudo >/dev/null || { echo "error: need root (or sudo) to install: ${missing[*]}" >&2; exit 1; }
   SUDO=sudo
 fi
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+# apt and dpkg print a line per package: keep that in a log and show it only when something fails.
+mkdir -p .logs
+log=.logs/apt.log
+if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+  --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+  echo "error: apt-get failed; last lines of $log:" >&2
+  tail -n 40 "$log" >&2
+  exit 1
+fi
+echo "installed ${#missing[@]} Debian package(s) (log: $log)"

@@ -105,7 +105,7 @@ def test_overrides_apply_after_file_and_are_typed(repo):
     assert config.loss.kd_loss == "kl"
     assert config.loss.clip is None
     assert config.seed == 7
-    with pytest.raises(ConfigError, match="model.dropotu"):
+    with pytest.raises(ConfigError, match=r"model\.dropotu"):
         load_config(repo / "configs/tiny_cpu.yaml", ["model.dropotu=0.1"])
 
 
@@ -131,7 +131,9 @@ def test_resolved_config_is_written_and_reloads_equal(tmp_path, repo):
 def test_config_cli_exit_codes(tmp_path, repo):
     ok = subprocess.run(
         [sys.executable, "-m", "trainer.config", "--config", "configs/tiny_cpu.yaml", "--set", "seed=3"],
-        cwd=repo, capture_output=True, text=True,
+        cwd=repo,
+        capture_output=True,
+        text=True,
     )
     assert ok.returncode == 0, ok.stderr
     assert yaml.safe_load(ok.stdout)["seed"] == 3
@@ -143,7 +145,9 @@ def test_config_cli_exit_codes(tmp_path, repo):
     assert "model.widths" in fail.stderr and str(bad) in fail.stderr
     missing = subprocess.run(
         [sys.executable, "-m", "trainer.config", "--config", str(tmp_path / "nope.yaml")],
-        cwd=repo, capture_output=True, text=True,
+        cwd=repo,
+        capture_output=True,
+        text=True,
     )
     assert missing.returncode == 2 and "file not found" in missing.stderr
 
@@ -156,7 +160,12 @@ def test_shipped_recipes_are_valid(repo, name):
 
 def test_imagenet_recipe_is_the_papers(repo):
     c = load_config(repo / "configs/alphanet_imagenet.yaml")
-    assert (c.trainer.epochs, c.trainer.lr_per_256, c.trainer.warmup_epochs, c.trainer.weight_decay) == (360, 0.1, 5.0, 1e-5)
+    assert (c.trainer.epochs, c.trainer.lr_per_256, c.trainer.warmup_epochs, c.trainer.weight_decay) == (
+        360,
+        0.1,
+        5.0,
+        1e-5,
+    )
     assert (c.trainer.grad_clip_value, c.loss.clip, c.loss.alpha_minus, c.loss.alpha_plus) == (1.0, 5.0, -1.0, 1.0)
     assert (c.model.dropout, c.model.drop_connect, c.loss.label_smoothing, c.data.auto_augment) == (0.2, 0.2, 0.1, True)
     assert c.data.batch_size == 32 and c.model.search_space == "alphanet"

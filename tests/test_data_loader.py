@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from data_helpers import jpeg_bytes, rewrite_tar
 from torchvision.transforms.v2 import functional as TF
 
 from data_pipeline import DataConfig, DataError, build_loader, normalize, rescale
 from data_pipeline import prepare as prep
 from data_pipeline.plan import EpochPlan
-from data_helpers import jpeg_bytes, rewrite_tar
 
 FORMATS = ["webdataset", "ffcv"]
 
@@ -47,7 +47,9 @@ def test_batches_are_uint8_nchw_at_base_resolution(digits, fmt):
 
 def test_rank_shares_are_disjoint_equal_and_seeded():
     n, world = 1497, 2
-    plans = [EpochPlan(num_samples=n, batch_size=16, rank=r, world_size=world, seed=3, train=True) for r in range(world)]
+    plans = [
+        EpochPlan(num_samples=n, batch_size=16, rank=r, world_size=world, seed=3, train=True) for r in range(world)
+    ]
     shares = [p.rank_indices(epoch=0)[0] for p in plans]
     assert len(shares[0]) == len(shares[1]) == n // world
     assert not set(shares[0]) & set(shares[1])
@@ -60,7 +62,9 @@ def test_rank_shares_are_disjoint_equal_and_seeded():
 
 def test_eval_shares_cover_every_sample_once_with_equal_batch_counts():
     n, world = 301, 2
-    plans = [EpochPlan(num_samples=n, batch_size=50, rank=r, world_size=world, seed=0, train=False) for r in range(world)]
+    plans = [
+        EpochPlan(num_samples=n, batch_size=50, rank=r, world_size=world, seed=0, train=False) for r in range(world)
+    ]
     assert plans[0].num_batches == plans[1].num_batches == 4
     seen = []
     for p in plans:
@@ -126,8 +130,10 @@ def test_eval_is_deterministic_and_centre_cropped(digits, fmt):
 
 
 def test_both_formats_yield_the_same_labels_in_the_same_order(digits):
-    labels = {fmt: torch.cat([lab for _, lab in all_batches(build_loader(config(digits, fmt), "train", train=True, seed=2))])
-              for fmt in FORMATS}
+    labels = {
+        fmt: torch.cat([lab for _, lab in all_batches(build_loader(config(digits, fmt), "train", train=True, seed=2))])
+        for fmt in FORMATS
+    }
     assert torch.equal(labels["webdataset"], labels["ffcv"])
 
 
@@ -139,10 +145,15 @@ def damaged(tmp_path, digits) -> Path:
     shards = sorted(digits.glob("train-*.tar"))
     for i, shard in enumerate(shards):
         if i == 0:
-            rewrite_tar(shard, root / shard.name, lambda name, data: b"\xff\xd8garbage" if name == "train00003.jpg" else data)
+            rewrite_tar(
+                shard, root / shard.name, lambda name, data: b"\xff\xd8garbage" if name == "train00003.jpg" else data
+            )
         elif i == 1:
-            first = tarfile.open(shard).getnames()[0].split(".")[0]
-            rewrite_tar(shard, root / shard.name, lambda name, data: None if name == f"{first}.cls" else data)
+            with tarfile.open(shard) as tar:
+                first = tar.getnames()[0].split(".")[0]
+            rewrite_tar(
+                shard, root / shard.name, lambda name, data, first=first: None if name == f"{first}.cls" else data
+            )
         else:
             (root / shard.name).write_bytes(shard.read_bytes())
     last = root / shards[-1].name
@@ -165,7 +176,7 @@ def test_bad_webdataset_input_is_skipped_counted_and_reported(damaged, digits, c
 
 
 def test_missing_data_is_a_clear_error_at_start(tmp_path, digits):
-    with pytest.raises(DataError, match="manifest.json not found"):
+    with pytest.raises(DataError, match=r"manifest\.json not found"):
         build_loader(config(tmp_path / "nothing", "ffcv"), "train", train=True)
     with pytest.raises(DataError, match="no shards match"):
         build_loader(config(tmp_path / "nothing", "webdataset"), "train", train=True)
@@ -233,7 +244,7 @@ def test_ffcv_bad_input_is_reported_and_a_damaged_file_fails_at_start(tmp_path):
     assert "broken0" in loader.last_summary.text()
     beton = out / "train.beton"
     beton.write_bytes(beton.read_bytes()[: beton.stat().st_size // 3])
-    with pytest.raises(DataError, match="train.beton"):
+    with pytest.raises(DataError, match=r"train\.beton"):
         build_loader(config(out, "ffcv", batch_size=4, base_resolution=16), "train", train=True)
 
 

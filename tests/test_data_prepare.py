@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import webdataset as wds
+from data_helpers import make_image_folder
 
 from data_pipeline import prepare as prep
-from data_helpers import make_image_folder
 
 
 def test_digits_webdataset_manifest_and_shards(tmp_path):
@@ -41,9 +41,22 @@ def test_rerun_is_a_no_op(tmp_path):
     prep.prepare("digits", out, ["webdataset"], shard_mb=1.0, quiet=True)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     result = subprocess.run(
-        [sys.executable, "-m", "data_pipeline.prepare", "--source", "digits", "--out", str(out),
-         "--formats", "webdataset", "--shard-mb", "1.0"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "data_pipeline.prepare",
+            "--source",
+            "digits",
+            "--out",
+            str(out),
+            "--formats",
+            "webdataset",
+            "--shard-mb",
+            "1.0",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "nothing to do" in result.stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
@@ -84,7 +97,16 @@ def test_image_folder_to_both_formats(tmp_path):
 
 def test_bad_source_exits_2(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "data_pipeline.prepare", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "data_pipeline.prepare",
+            "--source",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2 and "does not exist" in result.stderr

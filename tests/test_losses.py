@@ -91,7 +91,12 @@ def test_limits_alpha_to_one_and_zero_are_the_kls(logits):
 
 def test_training_loss_value_is_the_batch_mean_divergence(logits):
     s, t = (torch.tensor(x, dtype=torch.float32) for x in logits)
-    for loss in (AlphaDivergence(-1.0, clip=5.0), AdaptiveAlphaDivergence(), SymmetricKLDivergence(), ReverseKLDivergence()):
+    for loss in (
+        AlphaDivergence(-1.0, clip=5.0),
+        AdaptiveAlphaDivergence(),
+        SymmetricKLDivergence(),
+        ReverseKLDivergence(),
+    ):
         torch.testing.assert_close(loss(s, t), loss.divergence(s, t).mean())
 
 

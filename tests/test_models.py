@@ -151,7 +151,10 @@ def test_analytic_cost_matches_torch_flop_counter_on_random_archs(tiny_space):
     sampler = ArchSampler(tiny_space, seed=4)
     for arch in [tiny_space.largest(), tiny_space.smallest()] + [sampler.random() for _ in range(8)]:
         cost = subnet_cost(tiny_space, arch, num_classes=10)
-        assert measured_cost(StaticSubnet(tiny_space, arch, num_classes=10), arch.resolution) == (cost.macs, cost.params)
+        assert measured_cost(StaticSubnet(tiny_space, arch, num_classes=10), arch.resolution) == (
+            cost.macs,
+            cost.params,
+        )
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_MFLOPS))
@@ -166,7 +169,10 @@ def test_published_models_match_paper_and_flop_counter(repo, name):
 def test_flops_cli_json_and_table(repo):
     out = subprocess.run(
         [sys.executable, "-m", "models.flops", "configs/alphanet_models.yaml", "--json"],
-        cwd=repo, capture_output=True, text=True, check=True,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     rows = {row["name"]: row for row in json.loads(out.stdout)}
     assert set(rows) == set(PAPER_MFLOPS) | {"max", "min"}
@@ -176,7 +182,10 @@ def test_flops_cli_json_and_table(repo):
     assert rows["max"]["mflops"] > rows["a6"]["mflops"] and rows["min"]["mflops"] <= rows["a0"]["mflops"]
     table = subprocess.run(
         [sys.executable, "-m", "models.flops", "configs/alphanet_models.yaml"],
-        cwd=repo, capture_output=True, text=True, check=True,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "a6" in table.stdout and "709.0" in table.stdout
     bad = subprocess.run([sys.executable, "-m", "models.flops", "nope.yaml"], cwd=repo, capture_output=True, text=True)

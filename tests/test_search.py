@@ -3,6 +3,7 @@ processes, and export round trips (PyTorch and ONNX equal to the recalibrated su
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -30,9 +31,15 @@ def test_pareto_front_is_the_non_dominated_set():
     rng = random.Random(0)
     pool = [cand(rng.uniform(0, 10), rng.uniform(0, 100)) for _ in range(200)]
     front = pareto_front(pool)
-    brute = [c for c in pool if not any((o.mflops <= c.mflops and o.top1 > c.top1) or (o.mflops < c.mflops and o.top1 >= c.top1) for o in pool)]
+    brute = [
+        c
+        for c in pool
+        if not any(
+            (o.mflops <= c.mflops and o.top1 > c.top1) or (o.mflops < c.mflops and o.top1 >= c.top1) for o in pool
+        )
+    ]
     assert sorted((c.mflops, c.top1) for c in front) == sorted((c.mflops, c.top1) for c in brute)
-    assert all(a.mflops < b.mflops and a.top1 < b.top1 for a, b in zip(front, front[1:]))
+    assert all(a.mflops < b.mflops and a.top1 < b.top1 for a, b in itertools.pairwise(front))
 
 
 def test_parents_come_from_every_bucket_best_first():
@@ -60,7 +67,9 @@ def run_dir(tmp_path_factory, repo) -> Path:
     root = tmp_path_factory.mktemp("search")
     data = root / "digits"
     prep.prepare("digits", data, ["webdataset"], quiet=True)
-    config = load_config(repo / "configs/tiny_cpu.yaml", [f"run_dir={root / 'run'}", f"data.root={data}", "data.num_workers=0"])
+    config = load_config(
+        repo / "configs/tiny_cpu.yaml", [f"run_dir={root / 'run'}", f"data.root={data}", "data.num_workers=0"]
+    )
     write_resolved(config)
     torch.manual_seed(0)
     net = build_supernet(config.model)
@@ -69,9 +78,22 @@ def run_dir(tmp_path_factory, repo) -> Path:
             if name.endswith("project_bn.weight"):
                 p.normal_(0.5, 0.1)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "run" / "supernet.safetensors"))
-    search = {"search": {"min_mflops": 0.1, "max_mflops": 2.0, "population": 5, "parents": 3, "crossovers": 2,
-                         "mutations": 2, "iterations": 1, "calib_batches": 2, "val_batches": 2, "batch_size": 50,
-                         "bucket_mflops": 0.2, "mark_models": str(repo / "configs/tiny_models.yaml")}}
+    search = {
+        "search": {
+            "min_mflops": 0.1,
+            "max_mflops": 2.0,
+            "population": 5,
+            "parents": 3,
+            "crossovers": 2,
+            "mutations": 2,
+            "iterations": 1,
+            "calib_batches": 2,
+            "val_batches": 2,
+            "batch_size": 50,
+            "bucket_mflops": 0.2,
+            "mark_models": str(repo / "configs/tiny_models.yaml"),
+        }
+    }
     (root / "search.yaml").write_text(yaml.safe_dump(search))
     return root
 
@@ -81,7 +103,7 @@ def search_cmd(run_dir: Path, *extra: str) -> list[str]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_search_writes_front_resumes_and_exports(run_dir, repo, monkeypatch, tmp_path):
@@ -163,7 +185,9 @@ def check_against_supernet(run_dir: Path, model) -> None:
     with torch.no_grad():
         expected = net(x)
         torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
-    session = onnxruntime.InferenceSession(str(Path(model_path_of(model)) / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(Path(model_path_of(model)) / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     np.testing.assert_allclose(session.run(None, {"images": x.numpy()})[0], expected.numpy(), atol=1e-4, rtol=1e-4)
 
 
@@ -195,21 +219,39 @@ def test_uneven_split_over_two_processes(run_dir, repo, tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
-           *search_cmd(run_dir, "--set", "search.output=search_two", "search.mark_models=null")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29731",
+        *search_cmd(run_dir, "--set", "search.output=search_two", "search.mark_models=null"),
+    ]
     result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     two = {json.dumps(r["arch"], sort_keys=True): r["top1"] for r in read_jsonl(out / "candidates.jsonl")}
     assert len(two) == 9
-    single = subprocess.run([sys.executable, *search_cmd(run_dir, "--set", "search.output=search_one", "search.mark_models=null")],
-                            cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    single = subprocess.run(
+        [sys.executable, *search_cmd(run_dir, "--set", "search.output=search_one", "search.mark_models=null")],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
-    one = {json.dumps(r["arch"], sort_keys=True): r["top1"] for r in read_jsonl(run_dir / "run" / "search_one" / "candidates.jsonl")}
+    one = {
+        json.dumps(r["arch"], sort_keys=True): r["top1"]
+        for r in read_jsonl(run_dir / "run" / "search_one" / "candidates.jsonl")
+    }
     assert one == two
 
 
 def test_search_config_errors_exit_2(run_dir, repo):
-    result = subprocess.run([sys.executable, *search_cmd(run_dir, "--set", "search.populaton=3")], cwd=repo,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, *search_cmd(run_dir, "--set", "search.populaton=3")], cwd=repo, capture_output=True, text=True
+    )
     assert result.returncode == 2 and "search.populaton" in result.stderr
     _ = ArchConfig

@@ -57,7 +57,10 @@ def test_sampler_is_deterministic_and_resumable(alphanet_space):
     c = ArchSampler(alphanet_space, seed=999)
     c.load_state_dict(state)
     assert [c.random() for _ in range(5)] == expected
-    assert ArchSampler(alphanet_space, seed=12).random() != first[0] or ArchSampler(alphanet_space, seed=12).random() != first[1]
+    assert (
+        ArchSampler(alphanet_space, seed=12).random() != first[0]
+        or ArchSampler(alphanet_space, seed=12).random() != first[1]
+    )
 
 
 def test_random_sampling_is_uniform_over_each_gene(tiny_space):

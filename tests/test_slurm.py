@@ -27,11 +27,17 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 def cluster(tmp_path_factory, repo):
     if os.geteuid() != 0:
         pytest.skip("a local SLURM cluster needs root")
-    missing = [t for t in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
+    missing = [
+        t
+        for t in ("slurmctld", "slurmd", "sbatch", "munged")
+        if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()
+    ]
     if missing:
         pytest.skip(f"SLURM packages not installed ({missing}); apt-get install slurmctld slurmd slurm-client munge")
     folder = tmp_path_factory.mktemp("slurm")
-    start = subprocess.run([str(repo / "slurm/localcluster.sh"), "start", str(folder)], capture_output=True, text=True, timeout=120)
+    start = subprocess.run(
+        [str(repo / "slurm/localcluster.sh"), "start", str(folder)], capture_output=True, text=True, timeout=120
+    )
     if start.returncode != 0:
         pytest.skip(f"local SLURM cluster did not start: {start.stderr.strip()[-500:]}")
     env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")}
@@ -42,10 +48,22 @@ def cluster(tmp_path_factory, repo):
 
 
 def submit(cluster, repo, script: str, log: Path, export: dict[str, str], args: list[str]) -> str:
-    exports = ",".join(["ALL", "GPUS_PER_NODE=0", f"REPO={repo}", f"PYTHON={sys.executable}",
-                        *(f"{k}={v}" for k, v in export.items())])
-    cmd = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
-           "--time=30", f"--output={log}", f"--export={exports}", str(repo / script), *args]
+    exports = ",".join(
+        ["ALL", "GPUS_PER_NODE=0", f"REPO={repo}", f"PYTHON={sys.executable}", *(f"{k}={v}" for k, v in export.items())]
+    )
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "--gpus-per-node=0",
+        "--time=30",
+        f"--output={log}",
+        f"--export={exports}",
+        str(repo / script),
+        *args,
+    ]
     out = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, check=True)
     return out.stdout.strip().split(";")[0]
 
@@ -73,17 +91,27 @@ def tiny_args(cluster, **extra) -> list[str]:
 
 def test_tiny_recipe_job_reaches_accuracy_then_search_job(cluster, repo, tmp_path):
     run, log = tmp_path / "run", tmp_path / "train.log"
-    job = submit(cluster, repo, "slurm/alphanet.sh", log, {"CONFIG": "configs/tiny_cpu.yaml", "RUN_DIR": run}, tiny_args(cluster))
+    job = submit(
+        cluster, repo, "slurm/alphanet.sh", log, {"CONFIG": "configs/tiny_cpu.yaml", "RUN_DIR": run}, tiny_args(cluster)
+    )
     fields = wait(cluster, job, 1500, log)
     text = log.read_text()
     assert fields["JobState"] == "COMPLETED", text[-3000:]
     assert "val top-1 largest" in text
-    final = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val/top1_largest" in l][-1]
+    final = [
+        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val/top1_largest" in line
+    ][-1]
     assert final["val/top1_largest"] >= 90.0 and final["val/top1_smallest"] >= 85.0
 
     search_log = tmp_path / "search.log"
-    job = submit(cluster, repo, "slurm/search.sh", search_log, {"SEARCH_CONFIG": "configs/search_tiny_cpu.yaml", "RUN_DIR": run},
-                 ["--set", "search.population=8", "search.iterations=1", "--export", "pareto@2"])
+    job = submit(
+        cluster,
+        repo,
+        "slurm/search.sh",
+        search_log,
+        {"SEARCH_CONFIG": "configs/search_tiny_cpu.yaml", "RUN_DIR": run},
+        ["--set", "search.population=8", "search.iterations=1", "--export", "pareto@2"],
+    )
     fields = wait(cluster, job, 900, search_log)
     assert fields["JobState"] == "COMPLETED", search_log.read_text()[-3000:]
     assert (run / "search" / "front.png").is_file() and "Pareto front" in search_log.read_text()
@@ -97,10 +125,20 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_preempted_job_saves_requeues_resumes_and_matches(cluster, repo, tmp_path):
-    common = tiny_args(cluster, **{"trainer.max_steps": 30, "trainer.checkpoint_every_steps": 1000, "trainer.log_every_steps": 1,
-                                   "trainer.eval_every_epochs": 0, "data.batch_size": 16})
+    common = tiny_args(
+        cluster,
+        **{
+            "trainer.max_steps": 30,
+            "trainer.checkpoint_every_steps": 1000,
+            "trainer.log_every_steps": 1,
+            "trainer.eval_every_epochs": 0,
+            "data.batch_size": 16,
+        },
+    )
     reference, ref_log = tmp_path / "reference", tmp_path / "reference.log"
-    job = submit(cluster, repo, "slurm/alphanet.sh", ref_log, {"CONFIG": "configs/tiny_cpu.yaml", "RUN_DIR": reference}, common)
+    job = submit(
+        cluster, repo, "slurm/alphanet.sh", ref_log, {"CONFIG": "configs/tiny_cpu.yaml", "RUN_DIR": reference}, common
+    )
     assert wait(cluster, job, 900, ref_log)["JobState"] == "COMPLETED", ref_log.read_text()[-3000:]
 
     run, log = tmp_path / "preempted", tmp_path / "preempted.log"

@@ -16,12 +16,14 @@ from trainer.optim import param_groups
 from trainer.sandwich import sample_sandwich
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
-from sandwich_equivalence import batches_for  # noqa: E402
+from sandwich_equivalence import batches_for
 
 
 def reference_weights(steps: int = 3, world: int = 2) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    net = build_supernet(ModelConfig(search_space="tiny", num_classes=10, dropout=0.0, drop_connect=0.0, zero_init_residual_bn=False))
+    net = build_supernet(
+        ModelConfig(search_space="tiny", num_classes=10, dropout=0.0, drop_connect=0.0, zero_init_residual_bn=False)
+    )
     groups = param_groups(net, 1e-3)
     opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True)
     label_loss, kd_loss = build_label_loss(LossConfig()), build_kd_loss(LossConfig())
@@ -37,8 +39,13 @@ def reference_weights(steps: int = 3, world: int = 2) -> dict[str, torch.Tensor]
             teacher = None
             for subnet in subnets:
                 net.set_arch(subnet.arch, regularize=subnet.name == "largest")
-                x = torch.nn.functional.interpolate(images, size=subnet.arch.resolution, mode="bicubic", align_corners=False) \
-                    if subnet.arch.resolution != 32 else images
+                x = (
+                    torch.nn.functional.interpolate(
+                        images, size=subnet.arch.resolution, mode="bicubic", align_corners=False
+                    )
+                    if subnet.arch.resolution != 32
+                    else images
+                )
                 logits = net(x)
                 if teacher is None:
                     loss = label_loss(logits, labels)
@@ -66,9 +73,23 @@ def test_deepspeed_sandwich_update_equals_plain_pytorch(stage, expected, tmp_pat
     out = tmp_path / f"stage{stage}.pt"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29600 + stage)}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29600 + stage),
-         "tests/workers/sandwich_equivalence.py", str(stage), str(out)],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29600 + stage),
+            "tests/workers/sandwich_equivalence.py",
+            str(stage),
+            str(out),
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     got = torch.load(out)
@@ -76,11 +97,12 @@ def test_deepspeed_sandwich_update_equals_plain_pytorch(stage, expected, tmp_pat
     for key, value in expected.items():
         if key.endswith("num_batches_tracked"):  # counts forward passes per process: the reference runs both ranks
             continue
-        torch.testing.assert_close(got[key], value, atol=2e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], value, atol=2e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
     # The check is meaningful only if the weights actually changed.
     torch.manual_seed(0)
-    initial = build_supernet(ModelConfig(search_space="tiny", num_classes=10, dropout=0.0, drop_connect=0.0,
-                                         zero_init_residual_bn=False)).state_dict()
+    initial = build_supernet(
+        ModelConfig(search_space="tiny", num_classes=10, dropout=0.0, drop_connect=0.0, zero_init_residual_bn=False)
+    ).state_dict()
     assert sum(not torch.equal(initial[k], expected[k]) for k in expected if k.endswith("weight")) > 20
     # ... by far more than the tolerance: a wrong scale (e.g. averaging over N) would fail.
     assert max((initial[k] - expected[k]).abs().max().item() for k in expected if k.endswith("weight")) > 5e-3

@@ -37,10 +37,20 @@ def digits(tmp_path_factory) -> Path:
 
 
 def overrides(run_dir: Path, digits: Path, **extra) -> list[str]:
-    base = {"run_dir": run_dir, "data.root": digits, "data.batch_size": 16, "data.num_workers": 0,
-            "trainer.epochs": 2, "trainer.max_steps": 6, "trainer.checkpoint_every_steps": 2,
-            "trainer.log_every_steps": 1, "trainer.eval_every_epochs": 0, "trainer.calib_batches": 2,
-            "trainer.tensorboard": False, "trainer.keep_checkpoints": 2}
+    base = {
+        "run_dir": run_dir,
+        "data.root": digits,
+        "data.batch_size": 16,
+        "data.num_workers": 0,
+        "trainer.epochs": 2,
+        "trainer.max_steps": 6,
+        "trainer.checkpoint_every_steps": 2,
+        "trainer.log_every_steps": 1,
+        "trainer.eval_every_epochs": 0,
+        "trainer.calib_batches": 2,
+        "trainer.tensorboard": False,
+        "trainer.keep_checkpoints": 2,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -77,7 +87,9 @@ def test_checkpoints_retention_resume_and_foreign_config(repo, digits, tmp_path,
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step000000004", "step000000006"]  # keep 2
     assert (ckpt / "step000000006" / "trainer_rank0.pt").is_file()
     assert (run / "config.yaml").is_file()
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss/largest" in line]
+    steps = [
+        json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss/largest" in line
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]
     val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val/top1_largest" in line]
     assert len(val) == 1 and 0 <= val[0]["val/top1_smallest"] <= 100
@@ -139,7 +151,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(repo, digits, tmp_path, 
     monkeypatch.setattr(loop, "normalize", poisoned)
     run = tmp_path / "run"
     with pytest.raises(loop.TrainingStopped) as err:
-        run_in_process(repo, overrides(run, digits, **{"trainer.max_steps": 20, "trainer.max_consecutive_bad_steps": 3}))
+        run_in_process(
+            repo, overrides(run, digits, **{"trainer.max_steps": 20, "trainer.max_consecutive_bad_steps": 3})
+        )
     message = str(err.value)
     assert "3 consecutive steps" in message and "step000000002" in message
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -151,14 +165,30 @@ def launch(repo, args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-               "trainer/run.py", "--config", "configs/tiny_cpu.yaml", "--set", *args]
-    return subprocess.Popen(command, cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    command = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "trainer/run.py",
+        "--config",
+        "configs/tiny_cpu.yaml",
+        "--set",
+        *args,
+    ]
+    return subprocess.Popen(
+        command, cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def losses_by_step(run: Path) -> dict[int, dict]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: {k: v for k, v in r.items() if k.startswith(("loss/", "kd_div/"))} for r in records if "loss/largest" in r}
+    return {
+        r["step"]: {k: v for k, v in r.items() if k.startswith(("loss/", "kd_div/"))}
+        for r in records
+        if "loss/largest" in r
+    }
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -168,8 +198,9 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_kill_9_and_rerun_resumes_exactly(repo, digits, tmp_path):
-    args = overrides(tmp_path / "x", digits, **{"trainer.max_steps": 14, "trainer.checkpoint_every_steps": 4,
-                                                 "data.num_workers": 1})
+    args = overrides(
+        tmp_path / "x", digits, **{"trainer.max_steps": 14, "trainer.checkpoint_every_steps": 4, "data.num_workers": 1}
+    )
     args = [a for a in args if not a.startswith("run_dir=")]
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
 
@@ -181,7 +212,9 @@ def test_kill_9_and_rerun_resumes_exactly(repo, digits, tmp_path):
     deadline = time.time() + 600
     while time.time() < deadline:
         metrics = interrupted / "metrics.jsonl"
-        if metrics.is_file() and any(json.loads(l)["step"] >= kill_after for l in metrics.read_text().splitlines() if l.strip()):
+        if metrics.is_file() and any(
+            json.loads(line)["step"] >= kill_after for line in metrics.read_text().splitlines() if line.strip()
+        ):
             break
         assert proc.poll() is None, (tmp_path / "interrupted.log").read_text()[-3000:]
         time.sleep(0.2)
@@ -193,7 +226,7 @@ def test_kill_9_and_rerun_resumes_exactly(repo, digits, tmp_path):
 
     proc = launch(repo, [f"run_dir={interrupted}", *args], tmp_path / "resumed.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
-    assert f"resumed from" in (tmp_path / "resumed.log").read_text()
+    assert "resumed from" in (tmp_path / "resumed.log").read_text()
 
     expected, got = losses_by_step(reference), losses_by_step(interrupted)
     assert sorted(got) == sorted(expected) == list(range(1, 15))
@@ -213,8 +246,12 @@ def test_demo_recipe_reaches_its_accuracy(repo, tmp_path):
     proc = launch(repo, [f"run_dir={run}", f"data.root={data}"], tmp_path / "demo.log")
     assert proc.wait(timeout=1200) == 0, (tmp_path / "demo.log").read_text()[-3000:]
     minutes = (time.time() - start) / 60
-    final = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val/top1_largest" in l][-1]
-    print(f"demo: {minutes:.1f} min, top-1 largest {final['val/top1_largest']:.2f}%, smallest {final['val/top1_smallest']:.2f}%")
+    final = [
+        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val/top1_largest" in line
+    ][-1]
+    print(
+        f"demo: {minutes:.1f} min, top-1 largest {final['val/top1_largest']:.2f}%, smallest {final['val/top1_smallest']:.2f}%"
+    )
     assert final["val/top1_largest"] >= 90.0 and final["val/top1_smallest"] >= 85.0
     assert "val top-1 largest" in (tmp_path / "demo.log").read_text()
 
@@ -223,17 +260,55 @@ def test_plain_process_and_torchrun_entry_points(repo, digits, tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    args = ["--config", "configs/tiny_cpu.yaml", "--set", *overrides(tmp_path / "plain", digits, **{"trainer.max_steps": 2})]
-    plain = subprocess.run([sys.executable, "trainer/run.py", *args], cwd=repo, env={**env, "MASTER_PORT": str(free_port())},
-                           capture_output=True, text=True, timeout=600)
+    args = [
+        "--config",
+        "configs/tiny_cpu.yaml",
+        "--set",
+        *overrides(tmp_path / "plain", digits, **{"trainer.max_steps": 2}),
+    ]
+    plain = subprocess.run(
+        [sys.executable, "trainer/run.py", *args],
+        cwd=repo,
+        env={**env, "MASTER_PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert latest_tag(tmp_path / "plain" / "checkpoints") == "step000000002"
-    args = ["--config", "configs/tiny_cpu.yaml", "--set", *overrides(tmp_path / "torchrun", digits, **{"trainer.max_steps": 2})]
-    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                               str(free_port()), "trainer/run.py", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    args = [
+        "--config",
+        "configs/tiny_cpu.yaml",
+        "--set",
+        *overrides(tmp_path / "torchrun", digits, **{"trainer.max_steps": 2}),
+    ]
+    torchrun = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "trainer/run.py",
+            *args,
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     assert "2 rank(s)" in torchrun.stdout
     assert (tmp_path / "torchrun" / "checkpoints" / "step000000002" / "trainer_rank1.pt").is_file()
-    bad = subprocess.run([sys.executable, "trainer/run.py", *args], cwd=repo, env={**env, "RANK": "0"},
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "trainer/run.py", *args],
+        cwd=repo,
+        env={**env, "RANK": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "WORLD_SIZE" in bad.stderr

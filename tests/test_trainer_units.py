@@ -14,8 +14,14 @@ from trainer.optim import ClippedSGD, param_groups
 from trainer.schedule import lr_at
 from trainer.trainer_config import TrainerConfig
 
-SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_STEP_ID": "0",
-         "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "1234"}
+SLURM = {
+    "SLURM_PROCID": "5",
+    "SLURM_NTASKS": "16",
+    "SLURM_LOCALID": "5",
+    "SLURM_STEP_ID": "0",
+    "SLURM_JOB_NODELIST": "gpu[07-08]",
+    "SLURM_JOB_ID": "1234",
+}
 
 
 def test_resolver_single_process():
@@ -25,7 +31,14 @@ def test_resolver_single_process():
 
 def test_resolver_launcher_variables():
     env = resolve({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
-    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.source) == (3, 4, 1, "n1", 1234, "launcher")
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.source) == (
+        3,
+        4,
+        1,
+        "n1",
+        1234,
+        "launcher",
+    )
     # The deepspeed launcher passes --local_rank instead of LOCAL_RANK in some versions.
     env = resolve({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, local_rank_arg=1)
     assert env.local_rank == 1
@@ -44,7 +57,10 @@ def test_resolver_slurm_variables():
     [
         ({"RANK": "0"}, "not ['WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT']"),
         ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "LOCAL_RANK"),
-        ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "outside world size"),
+        (
+            {"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1"},
+            "outside world size",
+        ),
         ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "not an integer"),
         ({k: v for k, v in SLURM.items() if k != "SLURM_LOCALID"}, "SLURM_LOCALID"),
     ],
@@ -92,7 +108,12 @@ def test_no_weight_decay_on_batchnorm_and_biases():
     decay, no_decay = param_groups(model, 1e-5)
     assert decay["weight_decay"] == 1e-5 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight)}
-    assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[3].bias)}
+    assert {id(p) for p in no_decay["params"]} == {
+        id(model[0].bias),
+        id(model[1].weight),
+        id(model[1].bias),
+        id(model[3].bias),
+    }
 
 
 def test_clipped_sgd_clips_by_value_and_skips_non_finite():

@@ -50,7 +50,10 @@ def _cross_check(config: RunConfig, source: str) -> SearchSpace:
     if config.data.base_resolution % space.total_stride:
         raise ConfigError(
             f"{config.data.base_resolution} is not divisible by the total stride {space.total_stride} of search space "
-            f"'{space.name}'", key="data.base_resolution", source=source)
+            f"'{space.name}'",
+            key="data.base_resolution",
+            source=source,
+        )
     return space
 
 
@@ -105,7 +108,9 @@ def load_config_or_exit(args: argparse.Namespace) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.config", description="Validate and print a resolved run config.")
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.config", description="Validate and print a resolved run config."
+    )
     add_config_arguments(parser)
     config = load_config_or_exit(parser.parse_args(argv))
     print(config_to_yaml(config), end="")

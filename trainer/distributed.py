@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
+
+import torch
 
 DEFAULT_PORT = 29500
 
@@ -80,7 +82,13 @@ def resolve(env: Mapping[str, str] | None = None, local_rank_arg: int | None = N
             raise DistributedEnvError(f"SLURM task environment without {missing}: launch each task with srun")
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
         master = env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"])
-        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT + _int(env, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in env else DEFAULT_PORT
+        port = (
+            _int(env, "MASTER_PORT")
+            if "MASTER_PORT" in env
+            else DEFAULT_PORT + _int(env, "SLURM_JOB_ID") % 20000
+            if "SLURM_JOB_ID" in env
+            else DEFAULT_PORT
+        )
         return _checked(DistEnv(rank, world, _int(env, "SLURM_LOCALID"), master, port, "slurm"))
     present = [k for k in launcher_keys if k in env]
     if present:
@@ -90,7 +98,16 @@ def resolve(env: Mapping[str, str] | None = None, local_rank_arg: int | None = N
         local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else local_rank_arg
         if local is None:
             raise DistributedEnvError("launcher environment has no LOCAL_RANK and no --local_rank was passed")
-        return _checked(DistEnv(_int(env, "RANK"), _int(env, "WORLD_SIZE"), local, env["MASTER_ADDR"], _int(env, "MASTER_PORT"), "launcher"))
+        return _checked(
+            DistEnv(
+                _int(env, "RANK"),
+                _int(env, "WORLD_SIZE"),
+                local,
+                env["MASTER_ADDR"],
+                _int(env, "MASTER_PORT"),
+                "launcher",
+            )
+        )
     if local_rank_arg not in (None, 0, -1):
         raise DistributedEnvError(f"--local_rank={local_rank_arg} given but no RANK/WORLD_SIZE in the environment")
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", DEFAULT_PORT)), "single")
@@ -102,3 +119,15 @@ def _checked(dist_env: DistEnv) -> DistEnv:
     if dist_env.local_rank < 0:
         raise DistributedEnvError(f"local rank {dist_env.local_rank} is negative")
     return dist_env
+
+
+def init_distributed(env: DistEnv) -> torch.device:
+    """Export ``env``, start the process group (NCCL on GPUs, gloo on CPU) and return this rank's device."""
+    import deepspeed
+
+    env.export()
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+    return torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")

@@ -29,7 +29,10 @@ def build_ds_config(trainer: TrainerConfig, *, micro_batch: int, world_size: int
     if trainer.bf16:
         config["bf16"] = {"enabled": True}
         config["data_types"] = {"buffer_dtype": "bf16"}
-    assert config["train_batch_size"] == config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * world_size
+    assert (
+        config["train_batch_size"]
+        == config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * world_size
+    )
     assert global_batch == micro_batch * trainer.gradient_accumulation_steps * world_size
     return config
 

@@ -53,8 +53,9 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, across_
 
 
 @torch.no_grad()
-def accuracy_counts(model: nn.Module, batches: Iterable[Batch], resolution: int, mean, std, device,
-                    *, across_ranks: bool = True) -> torch.Tensor:
+def accuracy_counts(
+    model: nn.Module, batches: Iterable[Batch], resolution: int, mean, std, device, *, across_ranks: bool = True
+) -> torch.Tensor:
     """[correct top-1, correct top-5, samples] (eval padding excluded), summed over ranks if ``across_ranks``."""
     totals = torch.zeros(3, dtype=torch.float64)
     model.eval()
@@ -73,8 +74,17 @@ def accuracy_counts(model: nn.Module, batches: Iterable[Batch], resolution: int,
     return totals
 
 
-def evaluate_arch(supernet: nn.Module, arch: ArchConfig, calib: list[torch.Tensor], val_batches: Iterable[Batch],
-                  *, zero_stage: int, mean, std, device) -> dict[str, float]:
+def evaluate_arch(
+    supernet: nn.Module,
+    arch: ArchConfig,
+    calib: list[torch.Tensor],
+    val_batches: Iterable[Batch],
+    *,
+    zero_stage: int,
+    mean,
+    std,
+    device,
+) -> dict[str, float]:
     with gathered(supernet, zero_stage):
         static = extract_subnet(supernet, arch).float()
     recalibrate_bn(static, (rescale(images, arch.resolution) for images in calib))

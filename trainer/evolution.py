@@ -26,11 +26,19 @@ class Candidate:
     top5: float
 
     def to_record(self) -> dict:
-        return {"arch": self.arch.to_dict(), "mflops": self.mflops, "params_m": self.params_m, "top1": self.top1, "top5": self.top5}
+        return {
+            "arch": self.arch.to_dict(),
+            "mflops": self.mflops,
+            "params_m": self.params_m,
+            "top1": self.top1,
+            "top5": self.top5,
+        }
 
     @classmethod
-    def from_record(cls, record: dict) -> "Candidate":
-        return cls(ArchConfig.from_dict(record["arch"]), record["mflops"], record["params_m"], record["top1"], record["top5"])
+    def from_record(cls, record: dict) -> Candidate:
+        return cls(
+            ArchConfig.from_dict(record["arch"]), record["mflops"], record["params_m"], record["top1"], record["top5"]
+        )
 
 
 def arch_key(arch: ArchConfig) -> str:
@@ -41,7 +49,9 @@ def arch_key(arch: ArchConfig) -> str:
 class FlopsConstrainedSampler:
     """Random / mutated / crossed architectures resampled until their FLOPs lie in [lo, hi]."""
 
-    def __init__(self, space: SearchSpace, sampler: ArchSampler, lo: float, hi: float, num_classes: int, max_tries: int = 10000):
+    def __init__(
+        self, space: SearchSpace, sampler: ArchSampler, lo: float, hi: float, num_classes: int, max_tries: int = 10000
+    ):
         self.space, self.sampler, self.lo, self.hi = space, sampler, lo, hi
         self.num_classes, self.max_tries = num_classes, max_tries
 
@@ -57,7 +67,9 @@ class FlopsConstrainedSampler:
             if self.ok(arch) and arch_key(arch) not in seen:
                 seen.add(arch_key(arch))
                 return arch
-        raise RuntimeError(f"no new architecture within [{self.lo}, {self.hi}] MFLOPs after {self.max_tries} draws; widen the range")
+        raise RuntimeError(
+            f"no new architecture within [{self.lo}, {self.hi}] MFLOPs after {self.max_tries} draws; widen the range"
+        )
 
 
 def select_parents(candidates: list[Candidate], count: int, bucket_mflops: float) -> list[Candidate]:

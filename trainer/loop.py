@@ -22,7 +22,7 @@ from losses import build_kd_loss, build_label_loss
 from models import ArchSampler, build_supernet
 from trainer.checkpoint import Checkpointer, latest_tag, rng_state, set_rng_state, tag_for
 from trainer.config import RunConfig, config_hash, write_resolved
-from trainer.distributed import DistEnv, resolve
+from trainer.distributed import init_distributed, resolve
 from trainer.ds_config import build_ds_config, global_batch_size
 from trainer.evaluate import evaluate_arch
 from trainer.metrics import MetricsLogger
@@ -33,17 +33,6 @@ from trainer.schedule import lr_at
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps); the message says where to resume from."""
-
-
-def init_distributed(env: DistEnv) -> torch.device:
-    import deepspeed
-
-    env.export()
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(env.local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
-    return torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
 
 
 class Trainer:
@@ -68,17 +57,30 @@ class Trainer:
         micro = config.data.batch_size
         self.global_batch = global_batch_size(tc, micro_batch=micro, world_size=self.world)
         self.base_lr = tc.lr_per_256 * self.global_batch / 256
-        optimizer = ClippedSGD(param_groups(self.supernet, tc.weight_decay), lr=self.base_lr, momentum=tc.momentum,
-                               nesterov=tc.nesterov, clip_value=tc.grad_clip_value)
+        optimizer = ClippedSGD(
+            param_groups(self.supernet, tc.weight_decay),
+            lr=self.base_lr,
+            momentum=tc.momentum,
+            nesterov=tc.nesterov,
+            clip_value=tc.grad_clip_value,
+        )
         ds_config = build_ds_config(tc, micro_batch=micro, world_size=self.world)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.supernet, optimizer=optimizer, config=ds_config)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.supernet, optimizer=optimizer, config=ds_config
+        )
         self.module = self.engine.module
         self.client_optimizer = optimizer
         # 4. data
         data = config.data
-        self.train_loader = build_loader(data, data.train_split, train=True, rank=self.rank, world_size=self.world, seed=seed)
-        self.val_loader = build_loader(data, data.val_split, train=False, rank=self.rank, world_size=self.world, seed=seed)
-        self.calib_loader = build_loader(data, data.train_split, train=True, rank=self.rank, world_size=self.world, seed=seed + 1)
+        self.train_loader = build_loader(
+            data, data.train_split, train=True, rank=self.rank, world_size=self.world, seed=seed
+        )
+        self.val_loader = build_loader(
+            data, data.val_split, train=False, rank=self.rank, world_size=self.world, seed=seed
+        )
+        self.calib_loader = build_loader(
+            data, data.train_split, train=True, rank=self.rank, world_size=self.world, seed=seed + 1
+        )
         self.steps_per_epoch = len(self.train_loader) // tc.gradient_accumulation_steps
         if self.steps_per_epoch < 1:
             raise ValueError(f"an epoch of {len(self.train_loader)} batches is shorter than one optimizer step")
@@ -98,8 +100,13 @@ class Trainer:
         # 6. logger (rank 0 only)
         if self.env.is_main:
             write_resolved(config, self.run_dir)
-        self.log = MetricsLogger(self.run_dir, enabled=self.env.is_main, total_steps=self._final_step(),
-                                 start_step=self.global_step, tensorboard=tc.tensorboard)
+        self.log = MetricsLogger(
+            self.run_dir,
+            enabled=self.env.is_main,
+            total_steps=self._final_step(),
+            start_step=self.global_step,
+            tensorboard=tc.tensorboard,
+        )
         self._stop_signal = 0
         for signum in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
@@ -110,9 +117,15 @@ class Trainer:
         return min(self.total_steps, tc.max_steps) if tc.max_steps else self.total_steps
 
     def _client_state(self) -> dict[str, Any]:
-        return {"global_step": self.global_step, "model_hash": self.model_hash, "world_size": self.world,
-                "sampler": self.sampler.state_dict(), "bad_steps": self.bad_steps, "skipped_total": self.skipped_total,
-                "search_space": self.space.to_dict()}
+        return {
+            "global_step": self.global_step,
+            "model_hash": self.model_hash,
+            "world_size": self.world,
+            "sampler": self.sampler.state_dict(),
+            "bad_steps": self.bad_steps,
+            "skipped_total": self.skipped_total,
+            "search_space": self.space.to_dict(),
+        }
 
     def _rank_state(self) -> dict[str, Any]:
         return {"loader": self.train_loader.state_dict(), "rng": rng_state()}
@@ -125,9 +138,12 @@ class Trainer:
         if client.get("model_hash") != self.model_hash:
             raise TrainingStopped(
                 f"checkpoint {self.checkpointer.dir / tag} was written for a different model config "
-                f"(hash {client.get('model_hash')} vs {self.model_hash}); use a new run_dir or the original config")
+                f"(hash {client.get('model_hash')} vs {self.model_hash}); use a new run_dir or the original config"
+            )
         if client.get("world_size") != self.world:
-            raise TrainingStopped(f"checkpoint {tag} was written by {client.get('world_size')} ranks, this run has {self.world}")
+            raise TrainingStopped(
+                f"checkpoint {tag} was written by {client.get('world_size')} ranks, this run has {self.world}"
+            )
         self.global_step = int(client["global_step"])
         self.sampler.load_state_dict(client["sampler"])
         self.bad_steps, self.skipped_total = int(client["bad_steps"]), int(client["skipped_total"])
@@ -181,7 +197,9 @@ class Trainer:
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             images = normalize(batch.images, data.mean, data.std)
-            values = self.sandwich(self.engine, self.module, subnets, images, batch.labels, last_micro_batch=i == len(batches) - 1)
+            values = self.sandwich(
+                self.engine, self.module, subnets, images, batch.labels, last_micro_batch=i == len(batches) - 1
+            )
             for key, value in values.items():
                 sums[key] = sums.get(key, 0) + value / len(batches)
         self.engine.step()
@@ -207,8 +225,10 @@ class Trainer:
         final_step = self._final_step()
         if self.resumed_from:
             self.log.print(f"resumed from {self.checkpointer.dir / self.resumed_from} at step {self.global_step}")
-        self.log.print(f"training {self.space.name} supernet: {self.world} rank(s), global batch {self.global_batch}, "
-                       f"{self.steps_per_epoch} steps/epoch, {final_step} steps, lr {self.base_lr:.4f}")
+        self.log.print(
+            f"training {self.space.name} supernet: {self.world} rank(s), global batch {self.global_batch}, "
+            f"{self.steps_per_epoch} steps/epoch, {final_step} steps, lr {self.base_lr:.4f}"
+        )
         results: dict[str, Any] = {}
         images_since_log = 0
         while self.global_step < final_step:
@@ -229,12 +249,15 @@ class Trainer:
                     where = self.checkpointer.dir / self.last_checkpoint if self.last_checkpoint else "none yet"
                     raise TrainingStopped(
                         f"{self.bad_steps} consecutive steps had a non-finite loss or gradient (step {self.global_step}); "
-                        f"last good checkpoint: {where}")
+                        f"last good checkpoint: {where}"
+                    )
                 if self.global_step % tc.checkpoint_every_steps == 0 and self.bad_steps == 0:
                     self.save()  # never during a streak of skipped steps: the last checkpoint stays a good one
                 if self._agree(self._stop_signal != 0):
                     tag = self.save()
-                    self.log.print(f"signal received: saved {self.checkpointer.dir / tag}; rerun the same command to resume")
+                    self.log.print(
+                        f"signal received: saved {self.checkpointer.dir / tag}; rerun the same command to resume"
+                    )
                     results["stopped_by_signal"] = True
                     results["requeued"] = self._requeue_if_asked()
                     stopped = True
@@ -246,11 +269,12 @@ class Trainer:
             epoch_done = self.train_loader.position == 0 and self.train_loader.epoch == epoch + 1
             if epoch_done and self.train_loader.last_summary is not None:
                 self.log.print(self.train_loader.last_summary.text())
-            if self.global_step >= final_step or (epoch_done and tc.eval_every_epochs and (epoch + 1) % tc.eval_every_epochs == 0):
+            if self.global_step >= final_step or (
+                epoch_done and tc.eval_every_epochs and (epoch + 1) % tc.eval_every_epochs == 0
+            ):
                 results["val"] = self.validate(epoch)
-            if epoch_done or self.global_step >= final_step:
-                if self.last_checkpoint != tag_for(self.global_step):
-                    self.save()
+            if (epoch_done or self.global_step >= final_step) and self.last_checkpoint != tag_for(self.global_step):
+                self.save()
         if "val" not in results and not results.get("stopped_by_signal"):
             results["val"] = self.validate(self.train_loader.epoch)  # e.g. rerunning a finished run
         results["global_step"] = self.global_step
@@ -269,13 +293,26 @@ class Trainer:
         results = {}
         for name, arch in (("largest", self.space.largest()), ("smallest", self.space.smallest())):
             self.val_loader.set_epoch(0)
-            results[name] = evaluate_arch(self.module, arch, calib, self.val_loader, zero_stage=tc.zero_stage,
-                                          mean=data.mean, std=data.std, device=self.device)
-        record = {"step": self.global_step, "epoch": epoch,
-                  **{f"val/{k}_{name}": v for name, r in results.items() for k, v in r.items() if k != "samples"}}
+            results[name] = evaluate_arch(
+                self.module,
+                arch,
+                calib,
+                self.val_loader,
+                zero_stage=tc.zero_stage,
+                mean=data.mean,
+                std=data.std,
+                device=self.device,
+            )
+        record = {
+            "step": self.global_step,
+            "epoch": epoch,
+            **{f"val/{k}_{name}": v for name, r in results.items() for k, v in r.items() if k != "samples"},
+        }
         self.log.log_record(record)
-        self.log.print(f"epoch {epoch} step {self.global_step}: val top-1 largest {results['largest']['top1']:.2f}% "
-                       f"smallest {results['smallest']['top1']:.2f}% ({results['largest']['samples']} images)")
+        self.log.print(
+            f"epoch {epoch} step {self.global_step}: val top-1 largest {results['largest']['top1']:.2f}% "
+            f"smallest {results['smallest']['top1']:.2f}% ({results['largest']['samples']} images)"
+        )
         return results
 
     def close(self, *, destroy_process_group: bool = True) -> None:

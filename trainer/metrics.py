@@ -17,7 +17,9 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
     """Drop records of steps beyond ``after_step`` (left by a run that died after its last checkpoint)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    kept = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step
+    ]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
@@ -46,8 +48,13 @@ class MetricsLogger:
             self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
         if self.console.is_terminal:
             self._progress = Progress(
-                TextColumn("[bold]{task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                TextColumn("{task.description}"), console=self.console, transient=False,
+                TextColumn("[bold]{task.fields[epoch]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+                console=self.console,
+                transient=False,
             )
             self._task = self._progress.add_task("", total=total_steps, completed=start_step, epoch="")
             self._progress.start()
@@ -69,7 +76,11 @@ class MetricsLogger:
         self.log_record({"step": step, "epoch": epoch, **values, "images_per_s": rate})
         short = " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in values.items() if k.startswith("loss/"))
         kd = values.get("kd_div/smallest")
-        text = f"lr={values.get('lr', 0):.4f} {short}" + (f" kd(smallest)={kd:.3f}" if kd is not None else "") + f" {rate:.0f} img/s"
+        text = (
+            f"lr={values.get('lr', 0):.4f} {short}"
+            + (f" kd(smallest)={kd:.3f}" if kd is not None else "")
+            + f" {rate:.0f} img/s"
+        )
         if self._progress is not None:
             self._progress.update(self._task, completed=step, description=text, epoch=f"epoch {epoch}")
         else:

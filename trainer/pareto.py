@@ -9,7 +9,9 @@ from pathlib import Path
 from trainer.evolution import Candidate, best_per_bucket, pareto_front
 
 
-def write_front(candidates: list[Candidate], out_dir: Path, bucket_mflops: float, marked: dict[str, Candidate]) -> tuple[Path, Path]:
+def write_front(
+    candidates: list[Candidate], out_dir: Path, bucket_mflops: float, marked: dict[str, Candidate]
+) -> tuple[Path, Path]:
     front = pareto_front(candidates)
     data = {
         "candidates": len(candidates),

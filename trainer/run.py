@@ -18,7 +18,9 @@ from trainer.config import add_config_arguments, load_config_or_exit  # noqa: E4
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="trainer/run.py", description="Train an AlphaNet supernet with the sandwich rule.")
+    parser = argparse.ArgumentParser(
+        prog="trainer/run.py", description="Train an AlphaNet supernet with the sandwich rule."
+    )
     add_config_arguments(parser)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

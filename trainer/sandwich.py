@@ -38,8 +38,16 @@ class SandwichStep:
         self.label_loss = label_loss
         self.kd_loss = kd_loss
 
-    def __call__(self, engine, supernet, subnets: list[Subnet], images: torch.Tensor, labels: torch.Tensor,
-                 *, last_micro_batch: bool = True) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        engine,
+        supernet,
+        subnets: list[Subnet],
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        last_micro_batch: bool = True,
+    ) -> dict[str, torch.Tensor]:
         metrics: dict[str, torch.Tensor] = {}
         teacher = None
         dtype = next(supernet.parameters()).dtype

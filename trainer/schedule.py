@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, warmup_start_factor: float = 0.001) -> float:
+def lr_at(
+    step: int, *, base_lr: float, total_steps: int, warmup_steps: int, warmup_start_factor: float = 0.001
+) -> float:
     """Linear warmup from ``warmup_start_factor × base_lr`` to ``base_lr``, then cosine to 0 at ``total_steps``."""
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (warmup_start_factor + (1.0 - warmup_start_factor) * step / warmup_steps)

@@ -27,7 +27,6 @@ from trainer.config import load_config  # noqa: E402
 from trainer.search_config import SearchConfig, SearchFile  # noqa: E402
 from typedconfig import ConfigError, apply_overrides, from_mapping, load_yaml  # noqa: E402
 
-
 CANDIDATES = "candidates.jsonl"
 PARTIAL = "candidates.rank{rank}.partial.jsonl"
 
@@ -63,7 +62,9 @@ class CandidateEvaluator:
         from trainer.evaluate import accuracy_counts
 
         static = self.calibrated(arch)
-        c1, c5, n = accuracy_counts(static, self.val, arch.resolution, self.mean, self.std, self.device, across_ranks=False).tolist()
+        c1, c5, n = accuracy_counts(
+            static, self.val, arch.resolution, self.mean, self.std, self.device, across_ranks=False
+        ).tolist()
         return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1)
 
 
@@ -74,7 +75,9 @@ def ensure_weights(run_dir: Path, rank: int) -> Path:
 
     weights = run_dir / WEIGHTS_NAME
     tag = latest_tag(run_dir / "checkpoints")
-    stale = tag is not None and (not weights.exists() or weights.stat().st_mtime < (run_dir / "checkpoints" / tag).stat().st_mtime)
+    stale = tag is not None and (
+        not weights.exists() or weights.stat().st_mtime < (run_dir / "checkpoints" / tag).stat().st_mtime
+    )
     if rank == 0 and (stale or not weights.exists()):
         if tag is None:
             raise FileNotFoundError(f"{run_dir} has neither {WEIGHTS_NAME} nor a committed checkpoint")
@@ -105,9 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trainer/search.py", description="Evolutionary search of a trained supernet.")
     parser.add_argument("--config", required=True, help="search YAML (a `search:` section)")
     # --run-dir is the spelling to use under torchrun, whose own parser takes --run for an abbreviation of --run-path.
-    parser.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
-                        help="training run folder (holds config.yaml and checkpoints)")
-    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE", help="e.g. search.iterations=5")
+    parser.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        type=Path,
+        help="training run folder (holds config.yaml and checkpoints)",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE", help="e.g. search.iterations=5"
+    )
     parser.add_argument("--export", nargs="*", default=[], metavar="NAME|pareto@MFLOPS", help="sub-networks to export")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -223,9 +234,15 @@ def run_search(search: SearchConfig, run_config, run_dir: Path, exports: list[st
     say(f"generation 0: {len(population)} candidates, best top-1 {max(c.top1 for c in population):.2f}%")
     for generation in range(1, search.iterations + 1):
         parents = select_parents(population, search.parents, search.bucket_mflops)
-        pick = lambda: parents[sampler.index(len(parents))].arch  # noqa: E731
+
+        def pick(parents=parents):
+            return parents[sampler.index(len(parents))].arch
+
         children = [constrained.draw(lambda: sampler.crossover(pick(), pick()), seen) for _ in range(search.crossovers)]
-        children += [constrained.draw(lambda: sampler.mutate(pick(), search.mutation_prob), seen) for _ in range(search.mutations)]
+        children += [
+            constrained.draw(lambda: sampler.mutate(pick(), search.mutation_prob), seen)
+            for _ in range(search.mutations)
+        ]
         population += score(children)
         say(f"generation {generation}: {len(population)} candidates, best top-1 {max(c.top1 for c in population):.2f}%")
 
@@ -240,11 +257,15 @@ def run_search(search: SearchConfig, run_config, run_dir: Path, exports: list[st
         json_path, png_path = write_front(population, out, search.bucket_mflops, marked)
         from trainer.evolution import pareto_front
 
-        table = Table(title=f"Pareto front of {len(population)} candidates ({search.min_mflops:g}–{search.max_mflops:g} MFLOPs)")
+        table = Table(
+            title=f"Pareto front of {len(population)} candidates ({search.min_mflops:g}–{search.max_mflops:g} MFLOPs)"
+        )
         for col in ("MFLOPs", "params (M)", "res", "top-1", "top-5"):
             table.add_column(col, justify="right")
         for c in pareto_front(population):
-            table.add_row(f"{c.mflops:.2f}", f"{c.params_m:.3f}", str(c.arch.resolution), f"{c.top1:.2f}", f"{c.top5:.2f}")
+            table.add_row(
+                f"{c.mflops:.2f}", f"{c.params_m:.3f}", str(c.arch.resolution), f"{c.top1:.2f}", f"{c.top5:.2f}"
+            )
         console.print(table)
         console.print(f"front: {json_path}\nplot:  {png_path}")
         for spec in exports:
@@ -285,8 +306,10 @@ def export_one(spec: str, population, marked, evaluate: CandidateEvaluator, out:
     torch_diff = float(np.abs(reloaded(x).detach().numpy() - expected).max())
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     onnx_diff = float(np.abs(session.run(None, {"images": x.numpy()})[0] - expected).max())
-    console.print(f"exported {name} ({chosen.mflops:.2f} MFLOPs, top-1 {chosen.top1:.2f}%) to {folder}: "
-                  f"reload max diff {torch_diff:.2e}, ONNX max diff {onnx_diff:.2e}")
+    console.print(
+        f"exported {name} ({chosen.mflops:.2f} MFLOPs, top-1 {chosen.top1:.2f}%) to {folder}: "
+        f"reload max diff {torch_diff:.2e}, ONNX max diff {onnx_diff:.2e}"
+    )
     return folder
 
 

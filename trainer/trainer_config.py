@@ -46,8 +46,16 @@ class TrainerConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "num_subnets", "gradient_accumulation_steps", "checkpoint_every_steps",
-                    "keep_checkpoints", "max_consecutive_bad_steps", "log_every_steps", "calib_batches")
+        positive = (
+            "epochs",
+            "num_subnets",
+            "gradient_accumulation_steps",
+            "checkpoint_every_steps",
+            "keep_checkpoints",
+            "max_consecutive_bad_steps",
+            "log_every_steps",
+            "calib_batches",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")

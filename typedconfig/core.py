@@ -93,8 +93,7 @@ def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
             raise ConfigError(f"expected a mapping, got {type(value).__name__}", key=key, source=source)
         ktype, vtype = args if args else (Any, Any)
         return {
-            _convert(k, ktype, key, source): _convert(v, vtype, _join(key, str(k)), source)
-            for k, v in value.items()
+            _convert(k, ktype, key, source): _convert(v, vtype, _join(key, str(k)), source) for k, v in value.items()
         }
     if tp is bool:
         if not isinstance(value, bool):
@@ -194,7 +193,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 child = node[part] = {}
             if not isinstance(child, dict):
                 raise ConfigError(
-                    f"cannot set a sub-key of a non-mapping value", key=".".join(parts[: i + 1]), source="--set"
+                    "cannot set a sub-key of a non-mapping value", key=".".join(parts[: i + 1]), source="--set"
                 )
             node = child
         node[parts[-1]] = value

@@ -21,10 +21,9 @@ def main() -> None:
 
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, ModelConfig, build_supernet
-    from trainer.distributed import resolve
+    from trainer.distributed import init_distributed, resolve
     from trainer.ds_config import build_ds_config
     from trainer.evaluate import gathered
-    from trainer.loop import init_distributed
     from trainer.optim import ClippedSGD, param_groups
     from trainer.sandwich import SandwichStep, sample_sandwich
     from trainer.trainer_config import TrainerConfig
@@ -32,10 +31,16 @@ def main() -> None:
     env = resolve()
     init_distributed(env)
     torch.manual_seed(0)
-    net = build_supernet(ModelConfig(search_space="tiny", num_classes=10, dropout=0.0, drop_connect=0.0, zero_init_residual_bn=False))
+    net = build_supernet(
+        ModelConfig(search_space="tiny", num_classes=10, dropout=0.0, drop_connect=0.0, zero_init_residual_bn=False)
+    )
     tc = TrainerConfig(zero_stage=stage, weight_decay=1e-3, grad_clip_value=0.05)
-    opt = ClippedSGD(param_groups(net, tc.weight_decay), lr=0.1, momentum=0.9, nesterov=True, clip_value=tc.grad_clip_value)
-    engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=build_ds_config(tc, micro_batch=6, world_size=env.world_size))
+    opt = ClippedSGD(
+        param_groups(net, tc.weight_decay), lr=0.1, momentum=0.9, nesterov=True, clip_value=tc.grad_clip_value
+    )
+    engine, *_ = deepspeed.initialize(
+        model=net, optimizer=opt, config=build_ds_config(tc, micro_batch=6, world_size=env.world_size)
+    )
     sampler = ArchSampler(engine.module.space, seed=0)
     step_fn = SandwichStep(build_label_loss(LossConfig()), build_kd_loss(LossConfig()))
     for step in range(3):
