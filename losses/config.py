@@ -9,6 +9,7 @@ from typing import Literal
 from losses.cross_entropy import LabelSmoothingCrossEntropy
 from losses.divergences import (
     AdaptiveAlphaDivergence,
+    AdaptiveChoice,
     AlphaDivergence,
     KDLoss,
     KLDivergence,
@@ -31,6 +32,9 @@ class LossConfig:
     """α− of ``kd_loss: adaptive_alpha`` (penalises over-estimating the teacher's uncertainty)."""
     alpha_plus: float = 1.0
     """α+ of ``kd_loss: adaptive_alpha`` (penalises under-estimation)."""
+    adaptive_choice: AdaptiveChoice = "reference"
+    """How ``adaptive_alpha`` picks its branch per sample: ``reference`` compares the clipped values as the
+    reference implementation does (α− only when strictly larger); ``exact`` compares the exact divergences."""
     clip: float | None = 5.0
     """β, the clip of the importance weights (p/q)^α for alpha losses; null disables clipping."""
     temperature: float = 1.0
@@ -50,7 +54,7 @@ class LossConfig:
 
 
 KD_LOSSES: dict[str, Callable[[LossConfig], KDLoss]] = {
-    "adaptive_alpha": lambda c: AdaptiveAlphaDivergence(c.alpha_minus, c.alpha_plus, c.clip),
+    "adaptive_alpha": lambda c: AdaptiveAlphaDivergence(c.alpha_minus, c.alpha_plus, c.clip, c.adaptive_choice),
     "alpha": lambda c: AlphaDivergence(c.alpha, c.clip),
     "kl": lambda c: KLDivergence(c.temperature),
     "reverse_kl": lambda c: ReverseKLDivergence(),

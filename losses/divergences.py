@@ -14,6 +14,7 @@ underflows to zero gives a zero term, never NaN or inf.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,19 +59,50 @@ def alpha_divergence_per_sample(log_q: torch.Tensor, log_p: torch.Tensor, alpha:
     return value.clamp(min=0.0, max=torch.finfo(torch.float32).max)
 
 
-def clipped_alpha_gradient(log_q: torch.Tensor, log_p: torch.Tensor, alpha: float, clip: float | None) -> torch.Tensor:
-    """Per-sample gradient w.r.t. the student logits of −(1/α) E_q[min((p/q)^α, β) ∇log q] (Eq. 5).
+def clipped_alpha_divergence_per_sample(
+    log_q: torch.Tensor, log_p: torch.Tensor, alpha: float, clip: float | None
+) -> torch.Tensor:
+    """The per-sample value the reference implementation computes with clipped ratios r = p/q.
 
-    With c_i = q_i·min((p_i/q_i)^α, β) and ∇_s log q_i = e_i − q this is −(1/α)(c − q Σc).  The
-    importance weights are computed in log space and capped so that the sum stays finite in float32
+    α ∉ {0, 1}: Σ q (min(r^α, β) − 1)/(α(α−1)); α = 0: Σ q (−log min(r, β)); α = 1: KL(p‖q), never
+    clipped.  Without a clip this is the exact divergence.  Unlike the divergence it can be negative
+    (clipping removes mass), which is what the reference compares when adaptive KD picks a branch.
+    """
+    if clip is None or alpha == 1.0:
+        return alpha_divergence_per_sample(log_q, log_p, alpha)
+    log_clip = math.log(clip)
+    if alpha == 0.0:
+        return (log_q.exp() * (log_q - log_p).clamp(min=-log_clip)).sum(dim=1)
+    # Σ q (min(r^α, β) − 1) summed term by term: bounded by β, and exactly 0 where p = q.
+    return (log_q.exp() * torch.expm1((alpha * (log_p - log_q)).clamp(max=log_clip))).sum(dim=1) / (
+        alpha * (alpha - 1.0)
+    )
+
+
+def alpha_gradient(log_q: torch.Tensor, log_p: torch.Tensor, alpha: float, clip: float | None) -> torch.Tensor:
+    """Per-sample gradient w.r.t. the student logits of the training rule of D_α with clip β.
+
+    Every case has the form −Σ_i c_i ∇_s log q_i = −(c − q Σc), since ∇_s log q_i = e_i − q:
+    * α ∉ {0, 1}: c = q·min((p/q)^α, β)/α, the paper's Eq. 5;
+    * α = 1: c = p, the plain KL(p‖q) gradient q − p (the reference never clips here);
+    * α = 0: c = q·log min(p/q, β), the KL(q‖p) gradient with the ratio clipped at β.
+    Importance weights are computed in log space and capped so that the sum stays finite in float32
     (an unclipped weight beyond that range saturates instead of becoming inf).
     """
-    log_ratio = alpha * (log_p - log_q)
-    if clip is not None:
-        log_ratio = log_ratio.clamp(max=math.log(clip))
-    cap = _safe_exp_cap(log_q.shape[1]) - max(0.0, math.log(1.0 / abs(alpha)))
-    weight = (log_q + log_ratio).clamp(max=cap).exp()
-    return -(weight - log_q.exp() * weight.sum(dim=1, keepdim=True)) / alpha
+    if alpha == 1.0:
+        c = log_p.exp()
+    elif alpha == 0.0:
+        log_ratio = log_p - log_q
+        if clip is not None:
+            log_ratio = log_ratio.clamp(max=math.log(clip))
+        c = log_q.exp() * log_ratio
+    else:
+        log_ratio = alpha * (log_p - log_q)
+        if clip is not None:
+            log_ratio = log_ratio.clamp(max=math.log(clip))
+        cap = _safe_exp_cap(log_q.shape[1]) - max(0.0, math.log(1.0 / abs(alpha)))
+        c = (log_q + log_ratio).clamp(max=cap).exp() / alpha
+    return -(c - log_q.exp() * c.sum(dim=1, keepdim=True))
 
 
 class _ValueWithGradient(torch.autograd.Function):
@@ -110,7 +142,12 @@ class KDLoss(nn.Module):
 
 
 class AlphaDivergence(KDLoss):
-    """D_α(p‖q) trained with clipped importance weights min((p/q)^α, β) when ``clip`` = β is set."""
+    """D_α(p‖q) trained with clipped importance weights min((p/q)^α, β) when ``clip`` = β is set.
+
+    The training loss's value is the exact divergence; its gradient is :func:`alpha_gradient` (Eq. 5,
+    with the reference's rules at α = 1 and α = 0).  :meth:`clipped_divergence` is the value the
+    reference computes with clipped ratios (what its adaptive KD compares).
+    """
 
     def __init__(self, alpha: float, clip: float | None = None):
         super().__init__()
@@ -123,42 +160,85 @@ class AlphaDivergence(KDLoss):
         log_q, log_p = _log_probs(student_logits, teacher_logits)
         return alpha_divergence_per_sample(log_q.detach(), log_p, self.alpha)
 
+    def clipped_divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        log_q, log_p = _log_probs(student_logits, teacher_logits)
+        return clipped_alpha_divergence_per_sample(log_q.detach(), log_p, self.alpha, self.clip)
+
+    def value_and_gradient(self, log_q: torch.Tensor, log_p: torch.Tensor, *, clipped_value: bool = False):
+        """(per-sample value, per-sample logit gradient) from detached log-probabilities."""
+        if clipped_value:
+            value = clipped_alpha_divergence_per_sample(log_q, log_p, self.alpha, self.clip)
+        else:
+            value = alpha_divergence_per_sample(log_q, log_p, self.alpha)
+        return value, alpha_gradient(log_q, log_p, self.alpha, self.clip)
+
     def per_sample_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        if self.alpha == 0.0:
-            # The α → 0 limit of Eq. 5 is the exact gradient of KL(q‖p) (the clip is inactive: (p/q)^0 = 1).
-            log_q, log_p = _log_probs(student_logits, teacher_logits)
-            return kl_per_sample(log_q, log_p)
         logits = _upcast(student_logits)
         with torch.no_grad():
-            log_q, log_p = _log_probs(logits, teacher_logits)
-            value = alpha_divergence_per_sample(log_q, log_p, self.alpha)
-            gradient = clipped_alpha_gradient(log_q, log_p, self.alpha, self.clip)
+            value, gradient = self.value_and_gradient(*_log_probs(logits, teacher_logits))
         return _ValueWithGradient.apply(logits, value, gradient)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, clip={self.clip}"
 
 
-class AdaptiveAlphaDivergence(KDLoss):
-    """Per sample, the larger of D_{α−} and D_{α+} (AlphaNet §3.3), each trained with clipped weights."""
+AdaptiveChoice = Literal["reference", "exact"]
 
-    def __init__(self, alpha_minus: float = -1.0, alpha_plus: float = 1.0, clip: float | None = 5.0):
+
+class AdaptiveAlphaDivergence(KDLoss):
+    """Per sample, the α− or the α+ branch, whichever value is larger (AlphaNet §3.3).
+
+    ``choice="reference"`` compares what the reference implementation (``AdaptiveLossSoft``, which
+    produced the paper's numbers) compares: the *clipped* value of each branch
+    (:func:`clipped_alpha_divergence_per_sample`).  ``choice="exact"`` compares the exact divergences.
+    α− is taken only when its value is strictly larger; ties go to α+.  The chosen branch trains with
+    its :func:`alpha_gradient`; the loss's value (and :meth:`divergence`, for logging) is the value
+    that drove the choice.
+    """
+
+    def __init__(
+        self,
+        alpha_minus: float = -1.0,
+        alpha_plus: float = 1.0,
+        clip: float | None = 5.0,
+        choice: AdaptiveChoice = "reference",
+    ):
         super().__init__()
         if not alpha_minus < alpha_plus:
             raise ValueError(f"need alpha_minus < alpha_plus, got {alpha_minus} and {alpha_plus}")
+        if choice not in ("reference", "exact"):
+            raise ValueError(f"choice must be 'reference' or 'exact', got {choice!r}")
         self.minus = AlphaDivergence(alpha_minus, clip)
         self.plus = AlphaDivergence(alpha_plus, clip)
+        self.choice = choice
+
+    def _branches(self, log_q: torch.Tensor, log_p: torch.Tensor):
+        """(picks α− per sample, chosen value, chosen gradient)."""
+        clipped = self.choice == "reference"
+        value_minus, grad_minus = self.minus.value_and_gradient(log_q, log_p, clipped_value=clipped)
+        value_plus, grad_plus = self.plus.value_and_gradient(log_q, log_p, clipped_value=clipped)
+        minus = value_minus > value_plus
+        return minus, torch.where(minus, value_minus, value_plus), torch.where(minus[:, None], grad_minus, grad_plus)
+
+    def picks_minus(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """Boolean per sample: True where the α− branch is chosen."""
+        log_q, log_p = _log_probs(student_logits.detach(), teacher_logits)
+        return self._branches(log_q, log_p)[0]
 
     def divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(
-            self.minus.divergence(student_logits, teacher_logits), self.plus.divergence(student_logits, teacher_logits)
-        )
+        log_q, log_p = _log_probs(student_logits.detach(), teacher_logits)
+        return self._branches(log_q, log_p)[1]
 
     def per_sample_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        loss_minus = self.minus.per_sample_loss(student_logits, teacher_logits)
-        loss_plus = self.plus.per_sample_loss(student_logits, teacher_logits)
-        # The values of the training losses are the divergences, so the larger value picks the branch.
-        return torch.where(loss_plus.detach() >= loss_minus.detach(), loss_plus, loss_minus)
+        logits = _upcast(student_logits)
+        with torch.no_grad():
+            _, value, gradient = self._branches(*_log_probs(logits, teacher_logits))
+        return _ValueWithGradient.apply(logits, value, gradient)
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha_minus={self.minus.alpha}, alpha_plus={self.plus.alpha}, clip={self.plus.clip}, choice={self.choice}"
+        )
 
 
 class KLDivergence(KDLoss):
