@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainer.schedule import LRSchedule
+
 
 @dataclass(kw_only=True, slots=True)
 class TrainerConfig:
@@ -16,7 +18,10 @@ class TrainerConfig:
     lr_per_256: float = 0.1
     """Learning rate per 256 images of global batch (linear scaling rule)."""
     warmup_epochs: float = 5.0
-    """Linear warmup from 0.001× to the full rate, then cosine decay to 0, stepped per iteration."""
+    """Linear warmup from 0.001× to the full rate over this many epochs, stepped per iteration."""
+    lr_schedule: LRSchedule = "warmup_times_cosine"
+    """``warmup_times_cosine``: the reference's rule, one cosine over all iterations multiplied by the warmup
+    factor; ``warmup_then_cosine``: warmup, then a cosine over the remaining iterations. Both end at 0."""
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-5
