@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -28,20 +30,88 @@ class ConfigError(ValueError):
         self.source = str(source) if source is not None else None
 
 
+MAX_YAML_BYTES = 1 << 20
+"""Largest config file read (1 MiB): configs are a few KB; a huge file is a mistake or an attack."""
+MAX_YAML_NODES = 100_000
+"""Most values a config may expand to once ``*alias`` references are followed: a "billion laughs" file
+of 1 KB expands to 10⁹ values and would exhaust memory when converted or printed."""
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Values under ``node`` with every alias expanded (aliased nodes are one object: memoised)."""
+    if id(node) not in memo:
+        memo[id(node)] = 1  # a recursive alias counts once instead of looping
+        if isinstance(node, yaml.SequenceNode):
+            memo[id(node)] = 1 + sum(_expanded_size(child, memo) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            memo[id(node)] = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    return memo[id(node)]
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a scalar", key_node.start_mark
+                )
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
+def parse_yaml(text: str, *, source: str | Path | None = None) -> Any:
+    """``text`` parsed with the strict safe loader (no duplicate keys, at most ``MAX_YAML_NODES`` values
+    after alias expansion); any YAML problem is a ConfigError naming ``source``."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise ConfigError(f"expands to more than {MAX_YAML_NODES} values (aliases nested too deep)", source=source)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {_short(exc, 500)}", source=source) from exc
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file that must hold a mapping (``safe_load`` only)."""
+    """Read a YAML file that must hold a mapping (safe types only; see :func:`parse_yaml` for the limits)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("file not found", source=path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", source=path) from exc
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"file is {size} bytes; configs are limited to {MAX_YAML_BYTES} bytes", source=path)
+    data = parse_yaml(path.read_text(), source=path)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"top level must be a mapping, got {type(data).__name__}", source=path)
     return data
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """``repr``/``str`` of a value cut to ``limit`` characters: error messages must stay small even for
+    hostile input."""
+    if isinstance(value, BaseException):
+        text = str(value)
+    else:
+        short_repr = reprlib.Repr()
+        short_repr.maxstring = short_repr.maxother = limit
+        text = short_repr.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _join(prefix: str, key: str) -> str:
@@ -66,10 +136,10 @@ def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
                 return _convert(value, arg, key, source)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"value {value!r} matches none of {tp}", key=key, source=source)
+        raise ConfigError(f"value {_short(value)} matches none of {tp}", key=key, source=source)
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"must be one of {list(args)}, got {value!r}", key=key, source=source)
+            raise ConfigError(f"must be one of {list(args)}, got {_short(value)}", key=key, source=source)
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -79,7 +149,7 @@ def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
         return from_mapping(tp, value, prefix=key, source=source)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"expected a list, got {type(value).__name__} {value!r}", key=key, source=source)
+            raise ConfigError(f"expected a list, got {type(value).__name__} {_short(value)}", key=key, source=source)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"expected {len(args)} items, got {len(value)}", key=key, source=source)
@@ -97,23 +167,25 @@ def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
         }
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"expected true/false, got {value!r}", key=key, source=source)
+            raise ConfigError(f"expected true/false, got {_short(value)}", key=key, source=source)
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"expected an integer, got {value!r}", key=key, source=source)
+            raise ConfigError(f"expected an integer, got {_short(value)}", key=key, source=source)
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"expected a number, got {value!r}", key=key, source=source)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"expected a number, got {_short(value)}", key=key, source=source)
+        if not math.isfinite(value):
+            raise ConfigError(f"expected a finite number, got {_short(value)}", key=key, source=source)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"expected a string, got {value!r}", key=key, source=source)
+            raise ConfigError(f"expected a string, got {_short(value)}", key=key, source=source)
         return value
     if tp is Path:
         if not isinstance(value, (str, Path)):
-            raise ConfigError(f"expected a path, got {value!r}", key=key, source=source)
+            raise ConfigError(f"expected a path, got {_short(value)}", key=key, source=source)
         return Path(value)
     raise TypeError(f"unsupported config field type {tp!r} for {key}")
 
@@ -130,7 +202,7 @@ def from_mapping(cls: type[T], data: dict[str, Any], *, prefix: str = "", source
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown key(s) {unknown}; allowed: {sorted(fields)}",
+            f"unknown key(s) {_short(unknown)}; allowed: {sorted(fields)}",
             key=_join(prefix, str(unknown[0])),
             source=source,
         )
@@ -173,8 +245,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"override {text!r} has an empty key", source="--set")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
+        value = parse_yaml(raw, source="--set") if raw.strip() else ""
+    except ConfigError as exc:
         raise ConfigError(f"cannot parse value {raw!r}: {exc}", key=dotted, source="--set") from exc
     return parts, value
 

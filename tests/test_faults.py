@@ -1,0 +1,105 @@
+"""Hostile and unlucky inputs: each case fails clearly (a ConfigError / exit code 2), never with a
+traceback, a hang or memory exhaustion."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from trainer.config import load_config
+from typedconfig import ConfigError, apply_overrides
+from typedconfig.core import MAX_YAML_BYTES
+
+
+def write(tmp_path, text: str, name: str = "config.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def billion_laughs() -> str:
+    """1.4 KB of YAML whose aliases expand to 10^9 strings."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level in range(1, 9):
+        refs = ",".join([f"*a{level - 1}"] * 10)
+        lines.append(f"a{level}: &a{level} [{refs}]")
+    lines.append("seed: *a8")  # before the limit, the error message repr()ed all 10^9 strings
+    return "\n".join(lines) + "\n"
+
+
+def test_billion_laughs_is_refused_quickly(tmp_path, repo):
+    path = write(tmp_path, billion_laughs())
+    assert path.stat().st_size < 2000
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="expands to more than") as err:
+        load_config(path)
+    assert time.perf_counter() - start < 5
+    assert str(path) in str(err.value) and len(str(err.value)) < 1000
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer.config", "--config", str(path)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "expands to more than" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("trainer:\n  lr_per_256: .nan\n", "trainer.lr_per_256"),
+        ("trainer:\n  momentum: .inf\n", "trainer.momentum"),
+        ("loss:\n  temperature: -.inf\n", "loss.temperature"),
+        ("data:\n  std: [0.2, .nan, 0.2]\n", "data.std[1]"),
+    ],
+)
+def test_non_finite_numbers_are_refused(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match="finite") as err:
+        load_config(path)
+    assert key in str(err.value) and str(path) in str(err.value)
+
+
+def test_non_finite_override_is_refused(repo):
+    with pytest.raises(ConfigError, match="finite"):
+        load_config(repo / "configs/tiny_cpu.yaml", ["trainer.lr_per_256=.nan"])
+
+
+@pytest.mark.parametrize(
+    "text", ["trainer:\n  epochs: 3\n  epochs: 4\n", "trainer: {}\ntrainer:\n  epochs: 4\n", "a: {x: 1, x: 2}\n"]
+)
+def test_duplicate_keys_are_refused(tmp_path, text):
+    with pytest.raises(ConfigError, match="duplicate key"):
+        load_config(write(tmp_path, text))
+
+
+def test_duplicate_keys_in_an_override_are_refused():
+    with pytest.raises(ConfigError, match="duplicate key"):
+        apply_overrides({}, ["data.std={a: 1, a: 2}"])
+
+
+def test_huge_file_is_refused_without_reading_it(tmp_path):
+    path = tmp_path / "huge.yaml"
+    with path.open("wb") as f:
+        f.truncate(100 * 2**20)  # sparse: 100 MB that cost no disk
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=f"limited to {MAX_YAML_BYTES} bytes"):
+        load_config(path)
+    assert time.perf_counter() - start < 1
+
+
+def test_error_messages_stay_short_for_huge_values(tmp_path):
+    path = write(tmp_path, "model:\n  num_classes: [" + ", ".join(["1"] * 50_000) + "]\n")
+    with pytest.raises(ConfigError, match="expected an integer") as err:
+        load_config(path)
+    assert len(str(err.value)) < 600
+
+
+def test_a_few_aliases_still_work(tmp_path):
+    path = write(tmp_path, "data:\n  mean: &m [0.5, 0.5, 0.5]\n  std: *m\n")
+    assert load_config(path).data.std == (0.5, 0.5, 0.5)
