@@ -26,7 +26,7 @@ demo: setup
 	$(PY) -m models.flops configs/alphanet_models.yaml
 	$(PY) -m data_pipeline.prepare --source digits --out data/digits --formats webdataset ffcv --quiet
 	$(DEMO_ENV) $(VENV)/bin/deepspeed --num_gpus 2 trainer/run.py --config configs/tiny_cpu.yaml
-	$(DEMO_ENV) $(PY) trainer/search.py --config configs/search_tiny_cpu.yaml --run runs/tiny_cpu --export tiny_m pareto@0.5
+	$(DEMO_ENV) $(PY) search/run.py --config configs/search_tiny_cpu.yaml --run runs/tiny_cpu --export tiny_m pareto@0.5
 
 test: setup
 	scripts/install_system_packages.sh --test

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Evolutionary search of a trained run on SLURM; any number of tasks (candidates split unevenly).
 #   sbatch --export=ALL,RUN_DIR=runs/alphanet_imagenet slurm/search.sh --export a1 pareto@300
-# Extra arguments go to trainer/search.py. Resubmitting continues from RUN_DIR/search/candidates.jsonl.
+# Extra arguments go to search/run.py (the search entry point). Resubmitting continues from RUN_DIR/search/candidates.jsonl.
 #SBATCH --job-name=alphanet-search
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -27,4 +27,4 @@ MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export MASTER_ADDR MASTER_PORT
 if [ "$GPUS_PER_NODE" -eq 0 ]; then export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}; fi
 echo "[$(date -Is)] search job $SLURM_JOB_ID: $SLURM_NTASKS task(s), run $RUN_DIR"
-srun --kill-on-bad-exit=1 "$PYTHON" trainer/search.py --config "$SEARCH_CONFIG" --run-dir "$RUN_DIR" "$@"
+srun --kill-on-bad-exit=1 "$PYTHON" search/run.py --config "$SEARCH_CONFIG" --run-dir "$RUN_DIR" "$@"

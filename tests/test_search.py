@@ -17,9 +17,9 @@ import yaml
 from safetensors.torch import save_file
 
 from data_pipeline import prepare as prep
-from models import ArchConfig, ArchSampler, build_supernet, load_search_space, load_subnet
+from models import ArchSampler, build_supernet, load_search_space, load_subnet
+from search.evolution import Candidate, FlopsConstrainedSampler, best_per_bucket, pareto_front, select_parents
 from trainer.config import load_config, write_resolved
-from trainer.evolution import Candidate, FlopsConstrainedSampler, best_per_bucket, pareto_front, select_parents
 
 
 def cand(mflops: float, top1: float) -> Candidate:
@@ -53,7 +53,7 @@ def test_constrained_sampler_respects_range_and_novelty():
     space = load_search_space("tiny")
     sampler = FlopsConstrainedSampler(space, ArchSampler(space, 0), 0.3, 0.8, num_classes=10)
     seen: set[str] = set()
-    archs = [sampler.draw(ArchSampler(space, 0).random if False else sampler.sampler.random, seen) for _ in range(30)]
+    archs = [sampler.draw(sampler.sampler.random, seen) for _ in range(30)]
     assert all(0.3 <= sampler.mflops(a) <= 0.8 for a in archs)
     assert len({json.dumps(a.to_dict()) for a in archs}) == 30
     narrow = FlopsConstrainedSampler(space, ArchSampler(space, 0), 50.0, 60.0, num_classes=10, max_tries=50)
@@ -99,7 +99,7 @@ def run_dir(tmp_path_factory, repo) -> Path:
 
 
 def search_cmd(run_dir: Path, *extra: str) -> list[str]:
-    return ["trainer/search.py", "--config", str(run_dir / "search.yaml"), "--run-dir", str(run_dir / "run"), *extra]
+    return ["search/run.py", "--config", str(run_dir / "search.yaml"), "--run-dir", str(run_dir / "run"), *extra]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -107,7 +107,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_search_writes_front_resumes_and_exports(run_dir, repo, monkeypatch, tmp_path):
-    from trainer import search
+    from search import run as search
 
     monkeypatch.chdir(repo)
     out = run_dir / "run" / "search"
@@ -145,13 +145,13 @@ def test_search_writes_front_resumes_and_exports(run_dir, repo, monkeypatch, tmp
     # Exports reload without the supernet; PyTorch and ONNX agree with the recalibrated supernet.
     for name in ("tiny_m", "pareto_0.6mflops"):
         folder = out / "exports" / name
-        model = load_subnet(folder)
         assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "arch.yaml", "model.onnx"}
-        check_against_supernet(run_dir, model)
+        check_against_supernet(run_dir, folder)
 
 
-def check_against_supernet(run_dir: Path, model) -> None:
-    """The exported model's output equals the supernet's for its arch after the same BN recalibration."""
+def check_against_supernet(run_dir: Path, folder: Path) -> None:
+    """The model exported to ``folder`` (reloaded without the supernet, and its ONNX graph) equals the
+    supernet's output for its arch after the same BN recalibration."""
     import numpy as np
     import onnxruntime
     from safetensors.torch import load_file
@@ -160,6 +160,7 @@ def check_against_supernet(run_dir: Path, model) -> None:
     from data_pipeline.rescale import rescale
     from models.ops import DynamicBatchNorm2d
 
+    model = load_subnet(folder)
     config = load_config(run_dir / "run" / "config.yaml")
     net = build_supernet(config.model)
     net.load_state_dict(load_file(str(run_dir / "run" / "supernet.safetensors")))
@@ -185,31 +186,8 @@ def check_against_supernet(run_dir: Path, model) -> None:
     with torch.no_grad():
         expected = net(x)
         torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
-    session = onnxruntime.InferenceSession(
-        str(Path(model_path_of(model)) / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"images": x.numpy()})[0], expected.numpy(), atol=1e-4, rtol=1e-4)
-
-
-_paths: dict[int, Path] = {}
-
-
-def model_path_of(model) -> Path:
-    return _paths[id(model)]
-
-
-@pytest.fixture(autouse=True)
-def _remember_paths(monkeypatch):
-    import models.export as export
-
-    real = export.load_subnet
-
-    def remembering(path, map_location="cpu"):
-        model = real(path, map_location)
-        _paths[id(model)] = Path(path)
-        return model
-
-    monkeypatch.setattr(sys.modules[__name__], "load_subnet", remembering)
 
 
 @pytest.mark.slow
@@ -254,4 +232,3 @@ def test_search_config_errors_exit_2(run_dir, repo):
         [sys.executable, *search_cmd(run_dir, "--set", "search.populaton=3")], cwd=repo, capture_output=True, text=True
     )
     assert result.returncode == 2 and "search.populaton" in result.stderr
-    _ = ArchConfig

@@ -130,4 +130,9 @@ def init_distributed(env: DistEnv) -> torch.device:
     if use_cuda:
         torch.cuda.set_device(env.local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
-    return torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
+    return local_device(env)
+
+
+def local_device(env: DistEnv) -> torch.device:
+    """This rank's device: its local GPU, or the CPU."""
+    return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")

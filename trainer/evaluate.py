@@ -1,24 +1,28 @@
-"""Validation of a sub-network: extract it, recalibrate BatchNorm on training batches, measure top-1/top-5.
+"""Evaluation of a sub-network: extract it, recalibrate BatchNorm on training batches, measure top-1/top-5.
 
-Recalibration works on a fresh standalone copy (the supernet is untouched): running statistics reset,
-momentum None (cumulative average), train mode, no_grad forward over the calibration batches; the
-statistics are then averaged over ranks so every rank evaluates the same model on its share of the
-validation split, and the counts are summed over ranks.
+One path serves the trainer's validation and the search's candidates:
+:func:`collect_calibration` loads the calibration batches once; :func:`evaluate_arch` extracts a
+standalone copy of the sub-network (the supernet is untouched), recalibrates its BN statistics
+(running statistics reset, momentum None = cumulative average, train mode, no_grad forward) and
+scores it.  With ``across_ranks`` the statistics are averaged over ranks and the counts summed, so
+every rank evaluates the same model on its share of the validation split (the trainer); without it a
+rank evaluates alone (the search, which splits candidates rather than data).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.batch import Batch
+from data_pipeline.loader import ResumableLoader
 from data_pipeline.rescale import normalize, rescale
 from models.search_space import ArchConfig
-from models.static import extract_subnet
+from models.static import StaticSubnet, extract_subnet
 
 
 def gathered(module: nn.Module, zero_stage: int):
@@ -28,6 +32,25 @@ def gathered(module: nn.Module, zero_stage: int):
 
         return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
     return contextlib.nullcontext()
+
+
+def collect_calibration(
+    loader: ResumableLoader, count: int, device, mean: Sequence[float], std: Sequence[float]
+) -> list[torch.Tensor]:
+    """The first ``count`` batches of ``loader``'s current epoch, on ``device``, normalised."""
+    batches = []
+    for batch in loader:
+        batches.append(normalize(batch.to(device).images, mean, std))
+        if len(batches) >= count:
+            break
+    return batches
+
+
+def _reduce_mean(tensors: Iterable[torch.Tensor]) -> None:
+    world = dist.get_world_size()
+    for tensor in tensors:
+        dist.all_reduce(tensor)
+        tensor /= world
 
 
 @torch.no_grad()
@@ -44,10 +67,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, across_
         model(images)
         count += 1
     if across_ranks and dist.is_initialized() and dist.get_world_size() > 1:
-        for bn in bns:
-            for stat in (bn.running_mean, bn.running_var):
-                dist.all_reduce(stat)
-                stat /= dist.get_world_size()
+        _reduce_mean(stat for bn in bns for stat in (bn.running_mean, bn.running_var))
     model.eval()
     return count
 
@@ -74,19 +94,32 @@ def accuracy_counts(
     return totals
 
 
+def calibrated_subnet(
+    supernet: nn.Module, arch: ArchConfig, calib: Iterable[torch.Tensor], *, zero_stage: int = 0, across_ranks: bool
+) -> StaticSubnet:
+    """A standalone fp32 copy of ``arch`` with BN statistics recalibrated on ``calib`` (normalised batches at
+    any resolution; those already at ``arch.resolution`` are used as they are)."""
+    with gathered(supernet, zero_stage):
+        static = extract_subnet(supernet, arch).float()
+    recalibrate_bn(static, (rescale(images, arch.resolution) for images in calib), across_ranks=across_ranks)
+    return static
+
+
 def evaluate_arch(
     supernet: nn.Module,
     arch: ArchConfig,
-    calib: list[torch.Tensor],
+    calib: Iterable[torch.Tensor],
     val_batches: Iterable[Batch],
     *,
-    zero_stage: int,
     mean,
     std,
     device,
+    zero_stage: int = 0,
+    across_ranks: bool = True,
 ) -> dict[str, float]:
-    with gathered(supernet, zero_stage):
-        static = extract_subnet(supernet, arch).float()
-    recalibrate_bn(static, (rescale(images, arch.resolution) for images in calib))
-    correct1, correct5, total = accuracy_counts(static, val_batches, arch.resolution, mean, std, device).tolist()
+    """Top-1/top-5 (%) and sample count of ``arch`` after BN recalibration (see the module docstring)."""
+    static = calibrated_subnet(supernet, arch, calib, zero_stage=zero_stage, across_ranks=across_ranks)
+    correct1, correct5, total = accuracy_counts(
+        static, val_batches, arch.resolution, mean, std, device, across_ranks=across_ranks
+    ).tolist()
     return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1), "samples": int(total)}

@@ -24,7 +24,7 @@ from trainer.checkpoint import Checkpointer, latest_tag, rng_state, set_rng_stat
 from trainer.config import RunConfig, config_hash, write_resolved
 from trainer.distributed import init_distributed, resolve
 from trainer.ds_config import build_ds_config, global_batch_size
-from trainer.evaluate import evaluate_arch
+from trainer.evaluate import collect_calibration, evaluate_arch
 from trainer.metrics import MetricsLogger
 from trainer.optim import ClippedSGD, param_groups
 from trainer.sandwich import SandwichStep, sample_sandwich
@@ -285,11 +285,7 @@ class Trainer:
         """Top-1/top-5 of the largest and smallest sub-networks after BN recalibration."""
         tc, data = self.config.trainer, self.config.data
         self.calib_loader.set_epoch(epoch)
-        calib = []
-        for batch in self.calib_loader:
-            calib.append(normalize(batch.to(self.device).images, data.mean, data.std))
-            if len(calib) >= tc.calib_batches:
-                break
+        calib = collect_calibration(self.calib_loader, tc.calib_batches, self.device, data.mean, data.std)
         results = {}
         for name, arch in (("largest", self.space.largest()), ("smallest", self.space.smallest())):
             self.val_loader.set_epoch(0)

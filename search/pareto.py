@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from trainer.evolution import Candidate, best_per_bucket, pareto_front
+from search.evolution import Candidate, best_per_bucket, pareto_front
 
 
 def write_front(

@@ -1,0 +1,84 @@
+"""Scored candidates on disk: ``candidates.jsonl`` plus per-rank partial files of a generation in flight.
+
+Every score is on disk as soon as it exists: each rank appends its own results to
+``candidates.rank{r}.partial.jsonl``; once a generation's results are exchanged, rank 0 appends them
+all to ``candidates.jsonl`` and the partial files go.  A rerun reads both, so a killed search
+evaluates only what is missing; lines cut by a kill are skipped (those candidates run again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.distributed as dist
+
+from models.search_space import ArchConfig
+from search.evolution import Candidate, arch_key
+
+CANDIDATES = "candidates.jsonl"
+PARTIAL = "candidates.rank{rank}.partial.jsonl"
+
+
+def read_candidates(out: Path) -> dict[str, dict]:
+    """Records already on disk in ``out`` (the merged file and any partial files), by architecture key."""
+    cache = {}
+    for path in [out / CANDIDATES, *sorted(out.glob(PARTIAL.format(rank="*")))]:
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                cache[arch_key(Candidate.from_record(record).arch)] = record
+    return cache
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class CandidateStore:
+    """The scores of one search folder, shared by every rank; :meth:`score` evaluates only what is new."""
+
+    def __init__(self, out: Path, rank: int, world_size: int):
+        self.out, self.rank, self.world_size = out, rank, world_size
+        self.path, self.partial = out / CANDIDATES, out / PARTIAL.format(rank=rank)
+        self.cache = read_candidates(out)
+        _barrier()  # every rank has read the partial files before rank 0 merges them away
+        if rank == 0 and self.cache:  # one clean file: merged partials, no line cut by a kill
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.cache.values()))
+            os.replace(tmp, self.path)
+            for stale in out.glob(PARTIAL.format(rank="*")):
+                stale.unlink()
+        _barrier()
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def score(self, archs: list[ArchConfig], evaluate: Callable[[ArchConfig], Candidate]) -> list[Candidate]:
+        """Candidates of ``archs``: cached ones looked up, new ones split over the ranks (uneven shares are
+        fine: no collective runs inside an evaluation) and exchanged once."""
+        missing = [a for a in archs if arch_key(a) not in self.cache]
+        records = []
+        with self.partial.open("a") as sink:
+            for arch in missing[self.rank :: self.world_size]:
+                records.append(evaluate(arch).to_record())
+                sink.write(json.dumps(records[-1]) + "\n")
+                sink.flush()
+        if self.world_size > 1:
+            parts: list = [None] * self.world_size
+            dist.all_gather_object(parts, records)
+            records = [r for part in parts for r in part]
+        if self.rank == 0 and records:
+            with self.path.open("a") as f:
+                f.writelines(json.dumps(record) + "\n" for record in records)
+        for record in records:
+            self.cache[arch_key(Candidate.from_record(record).arch)] = record
+        _barrier()  # rank 0 has appended everything before the partial files go
+        self.partial.unlink(missing_ok=True)
+        return [Candidate.from_record(self.cache[arch_key(a)]) for a in archs]

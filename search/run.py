@@ -1,0 +1,249 @@
+"""Search entry point: ``python search/run.py --config configs/search_X.yaml --run RUN_DIR [--export ...]``
+(also ``python -m search``; ``--run-dir`` under torchrun).
+
+Loads the supernet of a training run (consolidating its newest checkpoint to safetensors if needed),
+runs the evolutionary search of AlphaNet §4.2, appends every evaluated candidate to
+``RUN/search/candidates.jsonl`` (a rerun continues from it), writes the Pareto front as JSON and PNG,
+and exports chosen sub-networks (``--export a1 pareto@300``) as safetensors + YAML + ONNX.
+Any world size works: each rank scores its share of the new candidates alone (no collective inside
+an evaluation), and results are exchanged once per generation, whatever the shares' sizes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts search/ first on sys.path: put the repository root there instead, so that
+# module names in search/ cannot shadow packages and `search` itself imports.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE)]
+
+import argparse  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from data_pipeline import DataConfig, build_loader  # noqa: E402
+from data_pipeline.rescale import rescale  # noqa: E402
+from models import AlphaNetSupernet, ArchConfig, ArchSampler, build_supernet, load_named_archs  # noqa: E402
+from models.flops import subnet_cost  # noqa: E402
+from models.search_space import SearchSpace  # noqa: E402
+from models.static import StaticSubnet  # noqa: E402
+from search.candidates import CandidateStore  # noqa: E402
+from search.config import SearchConfig, SearchFile  # noqa: E402
+from search.evolution import Candidate, FlopsConstrainedSampler, pareto_front, select_parents  # noqa: E402
+from search.export import ExportError, check_spec, choose, export_subnet  # noqa: E402
+from search.pareto import write_front  # noqa: E402
+from trainer.checkpoint import latest_tag  # noqa: E402
+from trainer.config import RunConfig, load_config  # noqa: E402
+from trainer.consolidate import WEIGHTS_NAME, consolidate  # noqa: E402
+from trainer.distributed import DistEnv, init_distributed, local_device, resolve  # noqa: E402
+from trainer.evaluate import calibrated_subnet, collect_calibration, evaluate_arch  # noqa: E402
+from typedconfig import ConfigError, apply_overrides, from_mapping, load_yaml  # noqa: E402
+
+
+class CandidateEvaluator:
+    """One architecture → a scored :class:`Candidate`, after BN recalibration, on this rank alone.
+
+    Calibration and validation batches are loaded once; the calibration batches are rescaled once per
+    resolution (memory grows with the number of resolutions, never with the number of candidates).
+    """
+
+    def __init__(self, supernet: AlphaNetSupernet, calib: list[torch.Tensor], val: list, data: DataConfig, device):
+        self.supernet, self.calib, self.val, self.data, self.device = supernet, calib, val, data, device
+        self._calib_at: dict[int, list[torch.Tensor]] = {}
+
+    def calibration(self, resolution: int) -> list[torch.Tensor]:
+        if resolution not in self._calib_at:
+            self._calib_at[resolution] = [rescale(x, resolution) for x in self.calib]
+        return self._calib_at[resolution]
+
+    def calibrated(self, arch: ArchConfig) -> StaticSubnet:
+        return calibrated_subnet(self.supernet, arch, self.calibration(arch.resolution), across_ranks=False)
+
+    def __call__(self, arch: ArchConfig) -> Candidate:
+        scores = evaluate_arch(
+            self.supernet,
+            arch,
+            self.calibration(arch.resolution),
+            self.val,
+            mean=self.data.mean,
+            std=self.data.std,
+            device=self.device,
+            across_ranks=False,
+        )
+        cost = subnet_cost(self.supernet.space, arch, self.supernet.config.num_classes)
+        return Candidate(arch, round(cost.mflops, 4), round(cost.params_m, 5), scores["top1"], scores["top5"])
+
+
+# ---------------------------------------------------------------------------------------------- phases
+def ensure_weights(run_dir: Path, rank: int) -> Path:
+    """RUN/supernet.safetensors, consolidated by rank 0 when missing or older than the newest checkpoint."""
+    weights = run_dir / WEIGHTS_NAME
+    tag = latest_tag(run_dir / "checkpoints")
+    stale = tag is not None and (
+        not weights.exists() or weights.stat().st_mtime < (run_dir / "checkpoints" / tag).stat().st_mtime
+    )
+    if rank == 0 and (stale or not weights.exists()):
+        if tag is None:
+            raise FileNotFoundError(f"{run_dir} has neither {WEIGHTS_NAME} nor a committed checkpoint")
+        consolidate(run_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return weights
+
+
+def load_supernet(run_dir: Path, run_config: RunConfig, env: DistEnv, device) -> AlphaNetSupernet:
+    """The run's supernet with its consolidated fp32 weights, in eval mode on ``device``."""
+    weights = ensure_weights(run_dir, env.rank)
+    supernet = build_supernet(run_config.model)
+    supernet.load_state_dict(load_file(str(weights)))
+    return supernet.to(device).eval()
+
+
+def load_batches(search: SearchConfig, data: DataConfig, device) -> tuple[list[torch.Tensor], list]:
+    """(normalised calibration batches, validation batches), the same on every rank, so that a candidate's
+    score does not depend on which rank (or how many ranks) evaluated it."""
+    calib_loader = build_loader(data, data.train_split, train=True, seed=search.seed + 1)
+    calib = collect_calibration(calib_loader, search.calib_batches, device, data.mean, data.std)
+    val = []
+    for batch in build_loader(data, data.val_split, train=False):
+        val.append(batch)
+        if search.val_batches and len(val) >= search.val_batches:
+            break
+    return calib, val
+
+
+def evolve(
+    search: SearchConfig, space: SearchSpace, num_classes: int, store: CandidateStore, evaluate, say
+) -> list[Candidate]:
+    """Generation 0 plus ``search.iterations`` generations of crossover and mutation children."""
+    sampler = ArchSampler(space, search.seed)
+    constrained = FlopsConstrainedSampler(space, sampler, search.min_mflops, search.max_mflops, num_classes)
+    seen: set[str] = set()
+    population = store.score([constrained.draw(sampler.random, seen) for _ in range(search.population)], evaluate)
+    say(f"generation 0: {len(population)} candidates, best top-1 {max(c.top1 for c in population):.2f}%")
+    for generation in range(1, search.iterations + 1):
+        parents = select_parents(population, search.parents, search.bucket_mflops)
+
+        def pick(parents=parents) -> ArchConfig:
+            return parents[sampler.index(len(parents))].arch
+
+        children = [constrained.draw(lambda: sampler.crossover(pick(), pick()), seen) for _ in range(search.crossovers)]
+        children += [
+            constrained.draw(lambda: sampler.mutate(pick(), search.mutation_prob), seen)
+            for _ in range(search.mutations)
+        ]
+        population += store.score(children, evaluate)
+        say(f"generation {generation}: {len(population)} candidates, best top-1 {max(c.top1 for c in population):.2f}%")
+    return population
+
+
+def score_marked(search: SearchConfig, space: SearchSpace, store: CandidateStore, evaluate) -> dict[str, Candidate]:
+    """The models of ``search.mark_models`` that lie inside ``space``, scored like candidates."""
+    if not search.mark_models:
+        return {}
+    _, named = load_named_archs(search.mark_models)
+    inside = {name: arch for name, arch in named.items() if not arch.problems(space)}
+    return dict(zip(inside, store.score(list(inside.values()), evaluate)))
+
+
+def report(search: SearchConfig, population: list[Candidate], marked: dict[str, Candidate], out: Path, console) -> None:
+    """front.json, front.png and the front as a table."""
+    json_path, png_path = write_front(population, out, search.bucket_mflops, marked)
+    title = f"Pareto front of {len(population)} candidates ({search.min_mflops:g}–{search.max_mflops:g} MFLOPs)"
+    table = Table(title=title)
+    for col in ("MFLOPs", "params (M)", "res", "top-1", "top-5"):
+        table.add_column(col, justify="right")
+    for c in pareto_front(population):
+        table.add_row(f"{c.mflops:.2f}", f"{c.params_m:.3f}", str(c.arch.resolution), f"{c.top1:.2f}", f"{c.top5:.2f}")
+    console.print(table)
+    console.print(f"front: {json_path}\nplot:  {png_path}")
+
+
+def export(
+    specs: list[str], population: list[Candidate], marked: dict[str, Candidate], evaluate, out: Path, console
+) -> None:
+    """Each ``--export`` spec: the chosen candidate recalibrated, saved and checked."""
+    for spec in specs:
+        name, chosen = choose(spec, population, marked)
+        folder, torch_diff, onnx_diff = export_subnet(evaluate.calibrated(chosen.arch), chosen, out / "exports" / name)
+        console.print(
+            f"exported {name} ({chosen.mflops:.2f} MFLOPs, top-1 {chosen.top1:.2f}%) to {folder}: "
+            f"reload max diff {torch_diff:.2e}, ONNX max diff {onnx_diff:.2e}"
+        )
+
+
+def run_search(
+    search: SearchConfig, run_config: RunConfig, run_dir: Path, exports: list[str], local_rank_arg=None
+) -> int:
+    """load → calibrate → evolve → report → export."""
+    env = resolve(local_rank_arg=local_rank_arg)
+    device = init_distributed(env) if env.world_size > 1 else local_device(env)
+    console = Console(width=None if Console().is_terminal else 160)
+    say = console.print if env.is_main else (lambda *a, **k: None)
+    out = run_dir / search.output
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        supernet = load_supernet(run_dir, run_config, env, device)
+        data = replace(run_config.data, batch_size=search.batch_size or run_config.data.batch_size)
+        evaluate = CandidateEvaluator(supernet, *load_batches(search, data, device), data, device)
+        store = CandidateStore(out, env.rank, env.world_size)
+        if len(store):
+            say(f"continuing from {store.path}: {len(store)} candidates already evaluated")
+        population = evolve(search, supernet.space, run_config.model.num_classes, store, evaluate, say)
+        marked = score_marked(search, supernet.space, store, evaluate)
+        if env.is_main:
+            report(search, population, marked, out, console)
+            export(exports, population, marked, evaluate, out, console)
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="search/run.py", description="Evolutionary search of a trained supernet.")
+    parser.add_argument("--config", required=True, help="search YAML (a `search:` section)")
+    # --run-dir is the spelling to use under torchrun, whose own parser takes --run for an abbreviation of --run-path.
+    parser.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        type=Path,
+        help="training run folder (config.yaml, checkpoints)",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE", help="e.g. search.iterations=5"
+    )
+    parser.add_argument("--export", nargs="*", default=[], metavar="NAME|pareto@MFLOPS", help="sub-networks to export")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        source = f"{args.config} (with --set overrides)" if args.overrides else args.config
+        search = from_mapping(SearchFile, apply_overrides(load_yaml(args.config), args.overrides), source=source).search
+        if not (args.run / "config.yaml").is_file():
+            raise ConfigError("no config.yaml: not a training run folder", source=args.run)
+        run_config = load_config(args.run / "config.yaml")
+        for spec in args.export:
+            check_spec(spec)
+    except (ConfigError, ValueError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run_search(search, run_config, args.run, args.export, args.local_rank)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
