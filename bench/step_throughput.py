@@ -29,14 +29,12 @@ def optimizer_state_bytes(optimizer) -> int:
 
 
 def worker(args) -> None:
-    import deepspeed
     import torch.distributed as dist
 
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, ModelConfig, build_supernet
     from trainer.distributed import init_distributed, resolve
-    from trainer.ds_config import build_ds_config
-    from trainer.optim import ClippedSGD, param_groups
+    from trainer.engine import build_engine, build_optimizer
     from trainer.sandwich import SandwichStep, sample_sandwich
     from trainer.trainer_config import TrainerConfig
 
@@ -104,20 +102,19 @@ def worker(args) -> None:
         return sorted(rates)[len(rates) // 2]
 
     results = {}
-    tc = TrainerConfig()
     torch.manual_seed(0)
     net = build_supernet(model_config)
-    opt = ClippedSGD(param_groups(net, tc.weight_decay), lr=0.01, momentum=0.9, nesterov=True, clip_value=1.0)
+    opt = build_optimizer(net, TrainerConfig(), lr=0.01)
     results["plain PyTorch"] = (timed(PlainEngine(net, opt), net, "plain"), optimizer_state_bytes(opt))
     for stage in (0, 1, 2, 3):
         torch.manual_seed(0)
         net = build_supernet(model_config)
-        opt = ClippedSGD(param_groups(net, tc.weight_decay), lr=0.01, momentum=0.9, nesterov=True, clip_value=1.0)
-        config = build_ds_config(TrainerConfig(zero_stage=stage), micro_batch=args.batch, world_size=env.world_size)
-        engine, ds_opt, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=config)
+        built = build_engine(
+            net, TrainerConfig(zero_stage=stage), micro_batch=args.batch, world_size=env.world_size, lr=0.01
+        )
         results[f"DeepSpeed ZeRO-{stage}"] = (
-            timed(engine, engine.module, f"zero{stage}"),
-            optimizer_state_bytes(ds_opt),
+            timed(built.engine, built.module, f"zero{stage}"),
+            optimizer_state_bytes(built.engine.optimizer),
         )
     if env.rank == 0:
         base_rate, base_mem = results["plain PyTorch"]

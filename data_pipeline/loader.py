@@ -70,6 +70,25 @@ class ResumableLoader:
         self.last_summary = summary
         self.epoch, self.position = epoch + 1, 0
 
+    def groups(self, size: int) -> Iterator[tuple[list[Batch], bool]]:
+        """The rest of the current epoch in groups of ``size`` batches, each with a flag that is True for the
+        epoch's last group.  A remainder smaller than a group is read and dropped.  The last group is
+        yielded after the epoch has ended (``epoch`` advanced, ``position`` 0, ``last_summary`` set), so a
+        checkpoint taken then resumes at the start of the next epoch."""
+        batches = iter(self)
+        group: list[Batch] = []
+        for batch in batches:
+            group.append(batch)
+            if len(group) < size:
+                continue
+            if len(self) - self.position < size:  # no full group left: finish the epoch, then hand it over
+                for _ in batches:
+                    pass
+                yield group, True
+                return
+            yield group, False
+            group = []
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,

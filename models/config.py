@@ -16,9 +16,10 @@ class ModelConfig:
     dropout: float = 0.2
     """Dropout before the classifier; only on the largest sub-network during training."""
     drop_connect: float = 0.2
-    """Stochastic-depth base rate; block i of N gets ``drop_connect × i / N``."""
+    """Stochastic depth ("drop path"; the paper's recipe calls it drop-connect): block i of N drops its residual
+    branch with rate ``drop_connect × i / N``, only on the largest sub-network."""
     drop_connect_stages: int = 2
-    """Drop-connect applies only to identity-shortcut blocks of this many last stages."""
+    """Stochastic depth applies only to identity-shortcut blocks of this many last stages."""
     bn_momentum: float | None = 0.0
     """BatchNorm running-statistics momentum during training. The reference uses 0 (statistics never
     updated) because every sub-network is recalibrated before evaluation; None is a cumulative average."""

@@ -16,8 +16,9 @@ import json
 import sys
 from dataclasses import dataclass
 
-from models.ops import expanded_channels, se_channels
+from models.ops import se_channels
 from models.search_space import ArchConfig, SearchSpace, load_named_archs
+from models.subnet_plan import plan_subnet
 from typedconfig import ConfigError
 
 
@@ -50,29 +51,28 @@ def _sum(costs: list[Cost]) -> Cost:
 
 def subnet_cost(space: SearchSpace, arch: ArchConfig, num_classes: int = 1000) -> Cost:
     """Multiply-adds and parameters of ``arch`` (see module docstring for what counts)."""
-    arch.validate(space)
-    hw = arch.resolution // space.stem.stride
-    cin = arch.widths[0]
-    costs = [_conv(3, cin, space.stem.kernel, hw), _bn(cin)]
-    for i, stage in enumerate(space.stages):
-        cout, kernel, expand = arch.widths[i + 1], arch.kernels[i], arch.expands[i]
-        for b in range(arch.depths[i]):
-            stride = stage.stride if b == 0 else 1
-            mid = expanded_channels(cin, expand)
-            if expand != 1:
-                costs += [_conv(cin, mid, 1, hw), _bn(mid)]
-            hw //= stride
-            costs += [_conv(mid, mid, kernel, hw, groups=mid), _bn(mid)]
-            if stage.se:
-                se = se_channels(mid)
-                costs += [_conv(mid, se, 1, 1, bias=True), _conv(se, mid, 1, 1, bias=True)]
-            costs += [_conv(mid, cout, 1, hw), _bn(cout)]
-            if cin != cout:
-                costs.append(_conv(cin, cout, 1, hw))
-            cin = cout
-    expanded = space.head.expand * cin
-    costs += [_conv(cin, expanded, 1, hw), _bn(expanded), _conv(expanded, arch.widths[-1], 1, 1)]
-    costs.append(Cost(macs=arch.widths[-1] * num_classes, params=arch.widths[-1] * num_classes + num_classes))
+    plan = plan_subnet(space, arch)
+    side, block_sides = plan.spatial_sizes()
+    costs = [_conv(3, plan.stem.out_channels, plan.stem.kernel, side), _bn(plan.stem.out_channels)]
+    for block, out_side in zip(plan.blocks, block_sides):
+        cin, mid, cout = block.in_channels, block.mid_channels, block.out_channels
+        if block.expand != 1:
+            costs += [_conv(cin, mid, 1, side), _bn(mid)]  # before the stride
+        costs += [_conv(mid, mid, block.kernel, out_side, groups=mid), _bn(mid)]
+        if block.se:
+            se = se_channels(mid)
+            costs += [_conv(mid, se, 1, 1, bias=True), _conv(se, mid, 1, 1, bias=True)]
+        costs += [_conv(mid, cout, 1, out_side), _bn(cout)]
+        if block.shortcut_conv:
+            costs.append(_conv(cin, cout, 1, out_side))
+        side = out_side
+    head = plan.head
+    costs += [
+        _conv(head.in_channels, head.expanded, 1, side),
+        _bn(head.expanded),
+        _conv(head.expanded, head.width, 1, 1),
+    ]
+    costs.append(Cost(macs=head.width * num_classes, params=head.width * num_classes + num_classes))
     return _sum(costs)
 
 

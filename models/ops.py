@@ -130,8 +130,9 @@ class DynamicSqueezeExcite(nn.Module):
         return x * scale
 
 
-def drop_connect(x: torch.Tensor, rate: float) -> torch.Tensor:
-    """Stochastic depth: zero each sample's residual branch with probability ``rate``, rescale the rest."""
+def drop_path(x: torch.Tensor, rate: float) -> torch.Tensor:
+    """Stochastic depth ("drop path"; AlphaNet's recipe calls it drop-connect): zero each sample's residual
+    branch with probability ``rate`` and rescale the kept ones by 1/(1 − rate)."""
     keep = 1.0 - rate
     mask = torch.empty((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
     return x * mask / keep

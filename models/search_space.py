@@ -211,6 +211,21 @@ class ArchConfig:
                 f"widths={len(self.widths)} depths={n} kernels={len(self.kernels)} expands={len(self.expands)}"
             )
 
+    @property
+    def stem_width(self) -> int:
+        """Output channels of the stem."""
+        return self.widths[0]
+
+    @property
+    def stage_widths(self) -> tuple[int, ...]:
+        """Output channels of every stage."""
+        return self.widths[1:-1]
+
+    @property
+    def head_width(self) -> int:
+        """Channels of the head's feature-mix layer."""
+        return self.widths[-1]
+
     def problems(self, space: SearchSpace) -> list[str]:
         """Every way this arch falls outside ``space`` (empty when valid)."""
         if len(self.depths) != space.num_stages:

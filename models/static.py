@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.ops import expanded_channels, se_channels
+from models.ops import se_channels
 from models.search_space import ArchConfig, SearchSpace
+from models.subnet_plan import BlockPlan, plan_subnet
 
 
 def _conv(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -36,19 +37,19 @@ class SqueezeExcite(nn.Module):
 class MBConvBlock(nn.Module):
     """A fixed inverted-residual block (see ``models.supernet.DynamicMBConvBlock``)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, expand: int, stride: int, se: bool):
+    def __init__(self, block: BlockPlan):
         super().__init__()
-        mid = expanded_channels(in_channels, expand)
-        self.stride = stride
-        self.expand_conv = _conv(in_channels, mid) if expand != 1 else None
-        self.expand_bn = nn.BatchNorm2d(mid) if expand != 1 else None
-        self.dw_conv = _conv(mid, mid, kernel, stride, groups=mid)
+        cin, mid, cout = block.in_channels, block.mid_channels, block.out_channels
+        self.stride = block.stride
+        self.expand_conv = _conv(cin, mid) if block.expand != 1 else None
+        self.expand_bn = nn.BatchNorm2d(mid) if block.expand != 1 else None
+        self.dw_conv = _conv(mid, mid, block.kernel, block.stride, groups=mid)
         self.dw_bn = nn.BatchNorm2d(mid)
-        self.se = SqueezeExcite(mid) if se else None
-        self.project_conv = _conv(mid, out_channels)
-        self.project_bn = nn.BatchNorm2d(out_channels)
-        self.identity = stride == 1 and in_channels == out_channels
-        self.shortcut_conv = _conv(in_channels, out_channels) if in_channels != out_channels else None
+        self.se = SqueezeExcite(mid) if block.se else None
+        self.project_conv = _conv(mid, cout)
+        self.project_bn = nn.BatchNorm2d(cout)
+        self.identity = block.identity
+        self.shortcut_conv = _conv(cin, cout) if block.shortcut_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
@@ -71,30 +72,18 @@ class StaticSubnet(nn.Module):
 
     def __init__(self, space: SearchSpace, arch: ArchConfig, num_classes: int = 1000, dropout: float = 0.0):
         super().__init__()
-        arch.validate(space)
         self.space = space
         self.arch = arch
         self.num_classes = num_classes
         self.dropout = dropout
-        stem = arch.widths[0]
-        self.stem_conv = _conv(3, stem, space.stem.kernel, space.stem.stride)
-        self.stem_bn = nn.BatchNorm2d(stem)
-        blocks = []
-        in_channels = stem
-        for i, stage in enumerate(space.stages):
-            out_channels = arch.widths[i + 1]
-            for b in range(arch.depths[i]):
-                stride = stage.stride if b == 0 else 1
-                blocks.append(
-                    MBConvBlock(in_channels, out_channels, arch.kernels[i], arch.expands[i], stride, stage.se)
-                )
-                in_channels = out_channels
-        self.blocks = nn.ModuleList(blocks)
-        expanded = space.head.expand * in_channels
-        self.final_expand_conv = _conv(in_channels, expanded)
-        self.final_expand_bn = nn.BatchNorm2d(expanded)
-        self.feature_mix_conv = _conv(expanded, arch.widths[-1])
-        self.classifier = nn.Linear(arch.widths[-1], num_classes)
+        self.plan = plan = plan_subnet(space, arch)
+        self.stem_conv = _conv(3, plan.stem.out_channels, plan.stem.kernel, plan.stem.stride)
+        self.stem_bn = nn.BatchNorm2d(plan.stem.out_channels)
+        self.blocks = nn.ModuleList(MBConvBlock(block) for block in plan.blocks)
+        self.final_expand_conv = _conv(plan.head.in_channels, plan.head.expanded)
+        self.final_expand_bn = nn.BatchNorm2d(plan.head.expanded)
+        self.feature_mix_conv = _conv(plan.head.expanded, plan.head.width)
+        self.classifier = nn.Linear(plan.head.width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.silu(self.stem_bn(self.stem_conv(x)))
@@ -121,7 +110,7 @@ def extract_subnet(supernet: nn.Module, arch: ArchConfig | None = None) -> Stati
     """Copy ``arch``'s weights and BN statistics out of ``supernet`` into a new :class:`StaticSubnet`."""
     arch = arch or supernet.arch
     static = StaticSubnet(supernet.space, arch, supernet.config.num_classes, supernet.config.dropout)
-    block_map = supernet.active_block_indices(arch)
+    block_map = [block.supernet_index for block in static.plan.blocks]
     source = supernet.state_dict()
     weights = {}
     for key, target in static.state_dict().items():

@@ -17,10 +17,11 @@ from models.ops import (
     DynamicDepthwiseConv2d,
     DynamicLinear,
     DynamicSqueezeExcite,
-    drop_connect,
+    drop_path,
     expanded_channels,
 )
 from models.search_space import ArchConfig, SearchSpace, StageSpace
+from models.subnet_plan import SubnetPlan, plan_subnet, supernet_block_indices
 
 
 class DynamicMBConvBlock(nn.Module):
@@ -49,9 +50,9 @@ class DynamicMBConvBlock(nn.Module):
         self.out_channels = max_out
         self.kernel_size = max(stage.kernels)
         self.expand = max_expand
-        self.drop_connect_rate = 0.0  # used only when the supernet runs with regularisation on
+        self.drop_path_rate = 0.0  # used only when the supernet runs with regularisation on
 
-    def forward(self, x: torch.Tensor, drop_connect_rate: float = 0.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, drop_path_rate: float = 0.0) -> torch.Tensor:
         in_channels = x.shape[1]
         h = x
         if self.expand != 1:
@@ -61,8 +62,8 @@ class DynamicMBConvBlock(nn.Module):
             h = self.se(h)
         h = self.project_bn(self.project_conv(h, self.out_channels))
         if self.stride == 1 and in_channels == self.out_channels:
-            if self.training and drop_connect_rate > 0:
-                h = drop_connect(h, drop_connect_rate)
+            if self.training and drop_path_rate > 0:
+                h = drop_path(h, drop_path_rate)
             return x + h
         shortcut = F.avg_pool2d(x, self.stride) if self.stride > 1 else x
         if in_channels != self.out_channels:
@@ -82,16 +83,13 @@ class AlphaNetSupernet(nn.Module):
         self.stem_conv = DynamicConv2d(3, max_stem, space.stem.kernel, space.stem.stride)
         self.stem_bn = DynamicBatchNorm2d(max_stem, momentum=momentum)
 
+        self.stage_blocks = supernet_block_indices(space)
         blocks: list[DynamicMBConvBlock] = []
-        self.stage_blocks: list[list[int]] = []
         in_widths = space.stem.widths
-        for stage in space.stages:
-            indices = []
-            for i in range(max(stage.depths)):
-                indices.append(len(blocks))
+        for stage, indices in zip(space.stages, self.stage_blocks):
+            for i in range(len(indices)):
                 blocks.append(DynamicMBConvBlock(in_widths, stage, stage.stride if i == 0 else 1, momentum))
                 in_widths = stage.widths
-            self.stage_blocks.append(indices)
         self.blocks = nn.ModuleList(blocks)
 
         max_last = max(space.stages[-1].widths)
@@ -104,47 +102,49 @@ class AlphaNetSupernet(nn.Module):
         if config.zero_init_residual_bn:
             for block in self.blocks:
                 nn.init.zeros_(block.project_bn.weight)
-        self._set_drop_connect_rates()
-        self.arch: ArchConfig | None = None
+        self._set_drop_path_rates()
+        self.plan: SubnetPlan | None = None
         self.regularize = False
         self.set_arch(space.largest())
 
-    def _set_drop_connect_rates(self) -> None:
-        """Rate ``drop_connect × index / total`` on the blocks of the last N stages, 0 elsewhere."""
+    @property
+    def arch(self) -> ArchConfig:
+        """The active sub-network."""
+        return self._arch
+
+    def _set_drop_path_rates(self) -> None:
+        """Rate ``drop_connect × index / total`` on the blocks of the last ``drop_connect_stages`` stages, 0
+        elsewhere (``model.drop_connect`` is the paper's name for stochastic depth)."""
         total = len(self.blocks)
         last = self.config.drop_connect_stages
         eligible = {i for stage in self.stage_blocks[len(self.stage_blocks) - last :] for i in stage} if last else set()
         for idx, block in enumerate(self.blocks):
-            block.drop_connect_rate = self.config.drop_connect * idx / total if idx in eligible else 0.0
+            block.drop_path_rate = self.config.drop_connect * idx / total if idx in eligible else 0.0
 
     def set_arch(self, arch: ArchConfig, *, regularize: bool = False) -> None:
-        """Make ``arch`` the active sub-network; ``regularize`` turns dropout and drop-connect on."""
-        arch.validate(self.space)
-        self.arch = arch
+        """Make ``arch`` the active sub-network; ``regularize`` turns dropout and drop-path on."""
+        self.plan = plan_subnet(self.space, arch)
+        self._arch = arch
         self.regularize = regularize
-        for stage_idx, indices in enumerate(self.stage_blocks):
-            for idx in indices:
-                block = self.blocks[idx]
-                block.out_channels = arch.widths[stage_idx + 1]
-                block.kernel_size = arch.kernels[stage_idx]
-                block.expand = arch.expands[stage_idx]
+        for planned in self.plan.blocks:
+            block = self.blocks[planned.supernet_index]
+            block.out_channels, block.kernel_size, block.expand = planned.out_channels, planned.kernel, planned.expand
 
     def active_block_indices(self, arch: ArchConfig | None = None) -> list[int]:
-        """Supernet block indices run by ``arch`` (the first ``depth`` blocks of each stage)."""
-        arch = arch or self.arch
-        return [idx for indices, depth in zip(self.stage_blocks, arch.depths) for idx in indices[:depth]]
+        """Supernet block indices run by ``arch`` (default: the active one)."""
+        plan = self.plan if arch is None else plan_subnet(self.space, arch)
+        return [block.supernet_index for block in plan.blocks]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        arch = self.arch
+        plan = self.plan
         regularize = self.regularize and self.training
-        x = F.silu(self.stem_bn(self.stem_conv(x, arch.widths[0])))
-        for idx in self.active_block_indices(arch):
-            block = self.blocks[idx]
-            x = block(x, block.drop_connect_rate if regularize else 0.0)
-        last = arch.widths[-2]
-        x = F.silu(self.final_expand_bn(self.final_expand_conv(x, self.space.head.expand * last)))
+        x = F.silu(self.stem_bn(self.stem_conv(x, plan.stem.out_channels)))
+        for planned in plan.blocks:
+            block = self.blocks[planned.supernet_index]
+            x = block(x, block.drop_path_rate if regularize else 0.0)
+        x = F.silu(self.final_expand_bn(self.final_expand_conv(x, plan.head.expanded)))
         x = x.mean(dim=(2, 3), keepdim=True)
-        x = F.silu(self.feature_mix_conv(x, arch.widths[-1])).flatten(1)
+        x = F.silu(self.feature_mix_conv(x, plan.head.width)).flatten(1)
         if regularize and self.config.dropout > 0:
             x = F.dropout(x, self.config.dropout, training=True)
         return self.classifier(x)

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import AlphaNetSupernet, ArchSampler, ModelConfig, StaticSubnet, extract_subnet, load_named_archs
 from models.flops import subnet_cost
 from models.ops import make_divisible
+from models.subnet_plan import plan_subnet
 
 PAPER_MFLOPS = {"a0": 203, "a1": 279, "a2": 317, "a3": 357, "a4": 444, "a5": 491, "a6": 709}
 
@@ -122,12 +123,12 @@ def test_regularisation_only_when_asked_and_training(tiny_space):
     torch.testing.assert_close(net(x), net(x))
 
 
-def test_drop_connect_rates_follow_the_recipe(tiny_space):
+def test_drop_path_rates_follow_the_recipe(tiny_space):
     net = AlphaNetSupernet(tiny_space, ModelConfig(search_space="tiny", drop_connect=0.2, drop_connect_stages=2))
     total = len(net.blocks)
     last_two = set(net.stage_blocks[-1] + net.stage_blocks[-2])
     for idx, block in enumerate(net.blocks):
-        assert block.drop_connect_rate == pytest.approx(0.2 * idx / total if idx in last_two else 0.0)
+        assert block.drop_path_rate == pytest.approx(0.2 * idx / total if idx in last_two else 0.0)
 
 
 def test_zero_init_of_last_bn_gamma(tiny_space):
@@ -190,3 +191,30 @@ def test_flops_cli_json_and_table(repo):
     assert "a6" in table.stdout and "709.0" in table.stdout
     bad = subprocess.run([sys.executable, "-m", "models.flops", "nope.yaml"], cwd=repo, capture_output=True, text=True)
     assert bad.returncode == 2 and "file not found" in bad.stderr
+
+
+def test_subnet_plan_follows_the_space_rules(repo, alphanet_space):
+    _, archs = load_named_archs(repo / "configs/alphanet_models.yaml")
+    arch = archs["a3"]  # depths 2,3,3,4,3,5,1: stage mb1 has two blocks, so its second one is an identity
+    plan = plan_subnet(alphanet_space, arch)
+    assert len(plan.blocks) == sum(arch.depths) == 21
+    # Supernet blocks are numbered stage after stage, max(depths) each; a stage of depth d runs its first d.
+    starts = [0]
+    for stage in alphanet_space.stages[:-1]:
+        starts.append(starts[-1] + max(stage.depths))
+    assert [b.supernet_index for b in plan.blocks] == [
+        starts[s] + i for s, depth in enumerate(arch.depths) for i in range(depth)
+    ]
+    # Only a stage's first block strides; the side after the last block is resolution / total stride.
+    assert [b.stride for b in plan.blocks if b.index_in_stage > 0] == [1] * (21 - 7)
+    assert plan.spatial_sizes()[1][-1] == arch.resolution // alphanet_space.total_stride == 7
+    # Widths: stem 16 → mb1 16 (identity even for the first block), mb2 24 (pool + conv), ...
+    first = [b for b in plan.blocks if b.index_in_stage == 0]
+    assert [(b.in_channels, b.out_channels, b.identity) for b in first[:3]] == [
+        (16, 16, True),
+        (16, 24, False),
+        (24, 32, False),
+    ]
+    assert sum(b.identity for b in plan.blocks) == 21 - 6  # every block but the first of mb2..mb7
+    assert (plan.head.in_channels, plan.head.expanded, plan.head.width) == (224, 6 * 224, 1984)
+    assert plan.blocks[0].mid_channels == 16 and plan.blocks[2].mid_channels == make_divisible(16 * 4, 8)

@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import free_port, overrides, run_in_process
 
 from data_pipeline import prepare as prep
 from trainer.checkpoint import latest_tag
@@ -23,59 +23,9 @@ from trainer.config import load_config
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    prep.prepare("digits", out, ["webdataset"], shard_mb=1.0, quiet=True)
-    return out
-
-
-def overrides(run_dir: Path, digits: Path, **extra) -> list[str]:
-    base = {
-        "run_dir": run_dir,
-        "data.root": digits,
-        "data.batch_size": 16,
-        "data.num_workers": 0,
-        "trainer.epochs": 2,
-        "trainer.max_steps": 6,
-        "trainer.checkpoint_every_steps": 2,
-        "trainer.log_every_steps": 1,
-        "trainer.eval_every_epochs": 0,
-        "trainer.calib_batches": 2,
-        "trainer.tensorboard": False,
-        "trainer.keep_checkpoints": 2,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-_PORT = free_port()
-
-
-@pytest.fixture
-def single_rank(monkeypatch):
-    # setenv first so that teardown also removes what the Trainer exports (RANK, WORLD_SIZE, ...).
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID"):
-        monkeypatch.setenv(key, "")
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("MASTER_PORT", str(_PORT))  # one process group, reused by every in-process test
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-
-
-def run_in_process(repo, args: list[str]):
-    from trainer.loop import Trainer
-
-    trainer = Trainer(load_config(repo / "configs/tiny_cpu.yaml", args))
-    try:
-        return trainer, trainer.train()
-    finally:
-        trainer.close(destroy_process_group=False)  # DeepSpeed cannot re-initialise one in the same process
+def digits(digits_shards) -> Path:
+    return digits_shards
 
 
 def test_checkpoints_retention_resume_and_foreign_config(repo, digits, tmp_path, single_rank):

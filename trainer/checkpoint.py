@@ -47,9 +47,23 @@ def latest_tag(checkpoint_dir: Path) -> str | None:
 
 
 class Checkpointer:
-    def __init__(self, checkpoint_dir: Path, rank: int, world_size: int, keep: int):
+    """Saves, prunes and loads the run's checkpoints; :meth:`should_save` is the one saving rule."""
+
+    def __init__(self, checkpoint_dir: Path, rank: int, world_size: int, *, keep: int, every_steps: int):
         self.dir = Path(checkpoint_dir)
-        self.rank, self.world_size, self.keep = rank, world_size, keep
+        self.rank, self.world_size, self.keep, self.every_steps = rank, world_size, keep, every_steps
+        self.last_tag: str | None = None
+        """The newest tag this run saved or resumed from."""
+
+    def should_save(
+        self, step: int, *, last: bool = False, epoch_end: bool = False, stop: bool = False, healthy: bool = True
+    ) -> bool:
+        """Save at ``step``?  Always at the final step, an epoch end or a stop request; every ``every_steps``
+        steps only when ``healthy`` (never during a streak of skipped steps, so the newest periodic
+        checkpoint stays a good one); and never twice for the same step."""
+        if self.last_tag == tag_for(step):
+            return False
+        return last or epoch_end or stop or (healthy and step % self.every_steps == 0)
 
     def save(self, engine, step: int, client_state: dict[str, Any], rank_state: dict[str, Any]) -> str:
         tag = tag_for(step)
@@ -64,6 +78,7 @@ class Checkpointer:
             self._prune(keep_tag=tag)
         if dist.is_initialized():
             dist.barrier()
+        self.last_tag = tag
         return tag
 
     def _prune(self, keep_tag: str) -> None:
@@ -79,4 +94,6 @@ class Checkpointer:
         path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
-        return client_state, torch.load(rank_file, weights_only=False)
+        state = torch.load(rank_file, weights_only=False)
+        self.last_tag = tag
+        return client_state, state

@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,13 @@ from data_pipeline import build_loader
 from data_pipeline.rescale import normalize
 from losses import build_kd_loss, build_label_loss
 from models import ArchSampler, build_supernet
-from trainer.checkpoint import Checkpointer, latest_tag, rng_state, set_rng_state, tag_for
+from trainer.checkpoint import Checkpointer, latest_tag, rng_state, set_rng_state
 from trainer.config import RunConfig, config_hash, write_resolved
 from trainer.distributed import init_distributed, resolve
-from trainer.ds_config import build_ds_config, global_batch_size
+from trainer.ds_config import global_batch_size
+from trainer.engine import build_engine
 from trainer.evaluate import collect_calibration, evaluate_arch
 from trainer.metrics import MetricsLogger
-from trainer.optim import ClippedSGD, param_groups
 from trainer.sandwich import SandwichStep, sample_sandwich
 from trainer.schedule import lr_at
 
@@ -36,86 +37,86 @@ class TrainingStopped(RuntimeError):
 
 
 class Trainer:
+    """Builds everything in a fixed order (distributed → model → engine → data → checkpointer + resume →
+    logger), then :meth:`train` steps, logs, validates and saves."""
+
     def __init__(self, config: RunConfig, *, local_rank_arg: int | None = None):
         self.config = config
-        tc = config.trainer
-        # 1. distributed
+        self._build_distributed(local_rank_arg)
+        self._build_model()
+        self._build_engine()
+        self._build_data()
+        self._build_checkpointer_and_resume()
+        self._build_logger()
+
+    # ------------------------------------------------------------------------------------------ build
+    def _build_distributed(self, local_rank_arg: int | None) -> None:
         self.env = resolve(local_rank_arg=local_rank_arg)
         self.device = init_distributed(self.env)
         self.rank, self.world = self.env.rank, self.env.world_size
-        seed = config.seed
-        random.seed(seed + self.rank)
-        np.random.seed(seed + self.rank)
-        torch.manual_seed(seed)  # identical initial weights on every rank ...
-        # 2. model
-        self.supernet = build_supernet(config.model)
-        self.space = self.supernet.space
-        torch.manual_seed(seed + 1000 * (self.rank + 1))  # ... then per-rank dropout / drop-connect draws
-        # 3. engine
-        import deepspeed
+        random.seed(self.config.seed + self.rank)
+        np.random.seed(self.config.seed + self.rank)
 
-        micro = config.data.batch_size
+    def _build_model(self) -> None:
+        seed = self.config.seed
+        torch.manual_seed(seed)  # identical initial weights on every rank ...
+        self.supernet = build_supernet(self.config.model)
+        self.space = self.supernet.space
+        torch.manual_seed(seed + 1000 * (self.rank + 1))  # ... then per-rank dropout / drop-path draws
+        self.sampler = ArchSampler(self.space, seed)
+        self.sandwich = SandwichStep(build_label_loss(self.config.loss), build_kd_loss(self.config.loss))
+
+    def _build_engine(self) -> None:
+        tc, micro = self.config.trainer, self.config.data.batch_size
         self.global_batch = global_batch_size(tc, micro_batch=micro, world_size=self.world)
         self.base_lr = tc.lr_per_256 * self.global_batch / 256
-        optimizer = ClippedSGD(
-            param_groups(self.supernet, tc.weight_decay),
-            lr=self.base_lr,
-            momentum=tc.momentum,
-            nesterov=tc.nesterov,
-            clip_value=tc.grad_clip_value,
-        )
-        ds_config = build_ds_config(tc, micro_batch=micro, world_size=self.world)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.supernet, optimizer=optimizer, config=ds_config
-        )
-        self.module = self.engine.module
-        self.client_optimizer = optimizer
-        # 4. data
-        data = config.data
-        self.train_loader = build_loader(
-            data, data.train_split, train=True, rank=self.rank, world_size=self.world, seed=seed
-        )
-        self.val_loader = build_loader(
-            data, data.val_split, train=False, rank=self.rank, world_size=self.world, seed=seed
-        )
-        self.calib_loader = build_loader(
-            data, data.train_split, train=True, rank=self.rank, world_size=self.world, seed=seed + 1
-        )
+        built = build_engine(self.supernet, tc, micro_batch=micro, world_size=self.world, lr=self.base_lr)
+        self.engine, self.module, self.optimizer = built.engine, built.module, built.optimizer
+
+    def _build_data(self) -> None:
+        data, tc, seed = self.config.data, self.config.trainer, self.config.seed
+        shard = {"rank": self.rank, "world_size": self.world}
+        self.train_loader = build_loader(data, data.train_split, train=True, seed=seed, **shard)
+        self.val_loader = build_loader(data, data.val_split, train=False, seed=seed, **shard)
+        self.calib_loader = build_loader(data, data.train_split, train=True, seed=seed + 1, **shard)
         self.steps_per_epoch = len(self.train_loader) // tc.gradient_accumulation_steps
         if self.steps_per_epoch < 1:
             raise ValueError(f"an epoch of {len(self.train_loader)} batches is shorter than one optimizer step")
         self.total_steps = tc.epochs * self.steps_per_epoch
         self.warmup_steps = round(tc.warmup_epochs * self.steps_per_epoch)
-        self.sampler = ArchSampler(self.space, seed)
-        self.sandwich = SandwichStep(build_label_loss(config.loss), build_kd_loss(config.loss))
-        # 5. checkpointer and resume
-        self.run_dir = Path(config.run_dir)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.rank, self.world, tc.keep_checkpoints)
-        self.model_hash = config_hash(config.model)
+        self.final_step = min(self.total_steps, tc.max_steps) if tc.max_steps else self.total_steps
+
+    def _build_checkpointer_and_resume(self) -> None:
+        tc = self.config.trainer
+        self.run_dir = Path(self.config.run_dir)
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints",
+            self.rank,
+            self.world,
+            keep=tc.keep_checkpoints,
+            every_steps=tc.checkpoint_every_steps,
+        )
+        self.model_hash = config_hash(self.config.model)
         self.global_step = 0
         self.bad_steps = 0
         self.skipped_total = 0
-        self.last_checkpoint: str | None = None
         self.resumed_from = self._maybe_resume()
-        # 6. logger (rank 0 only)
+
+    def _build_logger(self) -> None:
         if self.env.is_main:
-            write_resolved(config, self.run_dir)
+            write_resolved(self.config, self.run_dir)
         self.log = MetricsLogger(
             self.run_dir,
             enabled=self.env.is_main,
-            total_steps=self._final_step(),
+            total_steps=self.final_step,
             start_step=self.global_step,
-            tensorboard=tc.tensorboard,
+            tensorboard=self.config.trainer.tensorboard,
         )
         self._stop_signal = 0
         for signum in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
 
     # ------------------------------------------------------------------------------------------ state
-    def _final_step(self) -> int:
-        tc = self.config.trainer
-        return min(self.total_steps, tc.max_steps) if tc.max_steps else self.total_steps
-
     def _client_state(self) -> dict[str, Any]:
         return {
             "global_step": self.global_step,
@@ -149,13 +150,10 @@ class Trainer:
         self.bad_steps, self.skipped_total = int(client["bad_steps"]), int(client["skipped_total"])
         self.train_loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
-        self.last_checkpoint = tag
         return tag
 
     def save(self) -> str:
-        tag = self.checkpointer.save(self.engine, self.global_step, self._client_state(), self._rank_state())
-        self.last_checkpoint = tag
-        return tag
+        return self.checkpointer.save(self.engine, self.global_step, self._client_state(), self._rank_state())
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
@@ -182,8 +180,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ steps
     def set_lr(self, step: int) -> float:
-        lr = lr_at(step, base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps)
-        for group in self.client_optimizer.param_groups:
+        tc = self.config.trainer
+        lr = lr_at(
+            step,
+            base_lr=self.base_lr,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            schedule=tc.lr_schedule,
+        )
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
 
@@ -203,7 +208,7 @@ class Trainer:
             for key, value in values.items():
                 sums[key] = sums.get(key, 0) + value / len(batches)
         self.engine.step()
-        skipped = self.client_optimizer.last_step_skipped
+        skipped = self.optimizer.last_step_skipped
         self.global_step += 1
         self.skipped_total += int(skipped)
         self.bad_steps = self.bad_steps + 1 if skipped else 0
@@ -219,67 +224,66 @@ class Trainer:
             values = {**values, **dict(zip(keys, stacked.tolist()))}
         return {k: float(v) for k, v in values.items()}
 
+    def _steps(self) -> Iterator[tuple[list, int, bool]]:
+        """(mini-batches of one optimizer step, epoch, whether the step ends the epoch), epoch after epoch."""
+        while True:
+            epoch = self.train_loader.epoch
+            for batches, epoch_end in self.train_loader.groups(self.config.trainer.gradient_accumulation_steps):
+                yield batches, epoch, epoch_end
+
+    def _check_bad_steps(self) -> None:
+        if self.bad_steps >= self.config.trainer.max_consecutive_bad_steps:
+            last = self.checkpointer.last_tag
+            raise TrainingStopped(
+                f"{self.bad_steps} consecutive steps had a non-finite loss or gradient (step {self.global_step}); "
+                f"last good checkpoint: {self.checkpointer.dir / last if last else 'none yet'}"
+            )
+
+    def _eval_due(self, epoch: int) -> bool:
+        every = self.config.trainer.eval_every_epochs
+        return bool(every) and (epoch + 1) % every == 0
+
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
+        """Step → log → (stop: save and return) → validate when due → save when due, until the final step."""
         tc = self.config.trainer
-        final_step = self._final_step()
         if self.resumed_from:
             self.log.print(f"resumed from {self.checkpointer.dir / self.resumed_from} at step {self.global_step}")
         self.log.print(
             f"training {self.space.name} supernet: {self.world} rank(s), global batch {self.global_batch}, "
-            f"{self.steps_per_epoch} steps/epoch, {final_step} steps, lr {self.base_lr:.4f}"
+            f"{self.steps_per_epoch} steps/epoch, {self.final_step} steps, lr {self.base_lr:.4f}"
         )
-        results: dict[str, Any] = {}
+        results: dict[str, Any] = {"global_step": self.global_step, "skipped_steps": self.skipped_total}
+        if self.global_step >= self.final_step:  # rerunning a finished run: only validate
+            results["val"] = self.validate(self.train_loader.epoch)
+            return results
         images_since_log = 0
-        while self.global_step < final_step:
-            epoch = self.train_loader.epoch
-            pending: list = []
-            stopped = False
-            for batch in self.train_loader:
-                pending.append(batch)
-                if len(pending) < tc.gradient_accumulation_steps:
-                    continue
-                values = self.train_step(pending)
-                images_since_log += sum(len(b) for b in pending) * self.world
-                pending = []
-                if self.global_step % tc.log_every_steps == 0 or self.global_step == final_step:
-                    self.log.log_step(self.global_step, epoch, self._reduce_for_log(values), images_since_log)
-                    images_since_log = 0
-                if self.bad_steps >= tc.max_consecutive_bad_steps:
-                    where = self.checkpointer.dir / self.last_checkpoint if self.last_checkpoint else "none yet"
-                    raise TrainingStopped(
-                        f"{self.bad_steps} consecutive steps had a non-finite loss or gradient (step {self.global_step}); "
-                        f"last good checkpoint: {where}"
-                    )
-                if self.global_step % tc.checkpoint_every_steps == 0 and self.bad_steps == 0:
-                    self.save()  # never during a streak of skipped steps: the last checkpoint stays a good one
-                if self._agree(self._stop_signal != 0):
-                    tag = self.save()
-                    self.log.print(
-                        f"signal received: saved {self.checkpointer.dir / tag}; rerun the same command to resume"
-                    )
-                    results["stopped_by_signal"] = True
-                    results["requeued"] = self._requeue_if_asked()
-                    stopped = True
-                    break
-                if self.global_step >= final_step:
-                    break
-            if stopped:
-                break
-            epoch_done = self.train_loader.position == 0 and self.train_loader.epoch == epoch + 1
-            if epoch_done and self.train_loader.last_summary is not None:
+        for batches, epoch, epoch_end in self._steps():
+            values = self.train_step(batches)
+            results.update(global_step=self.global_step, skipped_steps=self.skipped_total)
+            last = self.global_step >= self.final_step
+            images_since_log += sum(len(b) for b in batches) * self.world
+            if self.global_step % tc.log_every_steps == 0 or last:
+                self.log.log_step(self.global_step, epoch, self._reduce_for_log(values), images_since_log)
+                images_since_log = 0
+            self._check_bad_steps()
+            if epoch_end and self.train_loader.last_summary is not None:
                 self.log.print(self.train_loader.last_summary.text())
-            if self.global_step >= final_step or (
-                epoch_done and tc.eval_every_epochs and (epoch + 1) % tc.eval_every_epochs == 0
-            ):
+            if self._agree(self._stop_signal != 0):
+                tag = self.save()
+                self.log.print(
+                    f"signal received: saved {self.checkpointer.dir / tag}; rerun the same command to resume"
+                )
+                return {**results, "stopped_by_signal": True, "requeued": self._requeue_if_asked()}
+            if last or (epoch_end and self._eval_due(epoch)):
                 results["val"] = self.validate(epoch)
-            if (epoch_done or self.global_step >= final_step) and self.last_checkpoint != tag_for(self.global_step):
+            if self.checkpointer.should_save(
+                self.global_step, last=last, epoch_end=epoch_end, healthy=self.bad_steps == 0
+            ):
                 self.save()
-        if "val" not in results and not results.get("stopped_by_signal"):
-            results["val"] = self.validate(self.train_loader.epoch)  # e.g. rerunning a finished run
-        results["global_step"] = self.global_step
-        results["skipped_steps"] = self.skipped_total
-        return results
+            if last:
+                return results
+        raise AssertionError("unreachable: the step iterator never ends")
 
     def validate(self, epoch: int) -> dict[str, dict[str, float]]:
         """Top-1/top-5 of the largest and smallest sub-networks after BN recalibration."""

@@ -10,6 +10,7 @@ Every backward pass accumulates into the same gradients; DeepSpeed reduces them 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -17,17 +18,23 @@ from data_pipeline.rescale import rescale
 from losses.divergences import KDLoss
 from models.search_space import ArchConfig, ArchSampler, SearchSpace
 
+Role = Literal["teacher", "student"]
+
 
 @dataclass(frozen=True, slots=True)
 class Subnet:
     name: str
+    """Metric name: ``largest``, ``random1``.., ``smallest``."""
     arch: ArchConfig
+    role: Role = "student"
+    """The teacher trains on labels (regularised) and its detached logits teach the students."""
 
 
 def sample_sandwich(space: SearchSpace, sampler: ArchSampler, n: int) -> list[Subnet]:
-    """largest, random1..random{n-2}, smallest — every rank draws the same from the same sampler state."""
+    """largest (the teacher), random1..random{n-2}, smallest — every rank draws the same from the same
+    sampler state."""
     randoms = [Subnet(f"random{i + 1}", sampler.random()) for i in range(n - 2)]
-    return [Subnet("largest", space.largest()), *randoms, Subnet("smallest", space.smallest())]
+    return [Subnet("largest", space.largest(), role="teacher"), *randoms, Subnet("smallest", space.smallest())]
 
 
 class SandwichStep:
@@ -52,7 +59,7 @@ class SandwichStep:
         teacher = None
         dtype = next(supernet.parameters()).dtype
         for i, subnet in enumerate(subnets):
-            is_teacher = subnet.name == "largest"
+            is_teacher = subnet.role == "teacher"
             supernet.set_arch(subnet.arch, regularize=is_teacher)
             logits = engine(rescale(images, subnet.arch.resolution).to(dtype))
             if is_teacher:

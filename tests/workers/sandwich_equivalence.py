@@ -17,14 +17,11 @@ def batches_for(rank: int, step: int, n: int = 6):
 
 def main() -> None:
     stage, out = int(sys.argv[1]), sys.argv[2]
-    import deepspeed
-
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, ModelConfig, build_supernet
     from trainer.distributed import init_distributed, resolve
-    from trainer.ds_config import build_ds_config
+    from trainer.engine import build_engine
     from trainer.evaluate import gathered
-    from trainer.optim import ClippedSGD, param_groups
     from trainer.sandwich import SandwichStep, sample_sandwich
     from trainer.trainer_config import TrainerConfig
 
@@ -35,12 +32,7 @@ def main() -> None:
         ModelConfig(search_space="tiny", num_classes=10, dropout=0.0, drop_connect=0.0, zero_init_residual_bn=False)
     )
     tc = TrainerConfig(zero_stage=stage, weight_decay=1e-3, grad_clip_value=0.05)
-    opt = ClippedSGD(
-        param_groups(net, tc.weight_decay), lr=0.1, momentum=0.9, nesterov=True, clip_value=tc.grad_clip_value
-    )
-    engine, *_ = deepspeed.initialize(
-        model=net, optimizer=opt, config=build_ds_config(tc, micro_batch=6, world_size=env.world_size)
-    )
+    engine = build_engine(net, tc, micro_batch=6, world_size=env.world_size, lr=0.1).engine
     sampler = ArchSampler(engine.module.space, seed=0)
     step_fn = SandwichStep(build_label_loss(LossConfig()), build_kd_loss(LossConfig()))
     for step in range(3):

@@ -1,0 +1,62 @@
+"""The training loop in-process, fast enough for the default suite: steps, the saving rule, epoch
+boundaries told by the loader, validation, metrics and resume (one rank, tiny space, 32-pixel digits)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from trainer_helpers import overrides, run_in_process
+
+from trainer.checkpoint import Checkpointer, latest_tag
+
+
+def test_should_save_rule(tmp_path):
+    ckpt = Checkpointer(tmp_path, rank=0, world_size=1, keep=2, every_steps=5)
+    assert [s for s in range(1, 16) if ckpt.should_save(s)] == [5, 10, 15]
+    assert not ckpt.should_save(10, healthy=False)  # never periodic during a streak of skipped steps
+    assert ckpt.should_save(7, last=True) and ckpt.should_save(7, epoch_end=True) and ckpt.should_save(7, stop=True)
+    assert ckpt.should_save(7, stop=True, healthy=False)
+    ckpt.last_tag = "step000000010"  # what save() records: the same step is never saved twice
+    assert not ckpt.should_save(10) and not ckpt.should_save(10, last=True, epoch_end=True, stop=True)
+
+
+def rank_state(run, tag: str) -> dict:
+    return torch.load(run / "checkpoints" / tag / "trainer_rank0.pt", weights_only=False)["loader"]
+
+
+def test_loop_saves_at_epoch_ends_validates_and_resumes(repo, digits_shards, tmp_path, single_rank):
+    # 1,497 images in batches of 64: 23 batches per epoch; 8 per step gives 2 steps, 7 batches dropped.
+    run = tmp_path / "run"
+    args = {
+        "data.batch_size": 64,
+        "trainer.gradient_accumulation_steps": 8,
+        "trainer.max_steps": 3,
+        "trainer.checkpoint_every_steps": 100,
+        "trainer.eval_every_epochs": 1,
+        "trainer.calib_batches": 1,
+    }
+    trainer, results = run_in_process(repo, overrides(run, digits_shards, **args))
+    assert trainer.steps_per_epoch == 2 and results["global_step"] == 3 and results["skipped_steps"] == 0
+    ckpt = run / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step000000002", "step000000003"]
+    assert latest_tag(ckpt) == "step000000003"
+    # The epoch end is saved after the loader finished the epoch: it resumes at the next epoch's start.
+    assert (rank_state(run, "step000000002")["epoch"], rank_state(run, "step000000002")["position"]) == (1, 0)
+    assert (rank_state(run, "step000000003")["epoch"], rank_state(run, "step000000003")["position"]) == (1, 8)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss/largest" in r] == [1, 2, 3]
+    assert [(r["step"], r["epoch"]) for r in records if "val/top1_largest" in r] == [(2, 0), (3, 1)]
+    assert all(0.0 <= r["val/top1_smallest"] <= 100.0 for r in records if "val/top1_smallest" in r)
+
+    # The same command with a larger max_steps resumes from step 3 and goes on in epoch 1.
+    trainer, results = run_in_process(repo, overrides(run, digits_shards, **{**args, "trainer.max_steps": 4}))
+    assert trainer.resumed_from == "step000000003" and results["global_step"] == 4
+    assert latest_tag(ckpt) == "step000000004"
+    assert (rank_state(run, "step000000004")["epoch"], rank_state(run, "step000000004")["position"]) == (2, 0)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(3) == 2  # step 3's loss and validation, once each
+
+    # Rerunning the finished run only validates.
+    trainer, results = run_in_process(repo, overrides(run, digits_shards, **{**args, "trainer.max_steps": 4}))
+    assert results["global_step"] == 4 and "val" in results and latest_tag(ckpt) == "step000000004"

@@ -1,0 +1,60 @@
+"""Running the Trainer inside the test process (one rank, one process group for the whole session)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from trainer.config import load_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# One port for the whole pytest process: DeepSpeed cannot re-initialise a process group after
+# destroying it, so every in-process Trainer reuses the first one.
+IN_PROCESS_PORT = free_port()
+
+IN_PROCESS_ENV_KEYS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_STEP_ID",
+)
+
+
+def overrides(run_dir: Path, digits: Path, **extra) -> list[str]:
+    """``--set`` overrides of configs/tiny_cpu.yaml for a few quick steps on one rank."""
+    base = {
+        "run_dir": run_dir,
+        "data.root": digits,
+        "data.batch_size": 16,
+        "data.num_workers": 0,
+        "trainer.epochs": 2,
+        "trainer.max_steps": 6,
+        "trainer.checkpoint_every_steps": 2,
+        "trainer.log_every_steps": 1,
+        "trainer.eval_every_epochs": 0,
+        "trainer.calib_batches": 2,
+        "trainer.tensorboard": False,
+        "trainer.keep_checkpoints": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_in_process(repo: Path, args: list[str]):
+    """(trainer, results) of one in-process run of the tiny recipe with ``args`` as overrides."""
+    from trainer.loop import Trainer
+
+    trainer = Trainer(load_config(repo / "configs/tiny_cpu.yaml", args))
+    try:
+        return trainer, trainer.train()
+    finally:
+        trainer.close(destroy_process_group=False)  # DeepSpeed cannot re-initialise one in the same process
