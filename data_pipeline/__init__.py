@@ -2,9 +2,9 @@
 
 from data_pipeline.batch import Batch
 from data_pipeline.config import DataConfig
+from data_pipeline.device_transforms import normalize, rescale
 from data_pipeline.loader import EpochSummary, ResumableLoader, build_loader
-from data_pipeline.rescale import normalize, rescale
-from data_pipeline.shards import DataError
+from data_pipeline.manifest import DataError
 
 __all__ = [
     "Batch",

@@ -22,8 +22,8 @@ import torch
 
 from data_pipeline.batch import Batch
 from data_pipeline.config import DataConfig
-from data_pipeline.plan import _splitmix64
-from data_pipeline.shards import DataError, read_manifest
+from data_pipeline.manifest import DataError, ffcv_entry, split_entry
+from data_pipeline.plan import splitmix64
 from data_pipeline.transforms import seeded, train_transform
 
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -70,7 +70,7 @@ def _make_decoder(output_size, scale, ratio, hflip: bool, run_seed: int):
             imdecode_c = Compiler.compile(imdecode)
             resize_crop_c = Compiler.compile(resize_crop)
             crop_c = Compiler.compile(_seeded_crop_and_flip)
-            mix_c = Compiler.compile(_splitmix64)
+            mix_c = Compiler.compile(splitmix64)
             scale_lo, scale_hi = float(scale[0]), float(scale[1])
             log_lo, log_hi = float(np.log(ratio[0])), float(np.log(ratio[1]))
             do_flip = hflip
@@ -107,15 +107,12 @@ def _make_decoder(output_size, scale, ratio, hflip: bool, run_seed: int):
 class FFCVBackend:
     def __init__(self, config: DataConfig, split: str, train: bool, seed: int):
         self.config, self.split, self.train, self.seed = config, split, train, seed
-        manifest = read_manifest(config.root)
-        entry = manifest["splits"].get(split)
-        if entry is None or "ffcv" not in entry:
-            raise DataError(f"{Path(config.root) / 'manifest.json'} has no FFCV file for split '{split}'")
-        self.path = Path(config.root) / entry["ffcv"]["name"]
+        entry = ffcv_entry(config.root, split)
+        self.path = Path(config.root) / entry["name"]
         if not self.path.is_file():
             raise DataError(f"missing FFCV file {self.path}")
-        self._num_samples = int(entry["ffcv"]["count"])
-        self._skipped_at_prepare = entry.get("ffcv_skipped", [])
+        self._num_samples = int(entry["count"])
+        self._skipped_at_prepare = split_entry(config.root, split).get("ffcv_skipped", [])
         self._torch_augment = train_transform(config, crop=False) if train and config.auto_augment else None
         try:
             self._loader = self._build_loader()

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The SplitMix64 mixing function on uint64 values (also compiled into the seeded FFCV decoder)."""
     x = x + np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -22,15 +23,15 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def sample_seeds_base(seed: int, epoch: int) -> int:
-    """The per-epoch part of the sample seeds (also used inside FFCV's compiled decoder)."""
+    """The per-epoch part of the sample seeds."""
     with np.errstate(over="ignore"):
-        return int(_splitmix64(_splitmix64(np.array([seed], dtype=np.uint64)) ^ np.uint64(epoch))[0])
+        return int(splitmix64(splitmix64(np.array([seed], dtype=np.uint64)) ^ np.uint64(epoch))[0])
 
 
 def sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
     """Well-mixed 32-bit augmentation seeds (int64 array) of samples ``indices`` in ``epoch``."""
     with np.errstate(over="ignore"):
-        mixed = _splitmix64(np.uint64(sample_seeds_base(seed, epoch)) ^ np.asarray(indices, dtype=np.uint64))
+        mixed = splitmix64(np.uint64(sample_seeds_base(seed, epoch)) ^ np.asarray(indices, dtype=np.uint64))
     return (mixed & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 

@@ -18,7 +18,6 @@ import contextlib
 import functools
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -30,9 +29,9 @@ from unittest import mock
 
 from PIL import Image
 
-from data_pipeline.shards import MANIFEST
+from data_pipeline.manifest import MANIFEST, MANIFEST_VERSION, is_complete, manifest_path, read_manifest, write_manifest
+from fileops import atomic_output, fsync_dir, temp_path_for
 
-MANIFEST_VERSION = 1
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
 
@@ -127,7 +126,7 @@ def write_webdataset(
     """Write ``{split}-%06d.tar`` shards of about ``shard_mb`` MB into ``out`` (via a temp folder)."""
     import webdataset as wds
 
-    tmp = out / f".tmp-{split}-webdataset"
+    tmp = temp_path_for(out / f"{split}-webdataset")  # a folder: ShardWriter names the files itself
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     counts: Counter = Counter()
@@ -145,6 +144,7 @@ def write_webdataset(
         os.replace(path, final)
         shards.append(_file_entry(final, count=counts[path.name]))
     shutil.rmtree(tmp)
+    fsync_dir(out)
     return shards
 
 
@@ -174,38 +174,15 @@ def write_ffcv(
             return good[i].load(), good[i].label
 
     final = out / f"{split}.beton"
-    tmp = out / f".tmp-{split}.beton"
     fields = {
         "image": RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=quality),
         "label": IntField(),
     }
-    writer = DatasetWriter(str(tmp), fields, num_workers=max(1, workers))
     # FFCV draws its own tqdm bar: under --quiet, hand it a tqdm that is switched off.
     quiet_bar = mock.patch("ffcv.writer.tqdm", functools.partial(tqdm, disable=True))
-    with quiet_bar if progress.disable else contextlib.nullcontext():
-        writer.from_indexed_dataset(Indexed(), chunksize=64)
-    os.replace(tmp, final)
+    with atomic_output(final) as tmp, quiet_bar if progress.disable else contextlib.nullcontext():
+        DatasetWriter(str(tmp), fields, num_workers=max(1, workers)).from_indexed_dataset(Indexed(), chunksize=64)
     return _file_entry(final, count=len(good)), skipped
-
-
-def _complete(out: Path, formats: list[str], options: dict) -> bool:
-    """True when ``out`` already holds a finished run with the same options and every file present."""
-    path = out / MANIFEST
-    if not path.is_file():
-        return False
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return False
-    if manifest.get("options") != options or not set(formats) <= set(manifest.get("formats", [])):
-        return False
-    for split in manifest["splits"].values():
-        files = list(split.get("webdataset", {}).get("shards", []))
-        if "ffcv" in split:
-            files.append(split["ffcv"])
-        if any(not (out / f["name"]).is_file() or (out / f["name"]).stat().st_size != f["size"] for f in files):
-            return False
-    return True
 
 
 def prepare(
@@ -223,12 +200,16 @@ def prepare(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     options = {"source": str(source_name), "shard_mb": shard_mb, "max_side": max_side, "jpeg_quality": quality}
-    if _complete(out, formats, options):
+    if is_complete(out, formats, options):
         if not quiet:
             print(f"{out}: already prepared ({MANIFEST} matches), nothing to do")
-        return json.loads((out / MANIFEST).read_text())
+        return read_manifest(out)
     source = digits_source() if source_name == "digits" else image_folder_source(Path(source_name), split)
     out.mkdir(parents=True, exist_ok=True)
+    # The manifest goes first: until the new one is written, the folder is not a finished dataset (an
+    # interrupted rerun must not leave the old manifest describing a mix of old and new shards).
+    manifest_path(out).unlink(missing_ok=True)
+    fsync_dir(out)
     manifest = {
         "version": MANIFEST_VERSION,
         "source": source.description,
@@ -249,9 +230,7 @@ def prepare(
                     samples, out, name, max_side, quality, workers, progress
                 )
             manifest["splits"][name] = entry
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST)
+    write_manifest(out, manifest)
     if not quiet:
         for name, entry in manifest["splits"].items():
             shards = len(entry.get("webdataset", {}).get("shards", []))

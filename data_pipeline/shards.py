@@ -8,16 +8,11 @@ dropped, and a truncated tar keeps the samples that are complete before the trun
 from __future__ import annotations
 
 import glob
-import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MANIFEST = "manifest.json"
-
-
-class DataError(RuntimeError):
-    """A dataset that cannot be used at all (missing files, empty pattern): raised before any batch."""
+from data_pipeline.manifest import DataError, has_manifest, webdataset_shards
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,24 +39,11 @@ class ShardProblems:
         return out
 
 
-def read_manifest(root: Path) -> dict:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path} not found: prepare the dataset first (python -m data_pipeline.prepare --out {root})")
-    return json.loads(path.read_text())
-
-
 def split_shards(root: Path, split: str) -> list[Path]:
     """The shard files of ``split``: from the manifest when there is one, else a glob pattern."""
     root = Path(root)
-    if (root / MANIFEST).is_file():
-        manifest = read_manifest(root)
-        if split not in manifest["splits"]:
-            raise DataError(f"split '{split}' not in {root / MANIFEST} (has {sorted(manifest['splits'])})")
-        names = [s["name"] for s in manifest["splits"][split].get("webdataset", {}).get("shards", [])]
-        if not names:
-            raise DataError(f"{root / MANIFEST} lists no WebDataset shards for split '{split}'")
-        paths = [root / n for n in names]
+    if has_manifest(root):
+        paths = webdataset_shards(root, split)
     else:
         pattern = str(root / f"{split}-*.tar") if root.is_dir() else str(root)
         paths = [Path(p) for p in sorted(glob.glob(pattern))]

@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import yaml
 
+from fileops import atomic_output, atomic_write_text
 from models.search_space import ArchConfig, SearchSpace
 from models.static import StaticSubnet
 
@@ -26,18 +26,15 @@ def save_subnet(model: StaticSubnet, out_dir: Path, *, extra: dict | None = None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = out_dir / f".{WEIGHTS}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, out_dir / WEIGHTS)
+    with atomic_output(out_dir / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
     description = {
         "search_space": model.space.to_dict(),
         "arch": model.arch.to_dict(),
         "num_classes": model.num_classes,
         **(extra or {}),
     }
-    tmp = out_dir / f".{ARCH}.tmp"
-    tmp.write_text(yaml.safe_dump(description, sort_keys=False))
-    os.replace(tmp, out_dir / ARCH)
+    atomic_write_text(out_dir / ARCH, yaml.safe_dump(description, sort_keys=False))
     return out_dir
 
 
@@ -60,18 +57,17 @@ def export_onnx(model: StaticSubnet, out_dir: Path, batch: int = 1) -> Path:
     import onnx
 
     out = Path(out_dir) / ONNX
-    tmp = out.with_name(f".{ONNX}.tmp")
     example = torch.zeros(batch, 3, model.arch.resolution, model.arch.resolution)
     model = model.eval()
-    torch.onnx.export(
-        model,
-        (example,),
-        str(tmp),
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        dynamo=False,
-    )
-    onnx.checker.check_model(str(tmp))
-    os.replace(tmp, out)
+    with atomic_output(out) as tmp:
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
+        )
+        onnx.checker.check_model(str(tmp))
     return out

@@ -9,12 +9,12 @@ evaluates only what is missing; lines cut by a kill are skipped (those candidate
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
 
+from fileops import atomic_write_text
 from models.search_space import ArchConfig
 from search.evolution import Candidate, arch_key
 
@@ -50,9 +50,7 @@ class CandidateStore:
         self.cache = read_candidates(out)
         _barrier()  # every rank has read the partial files before rank 0 merges them away
         if rank == 0 and self.cache:  # one clean file: merged partials, no line cut by a kill
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.cache.values()))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.cache.values()))
             for stale in out.glob(PARTIAL.format(rank="*")):
                 stale.unlink()
         _barrier()

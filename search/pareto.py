@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from fileops import atomic_output, atomic_write_text
 from search.evolution import Candidate, best_per_bucket, pareto_front
 
 
@@ -19,10 +19,7 @@ def write_front(
         "best_per_bucket": [c.to_record() for c in best_per_bucket(candidates, bucket_mflops)],
         "marked": {name: c.to_record() for name, c in marked.items()},
     }
-    json_path = Path(out_dir) / "front.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, json_path)
+    json_path = atomic_write_text(Path(out_dir) / "front.json", json.dumps(data, indent=2))
     return json_path, plot_front(candidates, front, marked, Path(out_dir) / "front.png")
 
 
@@ -44,8 +41,7 @@ def plot_front(candidates: list[Candidate], front: list[Candidate], marked: dict
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -29,7 +29,7 @@ from rich.table import Table  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from data_pipeline import DataConfig, build_loader  # noqa: E402
-from data_pipeline.rescale import rescale  # noqa: E402
+from data_pipeline.device_transforms import rescale  # noqa: E402
 from models import AlphaNetSupernet, ArchConfig, ArchSampler, build_supernet, load_named_archs  # noqa: E402
 from models.flops import subnet_cost  # noqa: E402
 from models.search_space import SearchSpace  # noqa: E402

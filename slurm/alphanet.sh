@@ -27,9 +27,8 @@ PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 
 cd "$REPO"
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
-export MASTER_ADDR MASTER_PORT
+export MASTER_ADDR  # the port is derived from SLURM_JOB_ID by the trainer's resolver (port_for_job)
 export ALPHANET_REQUEUE_ON_SIGNAL=1
 if [ "$GPUS_PER_NODE" -eq 0 ]; then export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}; fi
-echo "[$(date -Is)] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_JOB_NUM_NODES node(s), $SLURM_NTASKS task(s), master $MASTER_ADDR:$MASTER_PORT, run $RUN_DIR"
+echo "[$(date -Is)] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_JOB_NUM_NODES node(s), $SLURM_NTASKS task(s), master $MASTER_ADDR, run $RUN_DIR"
 srun --kill-on-bad-exit=1 "$PYTHON" trainer/run.py --config "$CONFIG" --set "run_dir=$RUN_DIR" "$@"

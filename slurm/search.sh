@@ -23,8 +23,7 @@ PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 
 cd "$REPO"
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
-export MASTER_ADDR MASTER_PORT
+export MASTER_ADDR  # the port is derived from SLURM_JOB_ID by the trainer's resolver (port_for_job)
 if [ "$GPUS_PER_NODE" -eq 0 ]; then export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}; fi
 echo "[$(date -Is)] search job $SLURM_JOB_ID: $SLURM_NTASKS task(s), run $RUN_DIR"
 srun --kill-on-bad-exit=1 "$PYTHON" search/run.py --config "$SEARCH_CONFIG" --run-dir "$RUN_DIR" "$@"

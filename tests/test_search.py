@@ -157,7 +157,7 @@ def check_against_supernet(run_dir: Path, folder: Path) -> None:
     from safetensors.torch import load_file
 
     from data_pipeline import build_loader, normalize
-    from data_pipeline.rescale import rescale
+    from data_pipeline.device_transforms import rescale
     from models.ops import DynamicBatchNorm2d
 
     model = load_subnet(folder)

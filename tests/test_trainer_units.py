@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from trainer.distributed import DistributedEnvError, first_host, resolve
+from trainer.distributed import DistributedEnvError, first_host, parse_first_host, port_for_job, resolve
 from trainer.ds_config import build_ds_config, global_batch_size
 from trainer.optim import ClippedSGD, param_groups
 from trainer.schedule import lr_at
 from trainer.trainer_config import TrainerConfig
+
+REPO = Path(__file__).resolve().parent.parent
 
 SLURM = {
     "SLURM_PROCID": "5",
@@ -75,9 +79,35 @@ def test_resolver_rejects_local_rank_without_launcher():
         resolve({}, local_rank_arg=1)
 
 
-def test_first_host_of_node_lists():
-    assert first_host("node[01-04,07]") in ("node01",)
-    assert first_host("single") == "single"
+@pytest.mark.parametrize(
+    "nodelist, first", [("node[01-04,07]", "node01"), ("gpu[7,9]", "gpu7"), ("single", "single"), ("a,b", "a")]
+)
+def test_node_list_parser(nodelist, first):
+    assert parse_first_host(nodelist) == first
+
+
+def test_first_host_asks_scontrol_and_falls_back_to_the_parser(monkeypatch):
+    calls = []
+
+    def scontrol(args, **kwargs):
+        calls.append(args)
+        return subprocess.CompletedProcess(args, 0, stdout="n3\nn4\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", scontrol)
+    assert first_host("n[3-4]") == "n3" and calls[0][:3] == ["scontrol", "show", "hostnames"]
+
+    def missing(args, **kwargs):
+        raise FileNotFoundError("scontrol")
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    assert first_host("node[01-04,07]") == "node01"
+
+
+def test_slurm_port_rule_is_the_resolver_s():
+    env = resolve({**SLURM, "SLURM_JOB_ID": "31234"})
+    assert env.master_port == port_for_job(31234) == 29500 + 31234 % 20000
+    for template in ("slurm/alphanet.sh", "slurm/search.sh"):  # one rule: the templates leave it to the resolver
+        assert "MASTER_PORT=" not in (REPO / template).read_text()
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -8,7 +8,6 @@ via a temporary file and an atomic rename, so a half-written checkpoint is never
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -18,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from fileops import atomic_write_text
 
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step(\d{9})$")
@@ -72,9 +73,7 @@ class Checkpointer:
         if dist.is_initialized():
             dist.barrier()
         if self.rank == 0:
-            tmp = self.dir / f".{LATEST}.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.dir / LATEST)
+            atomic_write_text(self.dir / LATEST, tag)
             self._prune(keep_tag=tag)
         if dist.is_initialized():
             dist.barrier()

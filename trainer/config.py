@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from data_pipeline.config import DataConfig
+from fileops import atomic_write_text
 from losses.config import LossConfig
 from models.config import ModelConfig
 from models.search_space import SearchSpace, load_search_space
@@ -79,11 +80,7 @@ def write_resolved(config: RunConfig, run_dir: Path | None = None) -> Path:
     """Write the resolved config into the run folder (atomically) and return its path."""
     run_dir = Path(run_dir or config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / RESOLVED_CONFIG_NAME
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(config_to_yaml(config))
-    tmp.replace(target)
-    return target
+    return atomic_write_text(run_dir / RESOLVED_CONFIG_NAME, config_to_yaml(config))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

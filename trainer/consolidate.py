@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from fileops import atomic_output
 from trainer.checkpoint import latest_tag
 
 WEIGHTS_NAME = "supernet.safetensors"
@@ -47,10 +47,8 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> tuple[dict[str, t
 def write_safetensors(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> Path:
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
+    with atomic_output(out) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
     return out
 
 

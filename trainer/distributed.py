@@ -53,14 +53,26 @@ def _int(env: Mapping[str, str], key: str) -> int:
         raise DistributedEnvError(f"{key}={env[key]!r} is not an integer") from exc
 
 
+def port_for_job(job_id: int) -> int:
+    """The rendezvous port of a SLURM job: the one rule (the sbatch templates leave it to the resolver), the
+    same on every node of the job, different for jobs that share a node."""
+    return DEFAULT_PORT + job_id % 20000
+
+
 def first_host(nodelist: str) -> str:
-    """First host of a SLURM node list (``node[01-04,07]`` → ``node01``), via scontrol when available."""
+    """First host of a SLURM node list (``node[01-04,07]`` → ``node01``): ``scontrol show hostnames`` when
+    it is installed (it knows every node-list form), else :func:`parse_first_host`."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.split()[0]
     except (OSError, subprocess.TimeoutExpired):
         pass
+    return parse_first_host(nodelist)
+
+
+def parse_first_host(nodelist: str) -> str:
+    """First host of the common node-list forms (``a``, ``a,b``, ``node[01-04,07]``), without scontrol."""
     match = re.match(r"^([^\[,]+)(?:\[([^\]]+)\])?", nodelist)
     if not match:
         raise DistributedEnvError(f"cannot parse SLURM node list {nodelist!r}")
@@ -82,13 +94,10 @@ def resolve(env: Mapping[str, str] | None = None, local_rank_arg: int | None = N
             raise DistributedEnvError(f"SLURM task environment without {missing}: launch each task with srun")
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
         master = env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"])
-        port = (
-            _int(env, "MASTER_PORT")
-            if "MASTER_PORT" in env
-            else DEFAULT_PORT + _int(env, "SLURM_JOB_ID") % 20000
-            if "SLURM_JOB_ID" in env
-            else DEFAULT_PORT
-        )
+        if "MASTER_PORT" in env:
+            port = _int(env, "MASTER_PORT")
+        else:
+            port = port_for_job(_int(env, "SLURM_JOB_ID")) if "SLURM_JOB_ID" in env else DEFAULT_PORT
         return _checked(DistEnv(rank, world, _int(env, "SLURM_LOCALID"), master, port, "slurm"))
     present = [k for k in launcher_keys if k in env]
     if present:

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.batch import Batch
+from data_pipeline.device_transforms import normalize, rescale
 from data_pipeline.loader import ResumableLoader
-from data_pipeline.rescale import normalize, rescale
 from models.search_space import ArchConfig
 from models.static import StaticSubnet, extract_subnet
 

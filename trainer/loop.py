@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import build_loader
-from data_pipeline.rescale import normalize
+from data_pipeline.device_transforms import normalize
 from losses import build_kd_loss, build_label_loss
 from models import ArchSampler, build_supernet
 from trainer.checkpoint import Checkpointer, latest_tag, rng_state, set_rng_state

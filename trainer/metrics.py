@@ -10,6 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fileops import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -20,9 +22,7 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
     kept = [
         line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step
     ]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLogger:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, Python puts trainer/ first on sys.path; drop it so module names there cannot shadow packages.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# Run as a script, Python puts trainer/ first on sys.path: put the repository root there instead, so that
+# module names in trainer/ cannot shadow packages and the project's packages import from this checkout.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE)]
 
 import argparse  # noqa: E402
 

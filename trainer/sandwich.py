@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from data_pipeline.rescale import rescale
+from data_pipeline.device_transforms import rescale
 from losses.divergences import KDLoss
 from models.search_space import ArchConfig, ArchSampler, SearchSpace
 

@@ -1,4 +1,4 @@
-"""On-device batch operations: multi-resolution bicubic rescaling and normalisation."""
+"""Transforms run on the training device: multi-resolution bicubic rescaling and normalisation."""
 
 from __future__ import annotations
 
