@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from losses.cross_entropy import LabelSmoothingCrossEntropy
 from losses.divergences import (
@@ -16,6 +16,7 @@ from losses.divergences import (
     ReverseKLDivergence,
     SymmetricKLDivergence,
 )
+from typedconfig import Range, check_ranges
 
 KDLossName = Literal["adaptive_alpha", "alpha", "kl", "reverse_kl", "symmetric_kl"]
 
@@ -35,22 +36,17 @@ class LossConfig:
     adaptive_choice: AdaptiveChoice = "reference"
     """How ``adaptive_alpha`` picks its branch per sample: ``reference`` compares the clipped values as the
     reference implementation does (α− only when strictly larger); ``exact`` compares the exact divergences."""
-    clip: float | None = 5.0
+    clip: Annotated[float | None, Range(gt=0)] = 5.0
     """β, the clip of the importance weights (p/q)^α for alpha losses; null disables clipping."""
-    temperature: float = 1.0
+    temperature: Annotated[float, Range(gt=0)] = 1.0
     """Softmax temperature of ``kd_loss: kl``."""
-    label_smoothing: float = 0.1
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.1
     """ε of the largest sub-network's cross-entropy, spread as ε/K over all K classes."""
 
     def __post_init__(self) -> None:
-        if self.clip is not None and self.clip <= 0:
-            raise ValueError(f"loss.clip must be positive or null, got {self.clip}")
+        check_ranges(self, "loss")
         if self.kd_loss == "adaptive_alpha" and not self.alpha_minus < self.alpha_plus:
             raise ValueError(f"loss.alpha_minus ({self.alpha_minus}) must be < loss.alpha_plus ({self.alpha_plus})")
-        if self.temperature <= 0:
-            raise ValueError(f"loss.temperature must be positive, got {self.temperature}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 KD_LOSSES: dict[str, Callable[[LossConfig], KDLoss]] = {

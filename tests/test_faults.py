@@ -103,3 +103,24 @@ def test_error_messages_stay_short_for_huge_values(tmp_path):
 def test_a_few_aliases_still_work(tmp_path):
     path = write(tmp_path, "data:\n  mean: &m [0.5, 0.5, 0.5]\n  std: *m\n")
     assert load_config(path).data.std == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("seed=-1", "seed must be >= 0"),
+        ("trainer.momentum=1.5", "trainer.momentum must be in [0, 1)"),
+        ("data.std=[0.2, 0, 0.2]", "data.std must be > 0"),
+        ("search.population=0", None),  # not a run key: refused as unknown
+    ],
+)
+def test_out_of_range_values_exit_2_naming_the_key(repo, override, fragment):
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer.config", "--config", "configs/tiny_cpu.yaml", "--set", override],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert (fragment or "unknown key") in out.stderr

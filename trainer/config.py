@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 
@@ -23,7 +23,7 @@ from losses.config import LossConfig
 from models.config import ModelConfig
 from models.search_space import SearchSpace, load_search_space
 from trainer.trainer_config import TrainerConfig
-from typedconfig import ConfigError, apply_overrides, from_mapping, load_yaml, to_mapping
+from typedconfig import ConfigError, Range, apply_overrides, check_ranges, from_mapping, load_yaml, to_mapping
 
 RESOLVED_CONFIG_NAME = "config.yaml"
 
@@ -32,7 +32,7 @@ RESOLVED_CONFIG_NAME = "config.yaml"
 class RunConfig:
     """Everything one run needs; each component reads only its own section."""
 
-    seed: int = 0
+    seed: Annotated[int, Range(ge=0)] = 0
     """Seed of every random generator (architecture sampler, data order, initialisation)."""
     run_dir: Path = Path("runs/default")
     """Folder of the run: resolved config, logs, metrics, checkpoints."""
@@ -40,6 +40,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "")
 
 
 def _cross_check(config: RunConfig, source: str) -> SearchSpace:

@@ -6,6 +6,7 @@ before heavy work starts: an unknown key, a value of the wrong type, a missing r
 Errors name the dotted key and the file so a user can fix the right line.
 """
 
+from typedconfig.checks import Range, check_ranges
 from typedconfig.core import (
     ConfigError,
     apply_overrides,
@@ -17,7 +18,9 @@ from typedconfig.core import (
 
 __all__ = [
     "ConfigError",
+    "Range",
     "apply_overrides",
+    "check_ranges",
     "from_mapping",
     "load_yaml",
     "parse_override",
