@@ -51,6 +51,11 @@ def _collate(items, resolution: int) -> Batch:
     return Batch(images, labels, valid, skipped)
 
 
+def _one_thread(worker_id: int) -> None:
+    """A data worker decodes one sample at a time: one torch thread, so workers and ranks share the cores."""
+    torch.set_num_threads(1)
+
+
 class WebDatasetBackend:
     def __init__(self, config: DataConfig, split: str, train: bool, seed: int):
         self.config = config
@@ -76,6 +81,7 @@ class WebDatasetBackend:
             # Its own generator: creating the iterator must not consume torch's global RNG, which the
             # trainer checkpoints (dropout) — or a resumed run would draw different masks.
             generator=torch.Generator().manual_seed(epoch),
+            worker_init_fn=_one_thread,
         )
         return iter(loader)
 

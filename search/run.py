@@ -42,7 +42,7 @@ from search.pareto import write_front  # noqa: E402
 from trainer.checkpoint import latest_tag  # noqa: E402
 from trainer.config import RunConfig, load_config  # noqa: E402
 from trainer.consolidate import WEIGHTS_NAME, consolidate  # noqa: E402
-from trainer.distributed import DistEnv, init_distributed, local_device, resolve  # noqa: E402
+from trainer.distributed import DistEnv, configure_threads, init_distributed, local_device, local_world_size, resolve  # noqa: E402
 from trainer.evaluate import calibrated_subnet, collect_calibration, evaluate_arch  # noqa: E402
 from typedconfig import ConfigError, apply_overrides, from_mapping, load_yaml  # noqa: E402
 
@@ -185,8 +185,10 @@ def run_search(
     """load → calibrate → evolve → report → export."""
     env = resolve(local_rank_arg=local_rank_arg)
     device = init_distributed(env) if env.world_size > 1 else local_device(env)
+    threads = configure_threads(None, local_world_size())
     console = Console(width=None if Console().is_terminal else 160)
     say = console.print if env.is_main else (lambda *a, **k: None)
+    say(f"search of {run_dir}: {env.world_size} rank(s), {threads} thread(s) per rank")
     out = run_dir / search.output
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.distributed import DistributedEnvError, first_host, parse_first_host, port_for_job, resolve
+from trainer.distributed import (
+    DistributedEnvError,
+    configure_threads,
+    first_host,
+    local_world_size,
+    parse_first_host,
+    port_for_job,
+    resolve,
+)
 from trainer.ds_config import build_ds_config, global_batch_size
 from trainer.optim import ClippedSGD, param_groups
 from trainer.schedule import lr_at
@@ -164,3 +173,28 @@ def test_trainer_config_rejects_impossible_values():
         TrainerConfig(zero_stage=4)
     with pytest.raises(ValueError, match="num_subnets"):
         TrainerConfig(num_subnets=1)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"LOCAL_WORLD_SIZE": "4"}, 4),
+        ({"LOCAL_SIZE": "2"}, 2),
+        ({"SLURM_NTASKS_PER_NODE": "8"}, 8),
+        ({"SLURM_TASKS_PER_NODE": "8(x2)"}, 8),
+        ({}, 1),
+    ],
+)
+def test_local_world_size_from_each_launcher(env, expected):
+    assert local_world_size(env) == expected
+
+
+def test_threads_are_the_cores_shared_by_the_local_ranks(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    try:
+        assert configure_threads(None, 4) == 4 == torch.get_num_threads()
+        assert configure_threads(None, 32) == 1  # never zero
+        assert configure_threads(3, 4) == 3 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

@@ -145,3 +145,23 @@ def init_distributed(env: DistEnv) -> torch.device:
 def local_device(env: DistEnv) -> torch.device:
     """This rank's device: its local GPU, or the CPU."""
     return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def local_world_size(env: Mapping[str, str] | None = None) -> int:
+    """Processes of this job on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE,
+    SLURM's tasks per node (``8`` or ``8(x2)``), else 1."""
+    env = os.environ if env is None else env
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        match = re.match(r"^\s*(\d+)", env.get(key, ""))
+        if match and int(match.group(1)) > 0:
+            return int(match.group(1))
+    return 1
+
+
+def configure_threads(requested: int | None, local_ranks: int) -> int:
+    """Set this process's torch thread count: ``requested``, or the cores it may run on ÷ ``local_ranks`` (at
+    least 1), so that ranks sharing a node do not oversubscribe it.  Returns the count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = requested or max(1, cores // max(1, local_ranks))
+    torch.set_num_threads(threads)
+    return threads

@@ -23,7 +23,7 @@ from losses import build_kd_loss, build_label_loss
 from models import ArchSampler, build_supernet
 from trainer.checkpoint import Checkpointer, latest_tag, rng_state, set_rng_state
 from trainer.config import RunConfig, config_hash, write_resolved
-from trainer.distributed import init_distributed, resolve
+from trainer.distributed import configure_threads, init_distributed, local_world_size, resolve
 from trainer.ds_config import global_batch_size
 from trainer.engine import build_engine
 from trainer.evaluate import collect_calibration, evaluate_arch
@@ -54,6 +54,7 @@ class Trainer:
         self.env = resolve(local_rank_arg=local_rank_arg)
         self.device = init_distributed(self.env)
         self.rank, self.world = self.env.rank, self.env.world_size
+        self.threads = configure_threads(self.config.trainer.threads_per_rank, local_world_size())
         random.seed(self.config.seed + self.rank)
         np.random.seed(self.config.seed + self.rank)
 
@@ -251,7 +252,8 @@ class Trainer:
             self.log.print(f"resumed from {self.checkpointer.dir / self.resumed_from} at step {self.global_step}")
         self.log.print(
             f"training {self.space.name} supernet: {self.world} rank(s), global batch {self.global_batch}, "
-            f"{self.steps_per_epoch} steps/epoch, {self.final_step} steps, lr {self.base_lr:.4f}"
+            f"{self.steps_per_epoch} steps/epoch, {self.final_step} steps, lr {self.base_lr:.4f}, "
+            f"{self.threads} thread(s) per rank, {self.config.data.num_workers} data worker(s) per rank"
         )
         results: dict[str, Any] = {"global_step": self.global_step, "skipped_steps": self.skipped_total}
         if self.global_step >= self.final_step:  # rerunning a finished run: only validate

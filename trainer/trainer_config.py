@@ -51,6 +51,8 @@ class TrainerConfig:
     calib_batches: Annotated[int, Range(ge=1)] = 16
     """Training batches used to recalibrate BatchNorm statistics before each evaluation."""
     tensorboard: bool = True
+    threads_per_rank: Annotated[int | None, Range(ge=1)] = None
+    """torch threads of each rank; null: the cores the process may use ÷ the ranks on its node."""
 
     def __post_init__(self) -> None:
         check_ranges(self, "trainer")
