@@ -18,7 +18,7 @@ from losses.divergences import (
 )
 from typedconfig import Range, check_ranges
 
-KDLossName = Literal["adaptive_alpha", "alpha", "kl", "reverse_kl", "symmetric_kl"]
+KDLossName = Literal["adaptive_alpha", "alpha", "kl", "reverse_kl", "symmetric_kl", "none"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -26,7 +26,8 @@ class LossConfig:
     """Losses of the sandwich rule: label-smoothed CE for the largest net, a KD loss for the others."""
 
     kd_loss: KDLossName = "adaptive_alpha"
-    """KD loss of the distilled sub-networks: adaptive_alpha | alpha | kl | reverse_kl | symmetric_kl."""
+    """KD loss of the distilled sub-networks: adaptive_alpha | alpha | kl | reverse_kl | symmetric_kl; ``none``:
+    every sub-network trains on the label-smoothed CE (the paper's "w/o KD" rows)."""
     alpha: float = 1.0
     """α of ``kd_loss: alpha``."""
     alpha_minus: float = -1.0
@@ -58,9 +59,9 @@ KD_LOSSES: dict[str, Callable[[LossConfig], KDLoss]] = {
 }
 
 
-def build_kd_loss(config: LossConfig) -> KDLoss:
-    """The KD loss named by ``config.kd_loss``."""
-    return KD_LOSSES[config.kd_loss](config)
+def build_kd_loss(config: LossConfig) -> KDLoss | None:
+    """The KD loss named by ``config.kd_loss`` (None for ``none``: no distillation)."""
+    return None if config.kd_loss == "none" else KD_LOSSES[config.kd_loss](config)
 
 
 def build_label_loss(config: LossConfig) -> LabelSmoothingCrossEntropy:

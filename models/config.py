@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
+from models.init import InitScheme
 from typedconfig import Range, check_ranges
 
 
@@ -26,6 +27,9 @@ class ModelConfig:
     bn_momentum: Annotated[float | None, Range(ge=0, le=1)] = 0.0
     """BatchNorm running-statistics momentum during training. The reference uses 0 (statistics never
     updated) because every sub-network is recalibrated before evaluation; None is a cumulative average."""
+    init: InitScheme = "reference"
+    """Weight initialisation: ``reference`` (PyTorch's layer defaults, what the reference trains with) or
+    ``kaiming_fan_out`` (Kaiming-normal fan-out convolutions, N(0, 0.01) classifier)."""
     zero_init_residual_bn: bool = True
     """Start the last BatchNorm gamma of every block at zero, so each block starts as its shortcut."""
 

@@ -308,11 +308,14 @@ class ArchSampler:
         return self.space.largest().with_genes(genes)
 
     def mutate(self, arch: ArchConfig, prob: float) -> ArchConfig:
-        """Each gene is redrawn uniformly from its choices with probability ``prob``."""
+        """Each gene mutates with probability ``prob`` to a value drawn uniformly from its *other* choices (the
+        reference's rule: a mutation always changes the gene; a gene with one choice stays)."""
         genes = {}
         for gene, choices in self.space.choices():
             if self._rng.random() < prob:
-                genes[gene] = self._pick(choices)
+                others = tuple(c for c in choices if c != arch.get_gene(gene))
+                if others:
+                    genes[gene] = self._pick(others)
         return arch.with_genes(genes)
 
     def crossover(self, a: ArchConfig, b: ArchConfig) -> ArchConfig:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
+from models.init import init_weights
 from models.ops import (
     DynamicBatchNorm2d,
     DynamicConv2d,
@@ -99,6 +100,7 @@ class AlphaNetSupernet(nn.Module):
         self.feature_mix_conv = DynamicConv2d(max_expanded, max(space.head.widths), 1)
         self.classifier = DynamicLinear(max(space.head.widths), config.num_classes)
 
+        init_weights(self, config.init)
         if config.zero_init_residual_bn:
             for block in self.blocks:
                 nn.init.zeros_(block.project_bn.weight)

@@ -13,10 +13,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import AlphaNetSupernet, ArchSampler, ModelConfig, StaticSubnet, extract_subnet, load_named_archs
 from models.flops import subnet_cost
-from models.ops import make_divisible
+from models.ops import DynamicConv2d, DynamicDepthwiseConv2d, make_divisible
 from models.subnet_plan import plan_subnet
 
-PAPER_MFLOPS = {"a0": 203, "a1": 279, "a2": 317, "a3": 357, "a4": 444, "a5": 491, "a6": 709}
+# The paper's Table 3, plus a5_1 as the reference code reports it (not in the paper).
+PAPER_MFLOPS = {"a0": 203, "a1": 279, "a2": 317, "a3": 357, "a4": 444, "a5": 491, "a5_1": 594.79, "a6": 709}
 
 
 def randomise(module: nn.Module, seed: int = 0) -> None:
@@ -218,3 +219,22 @@ def test_subnet_plan_follows_the_space_rules(repo, alphanet_space):
     assert sum(b.identity for b in plan.blocks) == 21 - 6  # every block but the first of mb2..mb7
     assert (plan.head.in_channels, plan.head.expanded, plan.head.width) == (224, 6 * 224, 1984)
     assert plan.blocks[0].mid_channels == 16 and plan.blocks[2].mid_channels == make_divisible(16 * 4, 8)
+
+
+def test_reference_init_is_pytorchs_layer_default(tiny_space):
+    torch.manual_seed(0)
+    net = AlphaNetSupernet(tiny_space, ModelConfig(search_space="tiny", num_classes=10))
+    convs = [m for m in net.modules() if isinstance(m, DynamicConv2d | DynamicDepthwiseConv2d)]
+    assert len(convs) > 10
+    for conv in convs:
+        fan_in = conv.weight[0].numel()
+        bound = 1.0 / fan_in**0.5  # Kaiming-uniform with a = √5: gain √(2/6), bound gain·√(3/fan_in)
+        assert conv.weight.abs().max() <= bound + 1e-7
+        assert conv.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.25)
+    linear_bound = 1.0 / net.classifier.weight.shape[1] ** 0.5
+    assert net.classifier.bias.abs().max() <= linear_bound and net.classifier.bias.abs().max() > 0
+    kaiming = AlphaNetSupernet(tiny_space, ModelConfig(search_space="tiny", num_classes=10, init="kaiming_fan_out"))
+    assert torch.all(kaiming.classifier.bias == 0)
+    assert kaiming.classifier.weight.std().item() == pytest.approx(0.01, rel=0.2)
+    for model in (net, kaiming):  # zero-γ of each block's last BN in both schemes
+        assert all(torch.all(block.project_bn.weight == 0) for block in model.blocks)

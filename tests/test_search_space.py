@@ -86,7 +86,10 @@ def test_mutation_and_crossover(alphanet_space):
     assert sampler.mutate(parent, 0.0) == parent
     changed = [sampler.mutate(parent, 1.0) for _ in range(20)]
     assert all(c.problems(alphanet_space) == [] for c in changed)
-    assert any(c != parent for c in changed)
+    # At probability 1 every gene with more than one choice changes (a mutation never redraws the same value).
+    for child in changed:
+        for gene, choices in alphanet_space.choices():
+            assert (child.get_gene(gene) != parent.get_gene(gene)) == (len(choices) > 1), gene
     a, b = alphanet_space.smallest(), alphanet_space.largest()
     child = sampler.crossover(a, b)
     genes = [g for g, _ in alphanet_space.choices()]

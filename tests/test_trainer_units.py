@@ -198,3 +198,36 @@ def test_threads_are_the_cores_shared_by_the_local_ranks(monkeypatch):
         assert configure_threads(3, 4) == 3 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_without_kd_every_subnet_trains_on_the_labels():
+    from losses import LossConfig, build_kd_loss, build_label_loss
+    from models import ArchSampler, ModelConfig, build_supernet
+    from trainer.sandwich import SandwichStep, sample_sandwich
+
+    assert build_kd_loss(LossConfig(kd_loss="none")) is None
+    torch.manual_seed(0)
+    net = build_supernet(ModelConfig(search_space="tiny", num_classes=10, dropout=0.0, drop_connect=0.0))
+    subnets = sample_sandwich(net.space, ArchSampler(net.space, 0), 3)
+    assert [s.role for s in subnets] == ["teacher", "student", "student"]
+
+    class Engine:  # the engine interface over the plain module
+        def __call__(self, x):
+            return net(x)
+
+        def set_gradient_accumulation_boundary(self, flag):
+            pass
+
+        def backward(self, loss):
+            loss.backward()
+
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    label_loss = build_label_loss(LossConfig())
+    metrics = SandwichStep(label_loss, None)(Engine(), net, subnets, images, labels)
+    assert not any(k.startswith("kd_div/") for k in metrics)
+    for subnet in subnets[1:]:
+        net.set_arch(subnet.arch)
+        expected = label_loss(
+            net(torch.nn.functional.interpolate(images, size=subnet.arch.resolution, mode="bicubic")), labels
+        )
+        assert metrics[f"loss/{subnet.name}"].item() == pytest.approx(expected.item(), rel=1e-5)

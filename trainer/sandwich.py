@@ -41,7 +41,8 @@ class SandwichStep:
     """Forward + backward of every sub-network of one mini-batch; returns per-sub-network metrics
     (detached tensors, so that no device sync happens until they are logged)."""
 
-    def __init__(self, label_loss: torch.nn.Module, kd_loss: KDLoss):
+    def __init__(self, label_loss: torch.nn.Module, kd_loss: KDLoss | None):
+        """``kd_loss`` None: the students train on the labels too (no distillation)."""
         self.label_loss = label_loss
         self.kd_loss = kd_loss
 
@@ -65,6 +66,8 @@ class SandwichStep:
             if is_teacher:
                 loss = self.label_loss(logits, labels)
                 teacher = logits.detach()
+            elif self.kd_loss is None:
+                loss = self.label_loss(logits, labels)
             else:
                 loss = self.kd_loss(logits, teacher)
                 metrics[f"kd_div/{subnet.name}"] = self.kd_loss.divergence(logits.detach(), teacher).mean()
