@@ -31,6 +31,9 @@ class SearchConfig:
     """Width of the FLOPs buckets for parent selection and the per-bucket front."""
     calib_batches: Annotated[int, Range(ge=1)] = 32
     """Training batches (per rank, loaded once per resolution) for BN recalibration of every candidate."""
+    marked_calib_batches: Annotated[int | None, Range(ge=1)] = None
+    """Calibration batches for the marked models (the reference recalibrates its final A0–A6 evaluation on
+    64 × 256 images, its search candidates on 32 × 256); None: ``calib_batches``."""
     val_batches: Annotated[int | None, Range(ge=1)] = None
     """Validation batches used per candidate (None: the whole split)."""
     batch_size: Annotated[int | None, Range(ge=1)] = None

@@ -20,6 +20,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE)]
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
 import torch  # noqa: E402
@@ -58,19 +59,20 @@ class CandidateEvaluator:
         self.supernet, self.calib, self.val, self.data, self.device = supernet, calib, val, data, device
         self._calib_at: dict[int, list[torch.Tensor]] = {}
 
-    def calibration(self, resolution: int) -> list[torch.Tensor]:
+    def calibration(self, resolution: int, batches: int) -> list[torch.Tensor]:
+        """The first ``batches`` calibration batches at ``resolution``."""
         if resolution not in self._calib_at:
             self._calib_at[resolution] = [rescale(x, resolution) for x in self.calib]
-        return self._calib_at[resolution]
+        return self._calib_at[resolution][:batches]
 
-    def calibrated(self, arch: ArchConfig) -> StaticSubnet:
-        return calibrated_subnet(self.supernet, arch, self.calibration(arch.resolution), across_ranks=False)
+    def calibrated(self, arch: ArchConfig, batches: int) -> StaticSubnet:
+        return calibrated_subnet(self.supernet, arch, self.calibration(arch.resolution, batches), across_ranks=False)
 
-    def __call__(self, arch: ArchConfig) -> Candidate:
+    def __call__(self, arch: ArchConfig, batches: int) -> Candidate:
         scores = evaluate_arch(
             self.supernet,
             arch,
-            self.calibration(arch.resolution),
+            self.calibration(arch.resolution, batches),
             self.val,
             mean=self.data.mean,
             std=self.data.std,
@@ -110,7 +112,8 @@ def load_batches(search: SearchConfig, data: DataConfig, device) -> tuple[list[t
     """(normalised calibration batches, validation batches), the same on every rank, so that a candidate's
     score does not depend on which rank (or how many ranks) evaluated it."""
     calib_loader = build_loader(data, data.train_split, train=True, seed=search.seed + 1)
-    calib = collect_calibration(calib_loader, search.calib_batches, device, data.mean, data.std)
+    count = max(search.calib_batches, search.marked_calib_batches or 0)
+    calib = collect_calibration(calib_loader, count, device, data.mean, data.std)
     val = []
     for batch in build_loader(data, data.val_split, train=False):
         val.append(batch)
@@ -123,6 +126,7 @@ def evolve(
     search: SearchConfig, space: SearchSpace, num_classes: int, store: CandidateStore, evaluate, say
 ) -> list[Candidate]:
     """Generation 0 plus ``search.iterations`` generations of crossover and mutation children."""
+    evaluate = functools.partial(evaluate, batches=search.calib_batches)
     sampler = ArchSampler(space, search.seed)
     constrained = FlopsConstrainedSampler(space, sampler, search.min_mflops, search.max_mflops, num_classes)
     seen: set[str] = set()
@@ -150,7 +154,8 @@ def score_marked(search: SearchConfig, space: SearchSpace, store: CandidateStore
         return {}
     _, named = load_named_archs(search.mark_models)
     inside = {name: arch for name, arch in named.items() if not arch.problems(space)}
-    return dict(zip(inside, store.score(list(inside.values()), evaluate)))
+    batches = search.marked_calib_batches or search.calib_batches
+    return dict(zip(inside, store.score(list(inside.values()), functools.partial(evaluate, batches=batches))))
 
 
 def report(search: SearchConfig, population: list[Candidate], marked: dict[str, Candidate], out: Path, console) -> None:
@@ -167,12 +172,20 @@ def report(search: SearchConfig, population: list[Candidate], marked: dict[str, 
 
 
 def export(
-    specs: list[str], population: list[Candidate], marked: dict[str, Candidate], evaluate, out: Path, console
+    search: SearchConfig,
+    specs: list[str],
+    population: list[Candidate],
+    marked: dict[str, Candidate],
+    evaluate: CandidateEvaluator,
+    out: Path,
+    console,
 ) -> None:
-    """Each ``--export`` spec: the chosen candidate recalibrated, saved and checked."""
+    """Each ``--export`` spec: the chosen candidate recalibrated as it was scored, saved and checked."""
     for spec in specs:
         name, chosen = choose(spec, population, marked)
-        folder, torch_diff, onnx_diff = export_subnet(evaluate.calibrated(chosen.arch), chosen, out / "exports" / name)
+        batches = (search.marked_calib_batches or search.calib_batches) if spec in marked else search.calib_batches
+        model = evaluate.calibrated(chosen.arch, batches)
+        folder, torch_diff, onnx_diff = export_subnet(model, chosen, out / "exports" / name)
         console.print(
             f"exported {name} ({chosen.mflops:.2f} MFLOPs, top-1 {chosen.top1:.2f}%) to {folder}: "
             f"reload max diff {torch_diff:.2e}, ONNX max diff {onnx_diff:.2e}"
@@ -203,7 +216,7 @@ def run_search(
         marked = score_marked(search, supernet.space, store, evaluate)
         if env.is_main:
             report(search, population, marked, out, console)
-            export(exports, population, marked, evaluate, out, console)
+            export(search, exports, population, marked, evaluate, out, console)
     finally:
         if dist.is_initialized():
             dist.barrier()

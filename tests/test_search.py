@@ -88,6 +88,7 @@ def run_dir(tmp_path_factory, repo) -> Path:
             "mutations": 2,
             "iterations": 1,
             "calib_batches": 2,
+            "marked_calib_batches": 3,
             "val_batches": 2,
             "batch_size": 50,
             "bucket_mflops": 0.2,
@@ -123,9 +124,9 @@ def test_search_writes_front_resumes_and_exports(run_dir, repo, monkeypatch, tmp
     calls = {"n": 0}
     real_call = search.CandidateEvaluator.__call__
 
-    def counting(self, arch):
+    def counting(self, arch, batches):
         calls["n"] += 1
-        return real_call(self, arch)
+        return real_call(self, arch, batches)
 
     monkeypatch.setattr(search.CandidateEvaluator, "__call__", counting)
     assert search.main(search_cmd(run_dir)[1:]) == 0
@@ -143,13 +144,14 @@ def test_search_writes_front_resumes_and_exports(run_dir, repo, monkeypatch, tmp
     assert {key(r): r["top1"] for r in again} == {key(r): r["top1"] for r in records}
 
     # Exports reload without the supernet; PyTorch and ONNX agree with the recalibrated supernet.
-    for name in ("tiny_m", "pareto_0.6mflops"):
+    # The marked model was recalibrated on marked_calib_batches (3), a candidate on calib_batches (2).
+    for name, calib_batches in (("tiny_m", 3), ("pareto_0.6mflops", 2)):
         folder = out / "exports" / name
         assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "arch.yaml", "model.onnx"}
-        check_against_supernet(run_dir, folder)
+        check_against_supernet(run_dir, folder, calib_batches)
 
 
-def check_against_supernet(run_dir: Path, folder: Path) -> None:
+def check_against_supernet(run_dir: Path, folder: Path, calib_batches: int) -> None:
     """The model exported to ``folder`` (reloaded without the supernet, and its ONNX graph) equals the
     supernet's output for its arch after the same BN recalibration."""
     import numpy as np
@@ -171,7 +173,7 @@ def check_against_supernet(run_dir: Path, folder: Path) -> None:
     calib = []
     for batch in build_loader(data, "train", train=True, seed=1):  # what the search used (seed + 1)
         calib.append(rescale(normalize(batch.images, data.mean, data.std), model.arch.resolution))
-        if len(calib) == 2:
+        if len(calib) == calib_batches:
             break
     bns = [m for m in net.modules() if isinstance(m, DynamicBatchNorm2d)]
     for bn in bns:
