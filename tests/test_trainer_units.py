@@ -121,14 +121,14 @@ def test_slurm_port_rule_is_the_resolver_s():
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_ds_config_batch_arithmetic_and_explicit_settings(stage):
-    tc = TrainerConfig(zero_stage=stage, gradient_accumulation_steps=2, bf16=stage == 2)
+    tc = TrainerConfig(zero_stage=stage, gradient_accumulation_steps=2, bf16=stage == 1)
     config = build_ds_config(tc, micro_batch=32, world_size=64)
     assert config["train_batch_size"] == 32 * 64
     assert config["gradient_accumulation_steps"] == 1  # the trainer accumulates with explicit boundaries
     assert config["gradient_clipping"] == 0.0  # clipping by value happens in the optimizer
     assert config["zero_optimization"]["stage"] == stage
     assert config["zero_allow_untested_optimizer"] is True
-    assert ("bf16" in config) == (stage == 2) and (config.get("data_types") == {"buffer_dtype": "bf16"}) == (stage == 2)
+    assert ("bf16" in config) == (stage == 1) and ("data_types" in config) == (stage == 1)
     assert global_batch_size(tc, micro_batch=32, world_size=64) == 4096
 
 
@@ -231,3 +231,11 @@ def test_without_kd_every_subnet_trains_on_the_labels():
             net(torch.nn.functional.interpolate(images, size=subnet.arch.resolution, mode="bicubic")), labels
         )
         assert metrics[f"loss/{subnet.name}"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_bf16_accumulates_in_fp32_and_needs_zero_1():
+    config = build_ds_config(TrainerConfig(bf16=True, zero_stage=1), micro_batch=4, world_size=2)
+    assert config["data_types"]["grad_accum_dtype"] == "fp32" and config["communication_data_type"] == "fp32"
+    for stage in (0, 2, 3):
+        with pytest.raises(ValueError, match="zero_stage 1"):
+            TrainerConfig(bf16=True, zero_stage=stage)

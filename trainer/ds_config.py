@@ -27,8 +27,11 @@ def build_ds_config(trainer: TrainerConfig, *, micro_batch: int, world_size: int
         "wall_clock_breakdown": False,
     }
     if trainer.bf16:
+        # bf16 weights and activations, but the N backward passes accumulate and reduce in fp32: DeepSpeed's
+        # BF16 optimizer (ZeRO-1) keeps fp32 gradients and fp32 master weights.
         config["bf16"] = {"enabled": True}
-        config["data_types"] = {"buffer_dtype": "bf16"}
+        config["data_types"] = {"buffer_dtype": "bf16", "grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
     assert (
         config["train_batch_size"]
         == config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * world_size

@@ -35,7 +35,8 @@ class TrainerConfig:
     zero_stage: Annotated[int, Range(ge=0, le=3)] = 0
     """DeepSpeed ZeRO stage 0–3."""
     bf16: bool = False
-    """bfloat16 mixed precision (GPUs with bf16 support)."""
+    """bfloat16 weights and activations with fp32 master weights and fp32 gradient accumulation and reduction
+    (DeepSpeed's BF16 optimizer, ZeRO stage 1 only)."""
     gradient_accumulation_steps: Annotated[int, Range(ge=1)] = 1
     """Mini-batches per optimizer step (each runs the full sandwich)."""
     checkpoint_every_steps: Annotated[int, Range(ge=1)] = 1000
@@ -56,3 +57,8 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "trainer")
+        if self.bf16 and self.zero_stage != 1:
+            raise ValueError(
+                f"trainer.bf16 needs trainer.zero_stage 1 (got {self.zero_stage}): that is where DeepSpeed accumulates "
+                "and reduces bf16 gradients in fp32 (its BF16 optimizer); use fp32 for other stages"
+            )

@@ -1,6 +1,6 @@
 """Worker for test_trainer_equivalence: a few sandwich steps through a DeepSpeed engine, weights saved by rank 0.
 
-Launched as ``python -m torch.distributed.run --nproc_per_node 2 tests/workers/sandwich_equivalence.py STAGE OUT``.
+Launched as ``python -m torch.distributed.run --nproc_per_node 2 tests/workers/sandwich_equivalence.py STAGE OUT [bf16]``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ def batches_for(rank: int, step: int, n: int = 6):
 
 def main() -> None:
     stage, out = int(sys.argv[1]), sys.argv[2]
+    bf16 = len(sys.argv) > 3 and sys.argv[3] == "bf16"
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, ModelConfig, build_supernet
     from trainer.distributed import init_distributed, resolve
@@ -31,7 +32,7 @@ def main() -> None:
     net = build_supernet(
         ModelConfig(search_space="tiny", num_classes=10, dropout=0.0, drop_connect=0.0, zero_init_residual_bn=False)
     )
-    tc = TrainerConfig(zero_stage=stage, weight_decay=1e-3, grad_clip_value=0.05)
+    tc = TrainerConfig(zero_stage=stage, weight_decay=1e-3, grad_clip_value=0.05, bf16=bf16)
     engine = build_engine(net, tc, micro_batch=6, world_size=env.world_size, lr=0.1).engine
     sampler = ArchSampler(engine.module.space, seed=0)
     step_fn = SandwichStep(build_label_loss(LossConfig()), build_kd_loss(LossConfig()))
@@ -43,6 +44,10 @@ def main() -> None:
         engine.step()
     with gathered(engine.module, stage):
         state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    if bf16:  # the fp32 master weights the optimizer updates (the module holds their bf16 copies)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state.update({k: safe_get_full_fp32_param(p).clone() for k, p in engine.module.named_parameters()})
     if env.rank == 0:
         torch.save(state, out)
     torch.distributed.barrier()
