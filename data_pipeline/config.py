@@ -29,8 +29,9 @@ class DataConfig:
     """Area range of RandomResizedCrop (bicubic)."""
     hflip: bool = True
     """Random horizontal flips during training (off for digits-like data where it changes meaning)."""
-    auto_augment: bool = False
-    """torchvision AutoAugment (ImageNet policy) during training."""
+    auto_augment: Literal["none", "imagenet", "v0"] = "none"
+    """AutoAugment during training: ``v0`` is the TF/EfficientNet policy the reference trains with (timm's
+    implementation, mean-colour fill); ``imagenet`` is torchvision's ImageNet policy (fill 0)."""
     eval_resize: Annotated[int, Range(ge=8)] = 36
     """Eval transform: resize the short side to this (bicubic), then centre-crop ``base_resolution``."""
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)

@@ -113,7 +113,7 @@ class FFCVBackend:
             raise DataError(f"missing FFCV file {self.path}")
         self._num_samples = int(entry["count"])
         self._skipped_at_prepare = split_entry(config.root, split).get("ffcv_skipped", [])
-        self._torch_augment = train_transform(config, crop=False) if train and config.auto_augment else None
+        self._torch_augment = train_transform(config, crop=False) if train and config.auto_augment != "none" else None
         try:
             self._loader = self._build_loader()
         except Exception as exc:  # FFCV reports a damaged file with assorted low-level errors

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
+from PIL import Image, ImageOps
+from timm.data.auto_augment import auto_augment_transform
 from torchvision.transforms import v2
 
 from data_pipeline.config import DataConfig
@@ -20,9 +25,41 @@ def train_transform(config: DataConfig, *, crop: bool = True) -> v2.Compose:
         )
         if config.hflip:
             steps.append(v2.RandomHorizontalFlip())
-    if config.auto_augment:
+    if config.auto_augment == "imagenet":
         steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
+    elif config.auto_augment == "v0":
+        steps.append(TFAutoAugmentV0(config))
     return v2.Compose(steps)
+
+
+def _posterize(image: Image.Image, bits: int, **_) -> Image.Image:
+    """Keep ``bits`` most significant bits; 0 bits gives a black image, as in the TF policy (v0 asks for 0
+    bits at one magnitude, which current Pillow refuses)."""
+    if bits >= 8:
+        return image
+    if bits <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits)
+
+
+class TFAutoAugmentV0:
+    """The TF/EfficientNet AutoAugment "v0" policy (timm's implementation) on uint8 CHW tensors, with the
+    reference's hyper-parameters: translations up to 45 % of the image side, fill with the mean colour."""
+
+    def __init__(self, config: DataConfig):
+        mean = tuple(round(255 * m) for m in config.mean)
+        hparams = {"translate_const": int(config.base_resolution * 0.45), "img_mean": mean}
+        self.policy = auto_augment_transform("v0", hparams)
+        for sub_policy in self.policy.policy:
+            for op in sub_policy:
+                if op.name == "Posterize":
+                    op.aug_fn = _posterize
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return v2.functional.pil_to_tensor(self.policy(v2.functional.to_pil_image(image)))
+
+    def __repr__(self) -> str:
+        return "TFAutoAugmentV0()"
 
 
 def eval_transform(config: DataConfig) -> v2.Compose:
@@ -33,7 +70,15 @@ def eval_transform(config: DataConfig) -> v2.Compose:
 
 
 def seeded(transform: v2.Compose, image: torch.Tensor, seed: int) -> torch.Tensor:
-    """Apply ``transform`` with torch's RNG seeded to ``seed``, leaving the caller's RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return transform(image)
+    """Apply ``transform`` with torch's, Python's and NumPy's global RNGs seeded from ``seed`` (torchvision
+    draws from the first, timm's AutoAugment from the others), leaving the caller's RNG states untouched."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            return transform(image)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)

@@ -167,5 +167,5 @@ def test_imagenet_recipe_is_the_papers(repo):
         1e-5,
     )
     assert (c.trainer.grad_clip_value, c.loss.clip, c.loss.alpha_minus, c.loss.alpha_plus) == (1.0, 5.0, -1.0, 1.0)
-    assert (c.model.dropout, c.model.drop_connect, c.loss.label_smoothing, c.data.auto_augment) == (0.2, 0.2, 0.1, True)
+    assert (c.model.dropout, c.model.drop_connect, c.loss.label_smoothing, c.data.auto_augment) == (0.2, 0.2, 0.1, "v0")
     assert c.data.batch_size == 32 and c.model.search_space == "alphanet"

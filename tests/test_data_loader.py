@@ -260,9 +260,10 @@ def test_ffcv_bad_input_is_reported_and_a_damaged_file_fails_at_start(tmp_path):
         build_loader(config(out, "ffcv", batch_size=4, base_resolution=16), "train", train=True)
 
 
+@pytest.mark.parametrize("policy", ["imagenet", "v0"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_auto_augment_is_seeded_per_sample(digits, fmt):
-    cfg = config(digits, fmt, auto_augment=True)
+def test_auto_augment_is_seeded_per_sample(digits, fmt, policy):
+    cfg = config(digits, fmt, auto_augment=policy)
     plain = next(iter(build_loader(config(digits, fmt), "train", train=True, seed=3)))
     first = build_loader(cfg, "train", train=True, seed=3)
     a = [b.images.clone() for _, b in zip(range(3), first)]
@@ -270,3 +271,29 @@ def test_auto_augment_is_seeded_per_sample(digits, fmt):
     resumed.load_state_dict({**first.state_dict(), "epoch": 0, "position": 2})
     assert torch.equal(next(iter(resumed)).images, a[2])
     assert a[0].shape == plain.images.shape and not torch.equal(a[0], plain.images)
+
+
+def test_v0_policy_is_timms_tf_autoaugment_with_mean_fill():
+    from timm.data.auto_augment import auto_augment_transform
+    from torchvision.transforms.v2 import functional as F2
+
+    from data_pipeline.transforms import TFAutoAugmentV0, seeded
+
+    cfg = DataConfig(base_resolution=32, auto_augment="v0", mean=(0.5, 0.25, 0.75))
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ours = [seeded(TFAutoAugmentV0(cfg), image, s) for s in range(40)]
+    policy = auto_augment_transform("v0", {"translate_const": 14, "img_mean": (128, 64, 191)})
+    import random as pyrandom
+
+    compared = 0
+    for s, got in enumerate(ours):
+        pyrandom.seed(s)
+        np.random.seed(s)
+        try:
+            expected = F2.pil_to_tensor(policy(F2.to_pil_image(image)))
+        except ValueError:  # timm asks Pillow to keep 0 bits, which it refuses; ours gives the TF black image
+            assert got.shape == image.shape and got.dtype == torch.uint8
+            continue
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        compared += 1
+    assert compared > 30 and sum(not torch.equal(o, image) for o in ours) > 20  # the policy does change images
