@@ -56,12 +56,19 @@ def split_entry(root: Path, split: str) -> dict[str, Any]:
     return splits[split]
 
 
+def _inside(root: Path, name: object) -> Path:
+    """``root / name`` for a plain file name; a path that would leave ``root`` is a DataError."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise DataError(f"{manifest_path(root)} names {name!r}: a file must be named inside {root}")
+    return Path(root) / name
+
+
 def webdataset_shards(root: Path, split: str) -> list[Path]:
     """The WebDataset shard files the manifest lists for ``split``."""
-    names = [s["name"] for s in split_entry(root, split).get("webdataset", {}).get("shards", [])]
+    names = [s.get("name") for s in split_entry(root, split).get("webdataset", {}).get("shards", [])]
     if not names:
         raise DataError(f"{manifest_path(root)} lists no WebDataset shards for split '{split}'")
-    return [Path(root) / name for name in names]
+    return [_inside(root, name) for name in names]
 
 
 def ffcv_entry(root: Path, split: str) -> dict[str, Any]:
@@ -69,6 +76,7 @@ def ffcv_entry(root: Path, split: str) -> dict[str, Any]:
     entry = split_entry(root, split)
     if "ffcv" not in entry:
         raise DataError(f"{manifest_path(root)} has no FFCV file for split '{split}'")
+    _inside(root, entry["ffcv"].get("name"))
     return entry["ffcv"]
 
 

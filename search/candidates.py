@@ -27,11 +27,11 @@ def read_candidates(out: Path) -> dict[str, dict]:
     cache = {}
     for path in [out / CANDIDATES, *sorted(out.glob(PARTIAL.format(rank="*")))]:
         if path.is_file():
-            for line in path.read_text().splitlines():
+            for line in path.read_text(errors="replace").splitlines():
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
+                    record = Candidate.from_record(json.loads(line)).to_record()
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                    continue  # a line cut by a kill, or not a candidate: evaluated again
                 cache[arch_key(Candidate.from_record(record).arch)] = record
     return cache
 
@@ -49,9 +49,10 @@ class CandidateStore:
         self.path, self.partial = out / CANDIDATES, out / PARTIAL.format(rank=rank)
         self.cache = read_candidates(out)
         _barrier()  # every rank has read the partial files before rank 0 merges them away
-        if rank == 0 and self.cache:  # one clean file: merged partials, no line cut by a kill
+        partials = list(out.glob(PARTIAL.format(rank="*")))
+        if rank == 0 and (self.path.exists() or partials):  # one clean file: partials merged, no cut line left
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.cache.values()))
-            for stale in out.glob(PARTIAL.format(rank="*")):
+            for stale in partials:
                 stale.unlink()
         _barrier()
 

@@ -47,6 +47,8 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "search")
+        if not self.output or Path(self.output).name != self.output or self.output in (".", ".."):
+            raise ValueError(f"search.output must be a folder name inside the run folder, got {self.output!r}")
         if not self.min_mflops < self.max_mflops:
             raise ValueError(f"search needs min_mflops < max_mflops, got {self.min_mflops} and {self.max_mflops}")
 

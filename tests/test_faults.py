@@ -3,6 +3,7 @@ traceback, a hang or memory exhaustion."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ import time
 
 import pytest
 
+from models import load_search_space
 from trainer.config import load_config
 from typedconfig import ConfigError, apply_overrides
 from typedconfig.core import MAX_YAML_BYTES
@@ -124,3 +126,56 @@ def test_out_of_range_values_exit_2_naming_the_key(repo, override, fragment):
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert (fragment or "unknown key") in out.stderr
+
+
+def test_a_cut_or_foreign_metrics_line_is_dropped_on_resume(tmp_path):
+    from trainer.metrics import truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n[1, 2]\n{"step": 3, "lo')
+    truncate_jsonl(path, after_step=2)  # raised JSONDecodeError on the cut line before
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+
+
+def test_unreadable_candidate_records_are_evaluated_again(tmp_path):
+    from search.candidates import CANDIDATES, CandidateStore, read_candidates
+    from search.evolution import Candidate
+
+    good = Candidate(load_search_space("tiny").smallest(), 0.5, 0.1, 50.0, 90.0).to_record()
+    (tmp_path / CANDIDATES).write_text("{}\n" + json.dumps({"arch": {"widths": 3}}) + "\n" + json.dumps(good) + "\n")
+    assert list(read_candidates(tmp_path).values()) == [good]  # KeyError on {} before
+    # A file holding only a cut line is rewritten, so the next record does not glue onto it.
+    (tmp_path / CANDIDATES).write_text('{"arch": {"resolu')
+    store = CandidateStore(tmp_path, rank=0, world_size=1)
+    assert len(store) == 0 and (tmp_path / CANDIDATES).read_text() == ""
+
+
+@pytest.mark.parametrize("output", ["../../x", "/tmp/x", "a/b", "..", ""])
+def test_search_output_stays_inside_the_run_folder(output):
+    from search.config import SearchConfig
+
+    with pytest.raises(ValueError, match=r"search\.output"):
+        SearchConfig(output=output)
+
+
+@pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd", "sub/../../x.tar", None])
+def test_manifest_names_cannot_leave_the_data_folder(tmp_path, name):
+    from data_pipeline import DataError
+    from data_pipeline.manifest import ffcv_entry, webdataset_shards
+
+    shard = {"name": name, "size": 1, "sha256": "0", "count": 1}
+    manifest = {"version": 1, "splits": {"train": {"count": 1, "webdataset": {"shards": [shard]}, "ffcv": shard}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="must be named inside"):
+        webdataset_shards(tmp_path, "train")
+    with pytest.raises(DataError, match="must be named inside"):
+        ffcv_entry(tmp_path, "train")
+
+
+def test_a_corrupt_manifest_is_a_data_error(tmp_path):
+    from data_pipeline import DataError
+    from data_pipeline.manifest import read_manifest
+
+    (tmp_path / "manifest.json").write_text('{"version": 1, "spl')
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_manifest(tmp_path)

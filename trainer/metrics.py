@@ -15,13 +15,25 @@ from fileops import atomic_write_text
 METRICS_FILE = "metrics.jsonl"
 
 
+def _record(line: str) -> dict | None:
+    """The JSON object on ``line``, or None for a line a kill cut short (or anything else unreadable)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def truncate_jsonl(path: Path, after_step: int) -> None:
-    """Drop records of steps beyond ``after_step`` (left by a run that died after its last checkpoint)."""
+    """Drop records of steps beyond ``after_step`` (left by a run that died after its last checkpoint) and
+    lines cut short by a kill."""
     if not path.is_file():
         return
-    kept = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step
-    ]
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        record = _record(line)
+        if record is not None and record.get("step", 0) <= after_step:
+            kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
