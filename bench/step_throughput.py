@@ -39,7 +39,7 @@ def worker(args) -> None:
     from trainer.trainer_config import TrainerConfig
 
     env = resolve()
-    init_distributed(env)
+    init_distributed(env, TrainerConfig().dist_timeout_s)
     torch.set_num_threads(1)
     model_config = ModelConfig(search_space=args.space, num_classes=10 if args.space == "tiny" else 1000)
     losses = SandwichStep(build_label_loss(LossConfig()), build_kd_loss(LossConfig()))

@@ -44,6 +44,8 @@ class SearchConfig:
     """A model table (e.g. configs/alphanet_models.yaml) whose models are evaluated and marked on the plot."""
     output: str = "search"
     """Output folder name inside the run folder."""
+    dist_timeout_s: Annotated[float, Range(gt=0)] = 900.0
+    """Seconds a collective may wait for the other ranks (multi-rank searches) before giving up."""
 
     def __post_init__(self) -> None:
         check_ranges(self, "search")

@@ -45,6 +45,7 @@ from trainer.config import RunConfig, load_config  # noqa: E402
 from trainer.consolidate import WEIGHTS_NAME, consolidate  # noqa: E402
 from trainer.distributed import DistEnv, configure_threads, init_distributed, local_device, local_world_size, resolve  # noqa: E402
 from trainer.evaluate import calibrated_subnet, collect_calibration, evaluate_arch  # noqa: E402
+from trainer.safe_checkpoint import CheckpointFileError  # noqa: E402
 from typedconfig import ConfigError, apply_overrides, from_mapping, load_yaml  # noqa: E402
 
 
@@ -197,7 +198,7 @@ def run_search(
 ) -> int:
     """load → calibrate → evolve → report → export."""
     env = resolve(local_rank_arg=local_rank_arg)
-    device = init_distributed(env) if env.world_size > 1 else local_device(env)
+    device = init_distributed(env, search.dist_timeout_s) if env.world_size > 1 else local_device(env)
     threads = configure_threads(None, local_world_size())
     console = Console(width=None if Console().is_terminal else 160)
     say = console.print if env.is_main else (lambda *a, **k: None)
@@ -217,10 +218,12 @@ def run_search(
         if env.is_main:
             report(search, population, marked, out, console)
             export(search, exports, population, marked, evaluate, out, console)
-    finally:
-        if dist.is_initialized():
+        if dist.is_initialized():  # only on success: a rank that failed must exit now, not wait in a barrier
             dist.barrier()
             dist.destroy_process_group()
+    except BaseException:
+        console.file.flush()
+        raise
     return 0
 
 
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run_search(search, run_config, args.run, args.export, args.local_rank)
-    except ExportError as exc:
+    except (ExportError, CheckpointFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

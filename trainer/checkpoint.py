@@ -1,9 +1,13 @@
-"""Sharded DeepSpeed checkpoints with a commit marker, per-rank trainer state and retention.
+"""Sharded DeepSpeed checkpoints with a commit marker, per-rank trainer state, retention and fallback.
 
 Layout: ``<run>/checkpoints/<tag>/`` holds DeepSpeed's files (every rank writes its own shards) plus
-``trainer_rank{r}.pt`` (loader position and RNG states of rank r).  ``<run>/checkpoints/latest`` names
-the newest committed tag and is written by rank 0 only after every rank finished writing (barrier),
-via a temporary file and an atomic rename, so a half-written checkpoint is never picked up.
+``trainer_rank{r}.pt`` (loader position and RNG states of rank r, as tensors, numbers and strings).
+Every file is written to a temporary name, fsynced and renamed.  ``<run>/checkpoints/latest`` names the
+newest committed tag; rank 0 writes it only after an all-reduce says that every rank wrote all of its
+files, so a checkpoint with a missing or partial file is never committed (a failed one is removed and
+training stops with the failing ranks' errors).  Resuming reads only data (``weights_only``, see
+:mod:`trainer.safe_checkpoint`); when a file of the newest committed checkpoint cannot be read on any
+rank, every rank falls back to the previous retained one, and the log says which file and why.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +24,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fileops import atomic_write_text
+from fileops import atomic_output, atomic_write_text
+from trainer.safe_checkpoint import CheckpointFileError, GuardedCheckpointEngine, safe_load
 
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step(\d{9})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written on some rank, or no committed checkpoint can be read."""
 
 
 def tag_for(step: int) -> str:
@@ -29,12 +40,18 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy and torch RNG states as tuples, numbers, strings and tensors (loadable with
+    ``weights_only``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
 
 
@@ -44,7 +61,46 @@ def latest_tag(checkpoint_dir: Path) -> str | None:
     if not marker.is_file():
         return None
     tag = marker.read_text().strip()
-    return tag if (Path(checkpoint_dir) / tag).is_dir() else None
+    return tag if TAG_PATTERN.match(tag) and (Path(checkpoint_dir) / tag).is_dir() else None
+
+
+def committed_tags(checkpoint_dir: Path) -> list[str]:
+    """Committed tags, newest first: the one named by ``latest`` and the retained ones before it (a tag
+    folder newer than ``latest`` is an uncommitted, possibly partial save)."""
+    newest = latest_tag(checkpoint_dir)
+    if newest is None:
+        return []
+    tags = (p.name for p in Path(checkpoint_dir).iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
+    return sorted((t for t in tags if t <= newest), reverse=True)
+
+
+def rank_files(tag_dir: Path, rank: int) -> list[Path]:
+    """The files rank ``rank`` reads when resuming from ``tag_dir``: the shared model states (ZeRO 0–2),
+    its own ZeRO shards, and its trainer state."""
+    files = [p for p in [tag_dir / "mp_rank_00_model_states.pt"] if p.is_file()]
+    files += sorted(tag_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_*.pt"))
+    return [*files, tag_dir / f"trainer_rank{rank}.pt"]
+
+
+@dataclass(slots=True)
+class Resumed:
+    """What :meth:`Checkpointer.resume` loaded."""
+
+    tag: str
+    client_state: dict[str, Any]
+    rank_state: dict[str, Any]
+    skipped: list[str] = field(default_factory=list)
+    """One line per newer committed checkpoint that could not be read, naming the file and the reason."""
+
+
+def _failed_ranks(failed: bool, rank: int, world_size: int) -> list[int]:
+    """Ranks whose ``failed`` is true (a collective: every rank must call it)."""
+    if not dist.is_initialized() or world_size == 1:
+        return [rank] if failed else []
+    flags = torch.zeros(world_size)
+    flags[rank] = float(failed)
+    dist.all_reduce(flags)
+    return [r for r, f in enumerate(flags.tolist()) if f]
 
 
 class Checkpointer:
@@ -55,6 +111,7 @@ class Checkpointer:
         self.rank, self.world_size, self.keep, self.every_steps = rank, world_size, keep, every_steps
         self.last_tag: str | None = None
         """The newest tag this run saved or resumed from."""
+        self._preloaded: dict[str, Any] = {}
 
     def should_save(
         self, step: int, *, last: bool = False, epoch_end: bool = False, stop: bool = False, healthy: bool = True
@@ -67,11 +124,29 @@ class Checkpointer:
         return last or epoch_end or stop or (healthy and step % self.every_steps == 0)
 
     def save(self, engine, step: int, client_state: dict[str, Any], rank_state: dict[str, Any]) -> str:
+        """Write ``tag_for(step)`` on every rank and commit it; raise :class:`CheckpointError` on every rank
+        (after removing the partial tag) when any rank could not write one of its files."""
         tag = tag_for(step)
+        guarded = _guarded(engine)
+        guarded.reset_failures()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rank_state, self.dir / tag / f"trainer_rank{self.rank}.pt")
-        if dist.is_initialized():
-            dist.barrier()
+        rank_file = self.dir / tag / f"trainer_rank{self.rank}.pt"
+        try:
+            with atomic_output(rank_file) as tmp:
+                torch.save(rank_state, tmp)
+        except OSError as exc:
+            guarded.record(rank_file, exc)
+        failures = list(guarded.failures)
+        failed = _failed_ranks(bool(failures), self.rank, self.world_size)
+        if failed:
+            if self.rank == 0 and tag != latest_tag(self.dir):
+                shutil.rmtree(self.dir / tag, ignore_errors=True)
+            own = f"; this rank (rank {self.rank}): " + "; ".join(failures) if failures else ""
+            kept = latest_tag(self.dir)
+            raise CheckpointError(
+                f"checkpoint {self.dir / tag} was not committed: rank(s) {failed} could not write their files{own}. "
+                f"The last committed checkpoint is {self.dir / kept if kept else 'none'}"
+            )
         if self.rank == 0:
             atomic_write_text(self.dir / LATEST, tag)
             self._prune(keep_tag=tag)
@@ -85,14 +160,47 @@ class Checkpointer:
         for old in [t for t in tags if t != keep_tag][: max(0, len(tags) - self.keep)]:
             shutil.rmtree(self.dir / old, ignore_errors=True)
 
-    def load(self, engine, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(client state, this rank's trainer state) of ``tag``, after loading weights and optimizer."""
-        rank_file = self.dir / tag / f"trainer_rank{self.rank}.pt"
-        if not rank_file.is_file():
-            raise RuntimeError(f"checkpoint {self.dir / tag} has no {rank_file.name}: it was written by fewer ranks")
-        path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
-        state = torch.load(rank_file, weights_only=False)
-        self.last_tag = tag
-        return client_state, state
+    def _read_rank_files(self, tag: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(this rank's trainer state, None), or (None, why a file of ``tag`` this rank needs is unreadable).
+        DeepSpeed's files are read into the guarded engine's cache, so the real load reads them once."""
+        try:
+            files = rank_files(self.dir / tag, self.rank)
+            loaded = {path: safe_load(path) for path in files}
+        except CheckpointFileError as exc:
+            return None, str(exc)
+        self._preloaded = {str(p): v for p, v in loaded.items() if not p.name.startswith("trainer_rank")}
+        return loaded[files[-1]], None
+
+    def resume(self, engine) -> Resumed | None:
+        """Load the newest committed checkpoint every rank can read (weights, optimizer, states), or None
+        when there is none; raise :class:`CheckpointError` when committed ones exist but none is readable."""
+        skipped: list[str] = []
+        for tag in committed_tags(self.dir):
+            self._preloaded = {}
+            rank_state, problem = self._read_rank_files(tag)
+            if problem is not None and self.rank != 0:  # rank 0 logs its own; the others say theirs here
+                print(f"rank {self.rank}: skipping unreadable checkpoint: {problem}", file=sys.stderr, flush=True)
+            failed = _failed_ranks(problem is not None, self.rank, self.world_size)
+            if failed:
+                skipped.append(problem or f"{self.dir / tag}: rank(s) {failed} could not read their files")
+                continue
+            guarded = _guarded(engine)
+            guarded.preloaded = self._preloaded
+            try:
+                path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
+            finally:
+                guarded.preloaded, self._preloaded = {}, {}
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+            self.last_tag = tag
+            return Resumed(tag, client_state, rank_state, skipped)
+        if skipped:
+            raise CheckpointError("no committed checkpoint can be read: " + "; ".join(skipped))
+        return None
+
+
+def _guarded(engine) -> GuardedCheckpointEngine:
+    guarded = engine.checkpoint_engine
+    if not isinstance(guarded, GuardedCheckpointEngine):
+        raise TypeError("the engine was not built by trainer.engine.build_engine (no guarded checkpoint engine)")
+    return guarded

@@ -18,6 +18,7 @@ import torch
 
 from fileops import atomic_output
 from trainer.checkpoint import latest_tag
+from trainer.safe_checkpoint import CheckpointFileError, safe_load
 
 WEIGHTS_NAME = "supernet.safetensors"
 
@@ -32,7 +33,7 @@ def _model_states_file(tag_dir: Path) -> Path:
 def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(fp32 state dict with buffers, client state) of one checkpoint."""
     tag_dir = Path(checkpoint_dir) / tag
-    states = torch.load(_model_states_file(tag_dir), map_location="cpu", weights_only=False)
+    states = safe_load(_model_states_file(tag_dir))
     zero_stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     client = {k: v for k, v in states.items() if k in ("global_step", "model_hash", "search_space", "world_size")}
     if zero_stage == 0:
@@ -40,6 +41,9 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> tuple[dict[str, t
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        # DeepSpeed's merger unpickles without restriction: every file it reads is first read with ours.
+        for path in sorted(tag_dir.glob("*.pt")):
+            safe_load(path)
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     return {k: v.contiguous() for k, v in state.items()}, client
 
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = consolidate(args.run_dir, args.tag, args.out)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, CheckpointFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(path)

@@ -11,6 +11,7 @@ import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -130,15 +131,18 @@ def _checked(dist_env: DistEnv) -> DistEnv:
     return dist_env
 
 
-def init_distributed(env: DistEnv) -> torch.device:
-    """Export ``env``, start the process group (NCCL on GPUs, gloo on CPU) and return this rank's device."""
+def init_distributed(env: DistEnv, timeout_s: float) -> torch.device:
+    """Export ``env``, start the process group (NCCL on GPUs, gloo on CPU) whose collectives give up after
+    ``timeout_s`` seconds, and return this rank's device."""
     import deepspeed
 
     env.export()
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(env.local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
+    )
     return local_device(env)
 
 

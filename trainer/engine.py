@@ -14,6 +14,7 @@ from torch import nn
 
 from trainer.ds_config import build_ds_config
 from trainer.optim import ClippedSGD, param_groups
+from trainer.safe_checkpoint import install_guarded_engine
 from trainer.trainer_config import TrainerConfig
 
 
@@ -43,4 +44,5 @@ def build_engine(model: nn.Module, tc: TrainerConfig, *, micro_batch: int, world
     optimizer = build_optimizer(model, tc, lr)
     config = build_ds_config(tc, micro_batch=micro_batch, world_size=world_size)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    install_guarded_engine(engine)  # checkpoints: safe loads, atomic writes, failures reported not raised
     return Engine(engine, engine.module, optimizer)

@@ -21,7 +21,7 @@ from data_pipeline import build_loader
 from data_pipeline.device_transforms import normalize
 from losses import build_kd_loss, build_label_loss
 from models import ArchSampler, build_supernet
-from trainer.checkpoint import Checkpointer, latest_tag, rng_state, set_rng_state
+from trainer.checkpoint import Checkpointer, rng_state, set_rng_state
 from trainer.config import RunConfig, config_hash, write_resolved
 from trainer.distributed import configure_threads, init_distributed, local_world_size, resolve
 from trainer.ds_config import global_batch_size
@@ -52,7 +52,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ build
     def _build_distributed(self, local_rank_arg: int | None) -> None:
         self.env = resolve(local_rank_arg=local_rank_arg)
-        self.device = init_distributed(self.env)
+        self.device = init_distributed(self.env, self.config.trainer.dist_timeout_s)
         self.rank, self.world = self.env.rank, self.env.world_size
         self.threads = configure_threads(self.config.trainer.threads_per_rank, local_world_size())
         random.seed(self.config.seed + self.rank)
@@ -101,6 +101,7 @@ class Trainer:
         self.global_step = 0
         self.bad_steps = 0
         self.skipped_total = 0
+        self.resume_warnings: list[str] = []
         self.resumed_from = self._maybe_resume()
 
     def _build_logger(self) -> None:
@@ -133,10 +134,11 @@ class Trainer:
         return {"loader": self.train_loader.state_dict(), "rng": rng_state()}
 
     def _maybe_resume(self) -> str | None:
-        tag = latest_tag(self.checkpointer.dir)
-        if tag is None:
+        resumed = self.checkpointer.resume(self.engine)
+        if resumed is None:
             return None
-        client, rank_state = self.checkpointer.load(self.engine, tag)
+        self.resume_warnings = [f"skipped unreadable checkpoint: {line}" for line in resumed.skipped]
+        tag, client, rank_state = resumed.tag, resumed.client_state, resumed.rank_state
         if client.get("model_hash") != self.model_hash:
             raise TrainingStopped(
                 f"checkpoint {self.checkpointer.dir / tag} was written for a different model config "
@@ -248,6 +250,8 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Step → log → (stop: save and return) → validate when due → save when due, until the final step."""
         tc = self.config.trainer
+        for warning in self.resume_warnings:
+            self.log.print(warning)
         if self.resumed_from:
             self.log.print(f"resumed from {self.checkpointer.dir / self.resumed_from} at step {self.global_step}")
         self.log.print(
@@ -317,10 +321,12 @@ class Trainer:
         )
         return results
 
-    def close(self, *, destroy_process_group: bool = True) -> None:
-        """Flush logs; end the process group unless the caller reuses it (in-process tests)."""
+    def close(self, *, destroy_process_group: bool = True, failed: bool = False) -> None:
+        """Flush logs; end the process group unless the caller reuses it (in-process tests).  After a failure
+        there is no collective: the other ranks may be anywhere, and this rank must exit at once (its exit
+        code is what ``srun --kill-on-bad-exit`` and the launchers act on)."""
         self.log.close()
-        if dist.is_initialized():
+        if dist.is_initialized() and not failed:
             dist.barrier()
             if destroy_process_group:
                 dist.destroy_process_group()

@@ -29,21 +29,25 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config_or_exit(args)
 
     from data_pipeline import DataError
+    from trainer.checkpoint import CheckpointError
     from trainer.distributed import DistributedEnvError
     from trainer.loop import Trainer, TrainingStopped
 
     try:
         trainer = Trainer(config, local_rank_arg=args.local_rank)
-    except (DataError, DistributedEnvError) as exc:
+    except (DataError, DistributedEnvError, CheckpointError, TrainingStopped) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         trainer.train()
-    except TrainingStopped as exc:
+    except (TrainingStopped, CheckpointError) as exc:
+        trainer.close(failed=True)
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(failed=True)  # no barrier: the traceback prints now and the process exits non-zero
+        raise
+    trainer.close()
     return 0
 
 

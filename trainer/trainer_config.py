@@ -52,6 +52,9 @@ class TrainerConfig:
     calib_batches: Annotated[int, Range(ge=1)] = 16
     """Training batches used to recalibrate BatchNorm statistics before each evaluation."""
     tensorboard: bool = True
+    dist_timeout_s: Annotated[float, Range(gt=0)] = 900.0
+    """Seconds a collective (all-reduce, barrier) may wait for the other ranks before the process group
+    gives up; covers the longest rank-0-only pause (a checkpoint write, a validation)."""
     threads_per_rank: Annotated[int | None, Range(ge=1)] = None
     """torch threads of each rank; null: the cores the process may use ÷ the ranks on its node."""
 

@@ -27,7 +27,7 @@ def main() -> None:
     from trainer.trainer_config import TrainerConfig
 
     env = resolve()
-    init_distributed(env)
+    init_distributed(env, TrainerConfig().dist_timeout_s)
     torch.manual_seed(0)
     net = build_supernet(
         ModelConfig(search_space="tiny", num_classes=10, dropout=0.0, drop_connect=0.0, zero_init_residual_bn=False)
