@@ -48,11 +48,14 @@ def test_checkpoints_retention_resume_and_foreign_config(repo, digits, tmp_path,
     trainer, results = run_in_process(repo, overrides(run, digits, **{"trainer.max_steps": 8}))
     assert trainer.resumed_from == "step000000006" and results["global_step"] == 8
 
-    # A different model config is refused with a clear message.
+    # A different config is refused with a clear message; allowed, a different model config still is.
     from trainer.loop import TrainingStopped
+    from trainer.run_folder import RunFolderError
 
-    with pytest.raises(TrainingStopped, match="different model config"):
+    with pytest.raises(RunFolderError, match=r"model.dropout: 0.1 -> 0.3"):
         run_in_process(repo, overrides(run, digits, **{"model.dropout": 0.3}))
+    with pytest.raises(TrainingStopped, match="different model config"):
+        run_in_process(repo, overrides(run, digits, **{"model.dropout": 0.3}), allow_config_change=True)
 
     # Consolidated fp32 weights reload into a supernet and equal the checkpointed module.
     from safetensors.torch import load_file

@@ -28,6 +28,7 @@ from trainer.ds_config import global_batch_size
 from trainer.engine import build_engine
 from trainer.evaluate import collect_calibration, evaluate_arch
 from trainer.metrics import MetricsLogger
+from trainer.run_folder import RunFolderLock, check_config_change, record_config_change
 from trainer.sandwich import SandwichStep, sample_sandwich
 from trainer.schedule import lr_at
 
@@ -40,20 +41,28 @@ class Trainer:
     """Builds everything in a fixed order (distributed → model → engine → data → checkpointer + resume →
     logger), then :meth:`train` steps, logs, validates and saves."""
 
-    def __init__(self, config: RunConfig, *, local_rank_arg: int | None = None):
+    def __init__(self, config: RunConfig, *, local_rank_arg: int | None = None, allow_config_change: bool = False):
         self.config = config
-        self._build_distributed(local_rank_arg)
-        self._build_model()
-        self._build_engine()
-        self._build_data()
-        self._build_checkpointer_and_resume()
-        self._build_logger()
+        self.config_changes = check_config_change(config, Path(config.run_dir), allow=allow_config_change)
+        self.lock = RunFolderLock(Path(config.run_dir))
+        try:
+            self._build_distributed(local_rank_arg)
+            self._build_model()
+            self._build_engine()
+            self._build_data()
+            self._build_checkpointer_and_resume()
+            self._build_logger()
+        except BaseException:
+            self.lock.release()
+            raise
 
     # ------------------------------------------------------------------------------------------ build
     def _build_distributed(self, local_rank_arg: int | None) -> None:
         self.env = resolve(local_rank_arg=local_rank_arg)
         self.device = init_distributed(self.env, self.config.trainer.dist_timeout_s)
         self.rank, self.world = self.env.rank, self.env.world_size
+        if self.env.is_main:  # before any collective: a second run on this folder stops here, at once
+            self.lock.acquire()
         self.threads = configure_threads(self.config.trainer.threads_per_rank, local_world_size())
         random.seed(self.config.seed + self.rank)
         np.random.seed(self.config.seed + self.rank)
@@ -106,6 +115,7 @@ class Trainer:
 
     def _build_logger(self) -> None:
         if self.env.is_main:
+            record_config_change(self.run_dir, self.config_changes, self.global_step)
             write_resolved(self.config, self.run_dir)
         self.log = MetricsLogger(
             self.run_dir,
@@ -252,6 +262,8 @@ class Trainer:
         tc = self.config.trainer
         for warning in self.resume_warnings:
             self.log.print(warning)
+        for key, (old, new) in self.config_changes.items():
+            self.log.print(f"config change on resume: {key}: {old!r} -> {new!r}")
         if self.resumed_from:
             self.log.print(f"resumed from {self.checkpointer.dir / self.resumed_from} at step {self.global_step}")
         self.log.print(
@@ -326,6 +338,7 @@ class Trainer:
         there is no collective: the other ranks may be anywhere, and this rank must exit at once (its exit
         code is what ``srun --kill-on-bad-exit`` and the launchers act on)."""
         self.log.close()
+        self.lock.release()
         if dist.is_initialized() and not failed:
             dist.barrier()
             if destroy_process_group:

@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="trainer/run.py", description="Train an AlphaNet supernet with the sandwich rule."
     )
     add_config_arguments(parser)
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although the config differs from the run's config.yaml (changes go to config_changes.jsonl)",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     config = load_config_or_exit(args)
@@ -32,10 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.checkpoint import CheckpointError
     from trainer.distributed import DistributedEnvError
     from trainer.loop import Trainer, TrainingStopped
+    from trainer.run_folder import RunFolderError
 
     try:
-        trainer = Trainer(config, local_rank_arg=args.local_rank)
-    except (DataError, DistributedEnvError, CheckpointError, TrainingStopped) as exc:
+        trainer = Trainer(config, local_rank_arg=args.local_rank, allow_config_change=args.allow_config_change)
+    except (DataError, DistributedEnvError, CheckpointError, TrainingStopped, RunFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
