@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -51,9 +52,14 @@ def _collate(items, resolution: int) -> Batch:
     return Batch(images, labels, valid, skipped)
 
 
-def _one_thread(worker_id: int) -> None:
-    """A data worker decodes one sample at a time: one torch thread, so workers and ranks share the cores."""
+def _init_worker(worker_id: int) -> None:
+    """A data worker decodes one sample at a time: one torch thread, so workers and ranks share the cores.
+    It ignores SIGTERM and SIGUSR1, which SLURM sends to every process of a job step: its rank handles them
+    (saves at the next step boundary) and still needs its workers until then.  The workers end when their
+    rank shuts the loader down, or exits."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class WebDatasetBackend:
@@ -81,7 +87,7 @@ class WebDatasetBackend:
             # Its own generator: creating the iterator must not consume torch's global RNG, which the
             # trainer checkpoints (dropout) — or a resumed run would draw different masks.
             generator=torch.Generator().manual_seed(epoch),
-            worker_init_fn=_one_thread,
+            worker_init_fn=_init_worker,
         )
         return iter(loader)
 

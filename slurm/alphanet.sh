@@ -24,6 +24,10 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}          # 0: CPU nodes (gloo), as the tests r
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 # --------------------------------------------------------------------------------------------------
+if ! [[ "$GPUS_PER_NODE" =~ ^[0-9]+$ ]]; then
+  echo "error: GPUS_PER_NODE must be a whole number (0 for CPU nodes), got '$GPUS_PER_NODE'" >&2
+  exit 2
+fi
 
 cd "$REPO"
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -31,4 +35,5 @@ export MASTER_ADDR  # the port is derived from SLURM_JOB_ID by the trainer's res
 export ALPHANET_REQUEUE_ON_SIGNAL=1
 if [ "$GPUS_PER_NODE" -eq 0 ]; then export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}; fi
 echo "[$(date -Is)] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_JOB_NUM_NODES node(s), $SLURM_NTASKS task(s), master $MASTER_ADDR, run $RUN_DIR"
-srun --kill-on-bad-exit=1 "$PYTHON" trainer/run.py --config "$CONFIG" --set "run_dir=$RUN_DIR" "$@"
+OVERRIDES=(); if [ $# -gt 0 ]; then OVERRIDES=(--set "$@"); fi
+srun --kill-on-bad-exit=1 "$PYTHON" trainer/run.py --config "$CONFIG" --run-dir "$RUN_DIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"}

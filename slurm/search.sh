@@ -20,6 +20,10 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}          # 0: CPU nodes (gloo)
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 # --------------------------------------------------------------------------------------------------
+if ! [[ "$GPUS_PER_NODE" =~ ^[0-9]+$ ]]; then
+  echo "error: GPUS_PER_NODE must be a whole number (0 for CPU nodes), got '$GPUS_PER_NODE'" >&2
+  exit 2
+fi
 
 cd "$REPO"
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)

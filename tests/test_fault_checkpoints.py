@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -193,3 +194,37 @@ def test_a_rank_whose_disk_is_full_commits_nothing(repo, digits, tmp_path):
     proc = launch_faulty(repo, "none", 0, 0, args, tmp_path / "resume.log")
     assert proc.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert latest_tag(run / "checkpoints") == "step000000006"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_tree_saves_and_resumes(repo, digits, tmp_path):
+    """What SLURM does on preemption or scancel: SIGTERM to every process of the step, data workers too."""
+    run, log = tmp_path / "run", tmp_path / "job.log"
+    args = overrides(run, digits, **{"trainer.max_steps": 40, "trainer.checkpoint_every_steps": 100})
+    args += ["data.num_workers=2"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, "trainer/run.py", "--config", "configs/tiny_cpu.yaml", "--set", *args]
+    proc = subprocess.Popen(
+        command, cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and metrics.read_text().count('"loss/largest"') >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    children = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 3  # the rank and its two data workers
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "signal received: saved" in text and "killed by signal" not in text, text[-3000:]
+    saved = latest_tag(run / "checkpoints")
+    assert saved is not None and 3 <= int(saved[4:]) < 40
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / saved}" in done.stdout
+    assert latest_tag(run / "checkpoints") == "step000000040"

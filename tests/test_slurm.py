@@ -90,7 +90,7 @@ def tiny_args(cluster, **extra) -> list[str]:
 
 
 def test_tiny_recipe_job_reaches_accuracy_then_search_job(cluster, repo, tmp_path):
-    run, log = tmp_path / "run", tmp_path / "train.log"
+    run, log = tmp_path / "run #1", tmp_path / "train.log"  # a '#' must not cut the path (it is not YAML)
     job = submit(
         cluster, repo, "slurm/alphanet.sh", log, {"CONFIG": "configs/tiny_cpu.yaml", "RUN_DIR": run}, tiny_args(cluster)
     )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from trainer.distributed import (
@@ -40,6 +42,23 @@ SLURM = {
 def test_resolver_single_process():
     env = resolve({})
     assert (env.rank, env.world_size, env.local_rank, env.source) == (0, 1, 0, "single")
+    with socket.socket() as s:  # a free port (not always 29500, which another single run may hold)
+        s.bind(("127.0.0.1", env.master_port))
+    assert resolve({"MASTER_PORT": "4567"}).master_port == 4567
+
+
+def test_run_dir_argument_is_taken_literally(capsys):
+    from trainer.config import main
+
+    assert main(["--config", str(REPO / "configs/tiny_cpu.yaml"), "--run-dir", "runs/a #b"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["run_dir"] == "runs/a #b"
+
+
+@pytest.mark.parametrize("script", ["slurm/alphanet.sh", "slurm/search.sh"])
+def test_slurm_templates_refuse_a_bad_gpu_count(script):
+    env = {**os.environ, "GPUS_PER_NODE": "zero"}
+    done = subprocess.run(["bash", str(REPO / script)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "GPUS_PER_NODE must be a whole number" in done.stderr, done.stderr
 
 
 def test_resolver_launcher_variables():

@@ -96,15 +96,23 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override any key after the file, e.g. --set model.dropout=0.1 loss.kd_loss=kl",
     )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        help="the run folder, taken literally (unlike --set run_dir=..., whose value is parsed as YAML)",
+    )
 
 
 def load_config_or_exit(args: argparse.Namespace) -> RunConfig:
     """Entry points call this: a config problem prints one clear line and exits with code 2."""
     try:
-        return load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if getattr(args, "run_dir", None) is not None:
+        config.run_dir = args.run_dir
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -120,7 +121,16 @@ def resolve(env: Mapping[str, str] | None = None, local_rank_arg: int | None = N
         )
     if local_rank_arg not in (None, 0, -1):
         raise DistributedEnvError(f"--local_rank={local_rank_arg} given but no RANK/WORLD_SIZE in the environment")
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", DEFAULT_PORT)), "single")
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else free_port()
+    return DistEnv(0, 1, 0, "127.0.0.1", port, "single")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: a single process (which still rendezvous with itself) must not
+    collide with another single-process run on the same machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _checked(dist_env: DistEnv) -> DistEnv:
