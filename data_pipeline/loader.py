@@ -25,6 +25,30 @@ class EpochSummary:
     problems: list[str] = field(default_factory=list)
     """Static problems found when the split was indexed (truncated shards, missing labels)."""
 
+    @classmethod
+    def merged(cls, summaries: list[EpochSummary]) -> EpochSummary:
+        """One summary for all ranks of an epoch: counts and skipped samples added up, indexing problems
+        (the same split indexed by every rank) listed once."""
+        return cls(
+            epoch=summaries[0].epoch,
+            batches=sum(s.batches for s in summaries),
+            images=sum(s.images for s in summaries),
+            skipped=[item for s in summaries for item in s.skipped],
+            problems=list(dict.fromkeys(p for s in summaries for p in s.problems)),
+        )
+
+    def record(self, limit: int = 100) -> dict[str, Any]:
+        """The summary as a metrics record (the first ``limit`` skipped samples and problems listed)."""
+        return {
+            "epoch": self.epoch,
+            "epoch/batches": self.batches,
+            "epoch/images": self.images,
+            "epoch/skipped": len(self.skipped),
+            "epoch/problems": len(self.problems),
+            "epoch/skipped_samples": [list(item) for item in self.skipped[:limit]],
+            "epoch/problem_lines": self.problems[:limit],
+        }
+
     def text(self) -> str:
         line = f"epoch {self.epoch}: {self.batches} batches, {self.images} images"
         if self.skipped or self.problems:

@@ -60,3 +60,24 @@ def test_loop_saves_at_epoch_ends_validates_and_resumes(repo, digits_shards, tmp
     # Rerunning the finished run only validates.
     trainer, results = run_in_process(repo, overrides(run, digits_shards, **{**args, "trainer.max_steps": 4}))
     assert results["global_step"] == 4 and "val" in results and latest_tag(ckpt) == "step000000004"
+
+
+def test_every_epoch_summary_reaches_the_metrics_file_with_skipped_samples(repo, tmp_path, single_rank):
+    from data_helpers import make_image_folder
+
+    from data_pipeline import prepare as prep
+
+    data = tmp_path / "data"
+    prep.prepare(
+        str(make_image_folder(tmp_path / "folder", classes=2, per_class=9, corrupt=1)), data, ["webdataset"], quiet=True
+    )
+    run = tmp_path / "run"
+    args = overrides(run, data, **{"data.batch_size": 4, "trainer.epochs": 2, "trainer.max_steps": "null"})
+    trainer, results = run_in_process(repo, args)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summaries = [r for r in records if "epoch/images" in r]
+    assert [r["epoch"] for r in summaries] == [0, 1]  # the last epoch's summary too
+    assert summaries[-1]["step"] == results["global_step"] == 2 * trainer.steps_per_epoch
+    for summary in summaries:
+        assert summary["epoch/skipped"] == 1 and summary["epoch/skipped_samples"][0][1] == "train_class_0_broken0"
+        assert summary["epoch/images"] == 4 * trainer.steps_per_epoch - 1  # the broken image is not trained on

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline import build_loader
+from data_pipeline import EpochSummary, build_loader
 from data_pipeline.device_transforms import normalize
 from losses import build_kd_loss, build_label_loss
 from models import ArchSampler, build_supernet
@@ -252,6 +252,20 @@ class Trainer:
                 f"last good checkpoint: {self.checkpointer.dir / last if last else 'none yet'}"
             )
 
+    def _log_epoch_summary(self) -> None:
+        """Images, skipped samples (shard, key, reason) and indexing problems of the epoch that just ended,
+        over all ranks: on the console and as a ``metrics.jsonl`` / TensorBoard record."""
+        summary = self.train_loader.last_summary
+        if summary is None:
+            return
+        summaries = [summary]
+        if dist.is_initialized() and self.world > 1:
+            summaries = [None] * self.world
+            dist.all_gather_object(summaries, summary)
+        merged = EpochSummary.merged(summaries)
+        self.log.print(merged.text())
+        self.log.log_record({"step": self.global_step, **merged.record()})
+
     def _eval_due(self, epoch: int) -> bool:
         every = self.config.trainer.eval_every_epochs
         return bool(every) and (epoch + 1) % every == 0
@@ -285,8 +299,8 @@ class Trainer:
                 self.log.log_step(self.global_step, epoch, self._reduce_for_log(values), images_since_log)
                 images_since_log = 0
             self._check_bad_steps()
-            if epoch_end and self.train_loader.last_summary is not None:
-                self.log.print(self.train_loader.last_summary.text())
+            if epoch_end:
+                self._log_epoch_summary()
             if self._agree(self._stop_signal != 0):
                 tag = self.save()
                 self.log.print(
