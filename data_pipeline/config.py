@@ -34,6 +34,8 @@ class DataConfig:
     implementation, mean-colour fill); ``imagenet`` is torchvision's ImageNet policy (fill 0)."""
     eval_resize: Annotated[int, Range(ge=8)] = 36
     """Eval transform: resize the short side to this (bicubic), then centre-crop ``base_resolution``."""
+    verify: bool = False
+    """Check every data file's sha256 against the manifest before training (sizes are always checked)."""
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     """Per-channel mean (on the 0–1 scale) used by normalisation on the training device."""
     std: Annotated[tuple[float, float, float], Range(gt=0)] = (0.229, 0.224, 0.225)

@@ -8,6 +8,7 @@ the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -63,20 +64,46 @@ def _inside(root: Path, name: object) -> Path:
     return Path(root) / name
 
 
-def webdataset_shards(root: Path, split: str) -> list[Path]:
-    """The WebDataset shard files the manifest lists for ``split``."""
-    names = [s.get("name") for s in split_entry(root, split).get("webdataset", {}).get("shards", [])]
-    if not names:
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checked_file(root: Path, entry: dict[str, Any], *, verify: bool = False) -> Path:
+    """The file a manifest ``entry`` names, after checking that it exists with the listed size (and, with
+    ``verify``, the listed sha256): a file that changed after ``prepare`` wrote the manifest (an interrupted
+    re-run, a copy cut short) is a DataError, never a silently smaller dataset."""
+    path = _inside(root, entry.get("name"))
+    if not path.is_file():
+        raise DataError(f"missing data file {path} (listed in {manifest_path(root)})")
+    size, listed = path.stat().st_size, entry.get("size")
+    if listed is not None and size != listed:
+        raise DataError(
+            f"{path} has {size} bytes but {manifest_path(root)} lists {listed}: the data changed after it was "
+            "prepared (an interrupted prepare or copy?); prepare it again"
+        )
+    if verify and entry.get("sha256") and sha256_of(path) != entry["sha256"]:
+        raise DataError(f"{path} does not match the sha256 in {manifest_path(root)}: prepare the dataset again")
+    return path
+
+
+def webdataset_shards(root: Path, split: str, *, verify: bool = False) -> list[Path]:
+    """The WebDataset shard files the manifest lists for ``split``, each checked by :func:`checked_file`."""
+    entries = split_entry(root, split).get("webdataset", {}).get("shards", [])
+    if not entries:
         raise DataError(f"{manifest_path(root)} lists no WebDataset shards for split '{split}'")
-    return [_inside(root, name) for name in names]
+    return [checked_file(root, entry, verify=verify) for entry in entries]
 
 
-def ffcv_entry(root: Path, split: str) -> dict[str, Any]:
-    """``{"name", "size", "sha256", "count"}`` of the FFCV file of ``split``."""
+def ffcv_entry(root: Path, split: str, *, verify: bool = False) -> dict[str, Any]:
+    """``{"name", "size", "sha256", "count"}`` of the FFCV file of ``split``, checked by :func:`checked_file`."""
     entry = split_entry(root, split)
     if "ffcv" not in entry:
         raise DataError(f"{manifest_path(root)} has no FFCV file for split '{split}'")
-    _inside(root, entry["ffcv"].get("name"))
+    checked_file(root, entry["ffcv"], verify=verify)
     return entry["ffcv"]
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_pipeline.manifest import DataError
+
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
     """The SplitMix64 mixing function on uint64 values (also compiled into the seeded FFCV decoder)."""
@@ -50,8 +52,9 @@ class EpochPlan:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
         if self.train and self.num_samples // self.world_size < self.batch_size:
-            raise ValueError(
-                f"{self.num_samples} samples give each of {self.world_size} ranks fewer than one batch of {self.batch_size}"
+            raise DataError(
+                f"{self.num_samples} training samples give each of {self.world_size} rank(s) fewer than one batch of "
+                f"{self.batch_size} (data.batch_size is per rank)"
             )
 
     @property

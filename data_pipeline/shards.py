@@ -39,11 +39,12 @@ class ShardProblems:
         return out
 
 
-def split_shards(root: Path, split: str) -> list[Path]:
-    """The shard files of ``split``: from the manifest when there is one, else a glob pattern."""
+def split_shards(root: Path, split: str, *, verify: bool = False) -> list[Path]:
+    """The shard files of ``split``: from the manifest when there is one (sizes checked, sha256 too with
+    ``verify``), else a glob pattern."""
     root = Path(root)
     if has_manifest(root):
-        paths = webdataset_shards(root, split)
+        paths = webdataset_shards(root, split, verify=verify)
     else:
         pattern = str(root / f"{split}-*.tar") if root.is_dir() else str(root)
         paths = [Path(p) for p in sorted(glob.glob(pattern))]

@@ -65,7 +65,7 @@ def _init_worker(worker_id: int) -> None:
 class WebDatasetBackend:
     def __init__(self, config: DataConfig, split: str, train: bool, seed: int):
         self.config = config
-        self.refs, self.problems = index_shards(split_shards(config.root, split))
+        self.refs, self.problems = index_shards(split_shards(config.root, split, verify=config.verify))
         transform = train_transform(config) if train else eval_transform(config)
         self.dataset = _Samples(self.refs, transform, train)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -196,9 +197,9 @@ def test_missing_data_is_a_clear_error_at_start(tmp_path, digits):
     copy = tmp_path / "copy"
     copy.mkdir()
     (copy / "manifest.json").write_text((digits / "manifest.json").read_text())
-    with pytest.raises(DataError, match="missing shard"):
+    with pytest.raises(DataError, match="missing data file"):
         build_loader(config(copy, "webdataset"), "train", train=True)
-    with pytest.raises(DataError, match="missing FFCV file"):
+    with pytest.raises(DataError, match="missing data file"):
         build_loader(config(copy, "ffcv"), "train", train=True)
     with pytest.raises(DataError, match="split 'test'"):
         build_loader(config(digits, "webdataset", train_split="test"), "test", train=True)
@@ -297,3 +298,19 @@ def test_v0_policy_is_timms_tf_autoaugment_with_mean_fill():
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
         compared += 1
     assert compared > 30 and sum(not torch.equal(o, image) for o in ours) > 20  # the policy does change images
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_files_that_changed_after_prepare_are_refused(tmp_path, digits, fmt):
+    copy = tmp_path / "copy"
+    shutil.copytree(digits, copy)
+    victim = sorted(copy.glob("train-*.tar"))[1] if fmt == "webdataset" else copy / "train.beton"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different content: only the sha256 tells
+    victim.write_bytes(bytes(data))
+    build_loader(config(copy, fmt), "train", train=True)
+    with pytest.raises(DataError, match=f"{victim.name} does not match the sha256"):
+        build_loader(config(copy, fmt, verify=True), "train", train=True)
+    victim.write_bytes(bytes(data[: len(data) // 2]))  # what an interrupted prepare or copy leaves
+    with pytest.raises(DataError, match=rf"{victim.name} has {len(data) // 2} bytes but .* lists {len(data)}"):
+        build_loader(config(copy, fmt), "train", train=True)

@@ -4,6 +4,7 @@ traceback, a hang or memory exhaustion."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -179,3 +180,35 @@ def test_a_corrupt_manifest_is_a_data_error(tmp_path):
     (tmp_path / "manifest.json").write_text('{"version": 1, "spl')
     with pytest.raises(DataError, match="not valid JSON"):
         read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("data.batch_size=100000", "fewer than one batch of 100000 (data.batch_size is per rank)"),
+        ("model.num_classes=5", "has 10 classes but model.num_classes is 5"),
+    ],
+)
+def test_data_that_cannot_train_exits_2_before_the_first_step(repo, digits_shards, tmp_path, override, fragment):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "trainer/run.py",
+            "--config",
+            "configs/tiny_cpu.yaml",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--set",
+            f"data.root={digits_shards}",
+            "data.num_workers=0",
+            override,
+        ],
+        cwd=repo,
+        env={**env, "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert fragment in out.stderr

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline import EpochSummary, build_loader
+from data_pipeline import DataError, EpochSummary, build_loader
 from data_pipeline.device_transforms import normalize
+from data_pipeline.manifest import has_manifest, read_manifest
 from losses import build_kd_loss, build_label_loss
 from models import ArchSampler, build_supernet
 from trainer.checkpoint import Checkpointer, rng_state, set_rng_state
@@ -91,7 +92,19 @@ class Trainer:
         self.calib_loader = build_loader(data, data.train_split, train=True, seed=seed + 1, **shard)
         self.steps_per_epoch = len(self.train_loader) // tc.gradient_accumulation_steps
         if self.steps_per_epoch < 1:
-            raise ValueError(f"an epoch of {len(self.train_loader)} batches is shorter than one optimizer step")
+            per_step = data.batch_size * self.world * tc.gradient_accumulation_steps
+            raise DataError(
+                f"one optimizer step needs {per_step} training images (data.batch_size {data.batch_size} × "
+                f"{self.world} rank(s) × trainer.gradient_accumulation_steps {tc.gradient_accumulation_steps}); "
+                f"split '{data.train_split}' of {data.root} has {self.train_loader.num_samples}"
+            )
+        if has_manifest(data.root):
+            classes = read_manifest(data.root).get("classes") or []
+            if len(classes) > self.config.model.num_classes:
+                raise DataError(
+                    f"{data.root} has {len(classes)} classes but model.num_classes is "
+                    f"{self.config.model.num_classes}: set model.num_classes to at least {len(classes)}"
+                )
         self.total_steps = tc.epochs * self.steps_per_epoch
         self.warmup_steps = round(tc.warmup_epochs * self.steps_per_epoch)
         self.final_step = min(self.total_steps, tc.max_steps) if tc.max_steps else self.total_steps
