@@ -5,14 +5,17 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 import yaml
 
 from fileops import atomic_output, atomic_write_text
+from models.flops import subnet_cost
 from models.search_space import ArchConfig, SearchSpace
 from models.static import StaticSubnet
+from typedconfig import ConfigError, load_yaml
 
 WEIGHTS = "model.safetensors"
 ARCH = "arch.yaml"
@@ -38,16 +41,54 @@ def save_subnet(model: StaticSubnet, out_dir: Path, *, extra: dict | None = None
     return out_dir
 
 
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+MAX_CLASSES = 1_000_000
+
+
+def read_description(folder: Path) -> tuple[SearchSpace, ArchConfig, int]:
+    """(space, arch, num_classes) of an exported folder, checked before anything is built: ``arch.yaml`` is
+    read with the config loader's limits, the arch must lie in its space, and the parameters it implies
+    must be exactly those stored in ``model.safetensors`` (so a crafted arch cannot make us allocate a
+    model far larger than the file)."""
+    from safetensors import safe_open
+
+    arch_file, weights = folder / ARCH, folder / WEIGHTS
+    description = load_yaml(arch_file)
+    missing = sorted({"search_space", "arch", "num_classes"} - set(description))
+    if missing:
+        raise ConfigError(f"missing key(s) {missing}", source=arch_file)
+    space = SearchSpace.from_dict(description["search_space"], source=arch_file)
+    arch = ArchConfig.from_dict(description["arch"], source=arch_file)
+    problems = arch.problems(space)
+    if problems:
+        raise ConfigError("arch outside its search space: " + "; ".join(problems), key="arch", source=arch_file)
+    num_classes = description["num_classes"]
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 1 <= num_classes <= MAX_CLASSES:
+        raise ConfigError(
+            f"must be an integer in [1, {MAX_CLASSES}], got {num_classes!r}", key="num_classes", source=arch_file
+        )
+    if not weights.is_file():
+        raise ConfigError(f"{weights} not found", source=arch_file)
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    stored = sum(math.prod(shape) for k, shape in shapes.items() if not k.endswith(BUFFER_SUFFIXES))
+    expected = subnet_cost(space, arch, num_classes).params
+    if stored != expected:
+        raise ConfigError(
+            f"describes a model of {expected:,} parameters but {weights} holds {stored:,}", source=arch_file
+        )
+    return space, arch, num_classes
+
+
 def load_subnet(path: str | Path, map_location: str = "cpu") -> StaticSubnet:
-    """The standalone model saved by :func:`save_subnet` (a folder, or its ``arch.yaml``), in eval mode."""
+    """The standalone model saved by :func:`save_subnet` (a folder, or its ``arch.yaml``), in eval mode;
+    a description that does not match its weights is a :class:`ConfigError` (see :func:`read_description`)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    description = yaml.safe_load((folder / ARCH).read_text())
-    space = SearchSpace.from_dict(description["search_space"], source=folder / ARCH)
-    arch = ArchConfig.from_dict(description["arch"], source=folder / ARCH)
-    model = StaticSubnet(space, arch, num_classes=int(description["num_classes"]))
+    space, arch, num_classes = read_description(folder)
+    model = StaticSubnet(space, arch, num_classes=num_classes)
     model.load_state_dict(load_file(str(folder / WEIGHTS), device=map_location))
     return model.eval()
 

@@ -212,3 +212,34 @@ def test_data_that_cannot_train_exits_2_before_the_first_step(repo, digits_shard
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert fragment in out.stderr
+
+
+def test_an_exported_arch_must_match_its_weights(tmp_path, tiny_space):
+    import yaml
+
+    from models import load_subnet, save_subnet
+    from models.static import StaticSubnet
+
+    folder = save_subnet(StaticSubnet(tiny_space, tiny_space.smallest(), num_classes=10), tmp_path / "export")
+    assert load_subnet(folder).arch == tiny_space.smallest()  # the honest export loads
+    honest = yaml.safe_load((folder / "arch.yaml").read_text())
+
+    def edited(change) -> str:
+        description = yaml.safe_load(yaml.safe_dump(honest))
+        change(description)
+        (folder / "arch.yaml").write_text(yaml.safe_dump(description))
+        with pytest.raises(ConfigError) as info:
+            load_subnet(folder)
+        return str(info.value)
+
+    def huge_space(d):  # widths a crafted file could ask for: refused before anything is allocated
+        d["search_space"]["stages"][0]["widths"] = [10**9]
+        d["arch"]["widths"][1] = 10**9
+
+    assert "parameters but" in edited(huge_space)
+    assert "num_classes" in edited(lambda d: d.update(num_classes=10**9))
+    assert "arch outside its search space" in edited(lambda d: d["arch"].update(resolution=10**6))
+    assert "parameters but" in edited(lambda d: d.update(num_classes=11))
+    (folder / "arch.yaml").write_text(billion_laughs())
+    with pytest.raises(ConfigError):
+        load_subnet(folder)
