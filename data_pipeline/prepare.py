@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 from PIL import Image
 
 from data_pipeline.manifest import MANIFEST, MANIFEST_VERSION, is_complete, manifest_path, read_manifest, write_manifest
@@ -45,7 +46,10 @@ class Sample:
     def jpeg_bytes(self, quality: int) -> bytes:
         """Original bytes of a JPEG file; anything else is encoded as JPEG."""
         if self.path is not None and self.path.suffix.lower() in (".jpg", ".jpeg"):
-            return self.path.read_bytes()
+            data = self.path.read_bytes()
+            if not data:
+                raise ValueError("empty file")
+            return data
         buffer = io.BytesIO()
         self.load().save(buffer, format="JPEG", quality=quality)
         return buffer.getvalue()
@@ -54,16 +58,31 @@ class Sample:
         if self.image is not None:
             return self.image
         with Image.open(self.path) as img:
-            return img.convert("RGB")
+            return to_rgb8(img)
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """8-bit RGB.  16-bit grayscale (``I;16*``, or ``I`` holding values above 255) is scaled by 1/257 first:
+    PIL's own conversion clips it, which turns almost every 16-bit image white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0
+        img = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 class Source:
     """Splits of samples with integer labels and class names."""
 
-    def __init__(self, splits: dict[str, list[Sample]], classes: list[str], description: str):
+    def __init__(
+        self, splits: dict[str, list[Sample]], classes: list[str], description: str, refused: list[dict] | None = None
+    ):
         self.splits = splits
         self.classes = classes
         self.description = description
+        self.refused = refused or []
+        """Files left out on purpose (``{"path", "reason"}``), e.g. symlinks that leave the source tree."""
 
 
 def digits_source() -> Source:
@@ -82,12 +101,24 @@ def _safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
-def _class_folder(root: Path, split: str, classes: list[str]) -> list[Sample]:
-    samples = []
+def _class_folder(root: Path, split: str, classes: list[str], tree: Path, refused: list[dict]) -> list[Sample]:
+    """The images of ``root/class/`` for every class.  Keys are the safe form of split, class and file stem,
+    made unique with a hash of the file's relative path where two files map to the same key (``x y`` and
+    ``x_y``, or ``a.jpg`` and ``a.png``).  A file that resolves outside ``tree`` (a symlink) is refused."""
+    samples, used = [], set()
     for label, name in enumerate(classes):
         for path in sorted((root / name).iterdir()):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                samples.append(Sample(key=_safe_key(f"{split}_{name}_{path.stem}"), label=label, path=path))
+            if not (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES):
+                continue
+            relative = path.relative_to(tree).as_posix()
+            if not path.resolve().is_relative_to(tree):
+                refused.append({"path": relative, "reason": f"resolves outside the source tree ({path.resolve()})"})
+                continue
+            key = _safe_key(f"{split}_{name}_{path.stem}")
+            if key in used:
+                key = f"{key}-{hashlib.sha1(relative.encode()).hexdigest()[:12]}"
+            used.add(key)
+            samples.append(Sample(key=key, label=label, path=path))
     return samples
 
 
@@ -104,8 +135,12 @@ def image_folder_source(root: Path, split: str) -> Source:
         have = sorted(d.name for d in split_root.iterdir() if d.is_dir())
         if have != classes:
             raise ValueError(f"split '{name}' has classes {have}, expected {classes}")
-    splits = {name: _class_folder(split_root, name, classes) for name, split_root in roots.items()}
-    return Source(splits, classes, f"ImageFolder {root}")
+    tree, refused = root.resolve(), []
+    splits = {name: _class_folder(split_root, name, classes, tree, refused) for name, split_root in roots.items()}
+    empty = [name for name, samples in splits.items() if not samples]
+    if empty:
+        raise ValueError(f"no images under {root} for split(s) {empty} (suffixes {sorted(IMAGE_SUFFIXES)})")
+    return Source(splits, classes, f"ImageFolder {root}", refused)
 
 
 def sha256_of(path: Path) -> str:
@@ -122,30 +157,40 @@ def _file_entry(path: Path, **extra) -> dict:
 
 def write_webdataset(
     samples: list[Sample], out: Path, split: str, shard_mb: float, quality: int, progress
-) -> list[dict]:
-    """Write ``{split}-%06d.tar`` shards of about ``shard_mb`` MB into ``out`` (via a temp folder)."""
+) -> tuple[list[dict], list[dict]]:
+    """Write ``{split}-%06d.tar`` shards of about ``shard_mb`` MB into ``out`` (via a temp folder); return
+    the shard entries and the samples skipped because they could not be encoded (JPEGs are stored as they
+    are and checked when loaded)."""
     import webdataset as wds
 
     tmp = temp_path_for(out / f"{split}-webdataset")  # a folder: ShardWriter names the files itself
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     counts: Counter = Counter()
+    skipped: list[dict] = []
     task = progress.add_task(f"{split}: webdataset", total=len(samples))
-    with wds.ShardWriter(
-        str(tmp / f"{split}-%06d.tar"), maxsize=int(shard_mb * 1e6), maxcount=10**9, verbose=0
-    ) as sink:
-        for sample in samples:
-            sink.write({"__key__": sample.key, "jpg": sample.jpeg_bytes(quality), "cls": str(sample.label).encode()})
-            counts[Path(sink.fname).name] += 1
-            progress.advance(task)
-    shards = []
-    for path in sorted(tmp.glob("*.tar")):
-        final = out / path.name
-        os.replace(path, final)
-        shards.append(_file_entry(final, count=counts[path.name]))
-    shutil.rmtree(tmp)
+    try:
+        with wds.ShardWriter(
+            str(tmp / f"{split}-%06d.tar"), maxsize=int(shard_mb * 1e6), maxcount=10**9, verbose=0
+        ) as sink:
+            for sample in samples:
+                progress.advance(task)
+                try:
+                    jpeg = sample.jpeg_bytes(quality)
+                except Exception as exc:  # PIL raises many types (0-byte file, decompression bomb, ...)
+                    skipped.append({"key": sample.key, "reason": f"{type(exc).__name__}: {exc}"})
+                    continue
+                sink.write({"__key__": sample.key, "jpg": jpeg, "cls": str(sample.label).encode()})
+                counts[Path(sink.fname).name] += 1
+        shards = []
+        for path in sorted(tmp.glob("*.tar")):
+            final = out / path.name
+            os.replace(path, final)
+            shards.append(_file_entry(final, count=counts[path.name]))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     fsync_dir(out)
-    return shards
+    return shards, skipped
 
 
 def write_ffcv(
@@ -216,6 +261,7 @@ def prepare(
         "options": options,
         "formats": sorted(formats),
         "classes": source.classes,
+        "refused": source.refused,
         "splits": {},
     }
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -224,7 +270,8 @@ def prepare(
             per_class = Counter(source.classes[s.label] for s in samples)
             entry: dict = {"count": len(samples), "per_class": dict(sorted(per_class.items()))}
             if "webdataset" in formats:
-                entry["webdataset"] = {"shards": write_webdataset(samples, out, name, shard_mb, quality, progress)}
+                shards, entry["webdataset_skipped"] = write_webdataset(samples, out, name, shard_mb, quality, progress)
+                entry["webdataset"] = {"shards": shards}
             if "ffcv" in formats:
                 entry["ffcv"], entry["ffcv_skipped"] = write_ffcv(
                     samples, out, name, max_side, quality, workers, progress
@@ -234,11 +281,13 @@ def prepare(
     if not quiet:
         for name, entry in manifest["splits"].items():
             shards = len(entry.get("webdataset", {}).get("shards", []))
-            skipped = len(entry.get("ffcv_skipped", []))
+            skipped = max(len(entry.get("ffcv_skipped", [])), len(entry.get("webdataset_skipped", [])))
             print(
                 f"{name}: {entry['count']} images, {shards} shard(s)"
-                + (f", {skipped} undecodable skipped" if skipped else "")
+                + (f", {skipped} undecodable skipped (listed in {MANIFEST})" if skipped else "")
             )
+        for item in source.refused:
+            print(f"refused {item['path']}: {item['reason']}")
     return manifest
 
 

@@ -13,6 +13,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from data_pipeline.batch import Batch
 from data_pipeline.config import DataConfig
+from data_pipeline.manifest import has_manifest, split_entry
 from data_pipeline.shards import index_shards, read_bytes, split_shards
 from data_pipeline.transforms import eval_transform, seeded, train_transform
 
@@ -66,6 +67,8 @@ class WebDatasetBackend:
     def __init__(self, config: DataConfig, split: str, train: bool, seed: int):
         self.config = config
         self.refs, self.problems = index_shards(split_shards(config.root, split, verify=config.verify))
+        entry = split_entry(config.root, split) if has_manifest(config.root) else {}
+        self._skipped_at_prepare = entry.get("webdataset_skipped", [])
         transform = train_transform(config) if train else eval_transform(config)
         self.dataset = _Samples(self.refs, transform, train)
 
@@ -92,4 +95,5 @@ class WebDatasetBackend:
         return iter(loader)
 
     def problem_lines(self) -> list[str]:
-        return self.problems.lines()
+        prepared = [f"{s['key']} skipped at prepare time ({s['reason']})" for s in self._skipped_at_prepare]
+        return self.problems.lines() + prepared

@@ -110,3 +110,103 @@ def test_bad_source_exits_2(tmp_path):
         text=True,
     )
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def read_tar_samples(out, split="train") -> dict[str, int]:
+    """key → label of every sample in the split's shards."""
+    samples = {}
+    for shard in sorted(out.glob(f"{split}-*.tar")):
+        for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False):
+            assert sample["__key__"] not in samples
+            samples[sample["__key__"]] = int(sample["cls"])
+    return samples
+
+
+def test_sixteen_bit_png_keeps_its_brightness(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    gray = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).astype(np.uint16)  # 0 … 65,520
+    path = tmp_path / "deep.png"
+    Image.fromarray(gray).save(path)
+    assert Image.open(path).mode.startswith("I")
+    rgb = np.asarray(prep.Sample(key="k", label=0, path=path).load())
+    expected = np.round(gray / 257.0)
+    assert rgb.shape == (64, 64, 3) and np.abs(rgb[..., 0] - expected).max() <= 1
+    assert 100 < rgb.mean() < 155  # PIL's own convert("RGB") clips: a mean near 255 (white)
+
+
+def test_keys_stay_unique_when_names_collide(tmp_path):
+    from data_helpers import jpeg_bytes
+
+    root = tmp_path / "src"
+    for label, name in enumerate(["x y", "x_y"]):
+        (root / name).mkdir(parents=True)
+        (root / name / "img.jpg").write_bytes(jpeg_bytes(label, (20, 20)))
+    (root / "x_y" / "img.png").write_bytes(b"")  # same stem as img.jpg (and empty: skipped, recorded)
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(root / "x_y" / "img.webp")
+    out = tmp_path / "out"
+    manifest = prep.prepare(str(root), out, ["webdataset"], quiet=True)
+    samples = read_tar_samples(out)
+    assert sorted(samples.values()) == [0, 1, 1]  # 'x y'/img.jpg, 'x_y'/img.jpg and 'x_y'/img.webp: none merged
+    skipped = manifest["splits"]["train"]["webdataset_skipped"]
+    assert len(skipped) == 1 and skipped[0]["key"] not in samples and "Error" in skipped[0]["reason"]
+
+
+def test_undecodable_and_bomb_images_are_skipped_without_leftovers(tmp_path, monkeypatch):
+    from data_helpers import jpeg_bytes
+    from PIL import Image
+
+    root = tmp_path / "src"
+    (root / "a").mkdir(parents=True)
+    for i in range(3):
+        (root / "a" / f"ok{i}.jpg").write_bytes(jpeg_bytes(i, (16, 16)))
+    (root / "a" / "empty.png").write_bytes(b"")
+    Image.new("L", (300, 300)).save(root / "a" / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 300 × 300 is then more than twice the limit
+    out = tmp_path / "out"
+    manifest = prep.prepare(str(root), out, ["webdataset", "ffcv"], quiet=True)
+    train = manifest["splits"]["train"]
+    for listing in (train["webdataset_skipped"], train["ffcv_skipped"]):
+        assert sorted(s["key"] for s in listing) == ["train_a_bomb", "train_a_empty"]
+    assert "DecompressionBomb" in " ".join(s["reason"] for s in train["webdataset_skipped"])
+    assert len(read_tar_samples(out)) == 3 and train["ffcv"]["count"] == 3
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-000000.tar", "train.beton"]
+
+
+def test_symlinks_leaving_the_source_are_refused(tmp_path):
+    from data_helpers import jpeg_bytes
+
+    secret = tmp_path / "elsewhere" / "private.jpg"
+    secret.parent.mkdir()
+    secret.write_bytes(jpeg_bytes(1, (16, 16)))
+    root = tmp_path / "src"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "ok.jpg").write_bytes(jpeg_bytes(2, (16, 16)))
+    (root / "a" / "inside.jpg").symlink_to(root / "a" / "ok.jpg")  # inside the tree: fine
+    (root / "a" / "leak.jpg").symlink_to(secret)
+    manifest = prep.prepare(str(root), tmp_path / "out", ["webdataset"], quiet=True)
+    assert sorted(read_tar_samples(tmp_path / "out")) == ["train_a_inside", "train_a_ok"]
+    assert [r["path"] for r in manifest["refused"]] == ["a/leak.jpg"]
+
+
+def test_a_source_without_images_exits_2_and_writes_nothing(tmp_path):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "notes.txt").write_text("no images here")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_pipeline.prepare",
+            "--source",
+            str(tmp_path / "src"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "no images under" in result.stderr, result.stderr
+    assert not (tmp_path / "o" / "manifest.json").exists()
