@@ -127,6 +127,10 @@ class Checkpointer:
         """Write ``tag_for(step)`` on every rank and commit it; raise :class:`CheckpointError` on every rank
         (after removing the partial tag) when any rank could not write one of its files."""
         tag = tag_for(step)
+        if self.rank == 0 and (self.dir / tag).exists() and tag != latest_tag(self.dir):
+            shutil.rmtree(self.dir / tag, ignore_errors=True)  # left by a save that was killed: start clean
+        if dist.is_initialized():
+            dist.barrier()
         guarded = _guarded(engine)
         guarded.reset_failures()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)

@@ -2,14 +2,17 @@
 
     deepspeed --num_gpus 2 tests/workers/faulty_rank.py FAULT RANK STEP --config ... --set ...
 
-FAULT is ``none``, ``raise`` (the rank raises in its training step STEP) or ``disk_full`` (the rank's write of its
-trainer state for the checkpoint at STEP fails with ENOSPC).  Other ranks run unchanged.
+FAULT is ``none``; ``raise`` (the rank raises in its training step STEP); ``disk_full`` (the rank's write
+of its trainer state for the checkpoint at STEP fails with ENOSPC); or ``kill_in_save`` (the rank is
+SIGKILLed while the model states of STEP are half written).  Other ranks run unchanged; without a
+launcher it runs as one plain process (rank 0).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -43,6 +46,16 @@ def inject(fault: str, rank: int, step: int) -> None:
             return save(obj, f, *args, **kwargs)
 
         checkpoint.torch.save = full_disk_save  # torch.save of this process; only that one file fails
+    elif fault == "kill_in_save":
+        save = torch.save
+
+        def killed_mid_write(obj, f, *args, **kwargs):
+            if "model_states" in str(f) and f"step{step:09d}" in str(f):
+                Path(f).write_bytes(b"half a file")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return save(obj, f, *args, **kwargs)
+
+        checkpoint.torch.save = killed_mid_write
     else:
         raise SystemExit(f"unknown fault {fault}")
 
