@@ -198,7 +198,8 @@ def run_search(
 ) -> int:
     """load → calibrate → evolve → report → export."""
     env = resolve(local_rank_arg=local_rank_arg)
-    device = init_distributed(env, search.dist_timeout_s) if env.world_size > 1 else local_device(env)
+    owns_group = env.world_size > 1 and not dist.is_initialized()  # a caller's group is the caller's to end
+    device = init_distributed(env, search.dist_timeout_s) if owns_group else local_device(env)
     threads = configure_threads(None, local_world_size())
     console = Console(width=None if Console().is_terminal else 160)
     say = console.print if env.is_main else (lambda *a, **k: None)
@@ -218,7 +219,7 @@ def run_search(
         if env.is_main:
             report(search, population, marked, out, console)
             export(search, exports, population, marked, evaluate, out, console)
-        if dist.is_initialized():  # only on success: a rank that failed must exit now, not wait in a barrier
+        if owns_group:  # only on success: a rank that failed must exit now, not wait in a barrier
             dist.barrier()
             dist.destroy_process_group()
     except BaseException:
