@@ -81,3 +81,25 @@ def test_every_epoch_summary_reaches_the_metrics_file_with_skipped_samples(repo,
     for summary in summaries:
         assert summary["epoch/skipped"] == 1 and summary["epoch/skipped_samples"][0][1] == "train_class_0_broken0"
         assert summary["epoch/images"] == 4 * trainer.steps_per_epoch - 1  # the broken image is not trained on
+
+
+def test_log_reports_time_waiting_for_data(repo, digits_shards, tmp_path, single_rank, monkeypatch):
+    import time
+
+    from trainer.loop import Trainer
+
+    steps = Trainer._steps
+
+    def slow_loader(self):
+        for item in steps(self):
+            time.sleep(0.2)  # a loader that falls behind by 200 ms per step
+            yield item
+
+    monkeypatch.setattr(Trainer, "_steps", slow_loader)
+    run = tmp_path / "run"
+    run_in_process(repo, overrides(run, digits_shards, **{"trainer.max_steps": 3}))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps_logged = [r for r in records if "loss/largest" in r]
+    assert len(steps_logged) == 3
+    for r in steps_logged:
+        assert 200 <= r["time/data_wait_ms"] < 200 + r["time/step_ms"] + 1000 and r["time/step_ms"] > 0

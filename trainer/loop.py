@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,39 @@ from trainer.schedule import lr_at
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps); the message says where to resume from."""
+
+
+class StepTiming:
+    """Per-step wall time split into waiting for the loader and the step itself, averaged over a log window
+    (as tensors, so the log reports the mean over ranks)."""
+
+    def __init__(self) -> None:
+        self.wait = self.step = 0.0
+        self.steps = 0
+        self._mark = time.perf_counter()
+
+    def waiting(self) -> None:
+        self._mark = time.perf_counter()
+
+    def batches_ready(self) -> None:
+        now = time.perf_counter()
+        self.wait += now - self._mark
+        self._mark = now
+
+    def step_done(self) -> None:
+        self.step += time.perf_counter() - self._mark
+        self.steps += 1
+
+    def window(self) -> dict[str, torch.Tensor]:
+        """``time/data_wait_ms`` and ``time/step_ms`` per step since the previous call."""
+        n = max(1, self.steps)
+        values = {
+            "time/data_wait_ms": torch.tensor(1e3 * self.wait / n),
+            "time/step_ms": torch.tensor(1e3 * self.step / n),
+        }
+        self.wait = self.step = 0.0
+        self.steps = 0
+        return values
 
 
 class Trainer:
@@ -303,12 +337,16 @@ class Trainer:
             results["val"] = self.validate(self.train_loader.epoch)
             return results
         images_since_log = 0
+        timing = StepTiming()
         for batches, epoch, epoch_end in self._steps():
+            timing.batches_ready()
             values = self.train_step(batches)
+            timing.step_done()
             results.update(global_step=self.global_step, skipped_steps=self.skipped_total)
             last = self.global_step >= self.final_step
             images_since_log += sum(len(b) for b in batches) * self.world
             if self.global_step % tc.log_every_steps == 0 or last:
+                values.update(timing.window())
                 self.log.log_step(self.global_step, epoch, self._reduce_for_log(values), images_since_log)
                 images_since_log = 0
             self._check_bad_steps()
@@ -328,6 +366,7 @@ class Trainer:
                 self.save()
             if last:
                 return results
+            timing.waiting()
         raise AssertionError("unreachable: the step iterator never ends")
 
     def validate(self, epoch: int) -> dict[str, dict[str, float]]:

@@ -93,6 +93,8 @@ class MetricsLogger:
             + (f" kd(smallest)={kd:.3f}" if kd is not None else "")
             + f" {rate:.0f} img/s"
         )
+        if "time/data_wait_ms" in values:
+            text += f" data wait {values['time/data_wait_ms']:.0f}/{values['time/step_ms']:.0f} ms"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, description=text, epoch=f"epoch {epoch}")
         else:
