@@ -86,26 +86,38 @@ def worker(args) -> None:
         def train(self):
             self.net.train()
 
-    def timed(engine, module, label):
+    def timed(engine, module) -> dict[str, float]:
+        """Median samples/s over the timed steps, and the median milliseconds of forward + backward of the N
+        sub-networks (for DeepSpeed ZeRO 0-1 and the plain loop this includes the gradient all-reduce at the
+        last backward) and of the optimizer step (ZeRO 2-3: also their gradient reduction)."""
         sampler = ArchSampler(module.space, seed=0)
-        rates = []
+        rates, passes, steps = [], [], []
         for step in range(args.steps + 1):
             images, labels = make_batch(module)
             dist.barrier()
             start = time.perf_counter()
             engine.train()
             losses(engine, module, sample_sandwich(module.space, sampler, 4), images, labels)
+            middle = time.perf_counter()
             engine.step()
             dist.barrier()
+            end = time.perf_counter()
             if step:  # the first step is a warm-up
-                rates.append(args.batch * dist.get_world_size() / (time.perf_counter() - start))
-        return sorted(rates)[len(rates) // 2]
+                rates.append(args.batch * dist.get_world_size() / (end - start))
+                passes.append(1e3 * (middle - start))
+                steps.append(1e3 * (end - middle))
+        median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        return {"rate": median(rates), "passes_ms": median(passes), "step_ms": median(steps)}
 
-    results = {}
-    torch.manual_seed(0)
-    net = build_supernet(model_config)
-    opt = build_optimizer(net, TrainerConfig(), lr=0.01)
-    results["plain PyTorch"] = (timed(PlainEngine(net, opt), net, "plain"), optimizer_state_bytes(opt))
+    def plain() -> tuple[dict[str, float], int]:
+        torch.manual_seed(0)
+        net = build_supernet(model_config)
+        opt = build_optimizer(net, TrainerConfig(), lr=0.01)
+        return timed(PlainEngine(net, opt), net), optimizer_state_bytes(opt)
+
+    # The baseline runs first and again last: its mean is the reference, so neither warm-up effects nor
+    # drift of the machine during the run favour one side.
+    results = {"plain PyTorch (first)": plain()}
     for stage in (0, 1, 2, 3):
         torch.manual_seed(0)
         net = build_supernet(model_config)
@@ -113,18 +125,24 @@ def worker(args) -> None:
             net, TrainerConfig(zero_stage=stage), micro_batch=args.batch, world_size=env.world_size, lr=0.01
         )
         results[f"DeepSpeed ZeRO-{stage}"] = (
-            timed(built.engine, built.module, f"zero{stage}"),
+            timed(built.engine, built.module),
             optimizer_state_bytes(built.engine.optimizer),
         )
+    results["plain PyTorch (last)"] = plain()
     if env.rank == 0:
-        base_rate, base_mem = results["plain PyTorch"]
+        firsts = (results["plain PyTorch (first)"][0]["rate"], results["plain PyTorch (last)"][0]["rate"])
+        base_rate, base_mem = sum(firsts) / 2, results["plain PyTorch (first)"][1]
         print(
-            f"space {args.space}, 2 ranks x {args.batch} images, 4 sub-networks per step, median of {args.steps} steps"
+            f"space {args.space}, 2 ranks x {args.batch} images, 4 sub-networks per step, median of {args.steps} "
+            f"steps; baseline: mean of the plain loop measured first and last ({firsts[0]:.2f}, {firsts[1]:.2f})"
         )
-        for name, (rate, mem) in results.items():
+        print(
+            f"{'engine':22s} {'samples/s':>9s} {'ratio':>6s} {'fwd+bwd ms':>10s} {'step ms':>8s} {'momentum MiB':>12s}"
+        )
+        for name, (timing, mem) in results.items():
             print(
-                f"{name:18s} {rate:8.1f} samples/s  ratio {rate / base_rate:5.2f}   "
-                f"momentum on rank 0: {mem / 2**20:7.3f} MiB  ratio {mem / max(base_mem, 1):5.2f}"
+                f"{name:22s} {timing['rate']:9.2f} {timing['rate'] / base_rate:6.2f} {timing['passes_ms']:10.0f} "
+                f"{timing['step_ms']:8.0f} {mem / 2**20:12.3f} (x{mem / max(base_mem, 1):.2f})"
             )
     dist.barrier()
 
