@@ -34,8 +34,10 @@ class DataConfig:
     implementation, mean-colour fill); ``imagenet`` is torchvision's ImageNet policy (fill 0)."""
     eval_resize: Annotated[int, Range(ge=8)] = 36
     """Eval transform: resize the short side to this (bicubic), then centre-crop ``base_resolution``."""
-    verify: bool = False
-    """Check every data file's sha256 against the manifest before training (sizes are always checked)."""
+    verify: Literal["background", "start", "never"] = "background"
+    """Check every data file's sha256 against the manifest (sizes are always checked at start):
+    ``background`` hashes while training runs (a mismatch stops the run at the next step; a checkpoint is
+    committed only once the hashes passed), ``start`` hashes before the first step, ``never`` not at all."""
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     """Per-channel mean (on the 0–1 scale) used by normalisation on the training device."""
     std: Annotated[tuple[float, float, float], Range(gt=0)] = (0.229, 0.224, 0.225)

@@ -107,7 +107,7 @@ def _make_decoder(output_size, scale, ratio, hflip: bool, run_seed: int):
 class FFCVBackend:
     def __init__(self, config: DataConfig, split: str, train: bool, seed: int):
         self.config, self.split, self.train, self.seed = config, split, train, seed
-        entry = ffcv_entry(config.root, split, verify=config.verify)
+        entry = ffcv_entry(config.root, split, verify=config.verify == "start")
         self.path = Path(config.root) / entry["name"]
         if not self.path.is_file():
             raise DataError(f"missing FFCV file {self.path}")

@@ -66,7 +66,7 @@ def _init_worker(worker_id: int) -> None:
 class WebDatasetBackend:
     def __init__(self, config: DataConfig, split: str, train: bool, seed: int):
         self.config = config
-        self.refs, self.problems = index_shards(split_shards(config.root, split, verify=config.verify))
+        self.refs, self.problems = index_shards(split_shards(config.root, split, verify=config.verify == "start"))
         entry = split_entry(config.root, split) if has_manifest(config.root) else {}
         self._skipped_at_prepare = entry.get("webdataset_skipped", [])
         transform = train_transform(config) if train else eval_transform(config)

@@ -43,6 +43,9 @@ class LossConfig:
     """Softmax temperature of ``kd_loss: kl``."""
     label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.1
     """ε of the largest sub-network's cross-entropy, spread as ε/K over all K classes."""
+    kd_weight: Annotated[float, Range(gt=0)] = 1.0
+    """γ, the weight of every distilled sub-network's KD loss (AlphaNet §4.1: the slimmable baseline uses γ =
+    the number of sampled sub-networks)."""
 
     def __post_init__(self) -> None:
         check_ranges(self, "loss")

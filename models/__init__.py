@@ -9,7 +9,8 @@ from models.search_space import (
     load_named_archs,
     load_search_space,
 )
-from models.static import StaticSubnet, extract_subnet
+from models.slimmable import SlimmableSpace, SlimmableSupernet, WidthArch
+from models.static import StaticSubnet, build_subnet, extract_subnet
 from models.supernet import AlphaNetSupernet
 
 
@@ -22,9 +23,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'models' has no attribute {name!r}")
 
 
-def build_supernet(config: ModelConfig) -> AlphaNetSupernet:
-    """The supernet described by a model config section."""
-    return AlphaNetSupernet(load_search_space(config.search_space), config)
+def build_supernet(config: ModelConfig) -> AlphaNetSupernet | SlimmableSupernet:
+    """The supernet described by a model config section (a slimmable MobileNet for a slimmable space)."""
+    space = load_search_space(config.search_space)
+    if isinstance(space, SlimmableSpace):
+        return SlimmableSupernet(space, config)
+    return AlphaNetSupernet(space, config)
 
 
 __all__ = [
@@ -34,7 +38,11 @@ __all__ = [
     "Cost",
     "ModelConfig",
     "SearchSpace",
+    "SlimmableSpace",
+    "SlimmableSupernet",
     "StaticSubnet",
+    "WidthArch",
+    "build_subnet",
     "build_supernet",
     "extract_subnet",
     "load_named_archs",

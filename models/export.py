@@ -12,9 +12,8 @@ import torch
 import yaml
 
 from fileops import atomic_output, atomic_write_text
-from models.flops import subnet_cost
-from models.search_space import ArchConfig, SearchSpace
-from models.static import StaticSubnet
+from models.families import AnyArch, AnySpace, space_from_dict
+from models.static import StaticSubnet, build_subnet
 from typedconfig import ConfigError, load_yaml
 
 WEIGHTS = "model.safetensors"
@@ -45,20 +44,22 @@ BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 MAX_CLASSES = 1_000_000
 
 
-def read_description(folder: Path) -> tuple[SearchSpace, ArchConfig, int]:
+def read_description(folder: Path) -> tuple[AnySpace, AnyArch, int]:
     """(space, arch, num_classes) of an exported folder, checked before anything is built: ``arch.yaml`` is
     read with the config loader's limits, the arch must lie in its space, and the parameters it implies
     must be exactly those stored in ``model.safetensors`` (so a crafted arch cannot make us allocate a
     model far larger than the file)."""
     from safetensors import safe_open
 
+    from models.flops import subnet_cost  # here: `python -m models.flops` must not find it imported already
+
     arch_file, weights = folder / ARCH, folder / WEIGHTS
     description = load_yaml(arch_file)
     missing = sorted({"search_space", "arch", "num_classes"} - set(description))
     if missing:
         raise ConfigError(f"missing key(s) {missing}", source=arch_file)
-    space = SearchSpace.from_dict(description["search_space"], source=arch_file)
-    arch = ArchConfig.from_dict(description["arch"], source=arch_file)
+    space = space_from_dict(description["search_space"], source=arch_file)
+    arch = space.arch_from_dict(description["arch"], source=arch_file)
     problems = arch.problems(space)
     if problems:
         raise ConfigError("arch outside its search space: " + "; ".join(problems), key="arch", source=arch_file)
@@ -88,7 +89,7 @@ def load_subnet(path: str | Path, map_location: str = "cpu") -> StaticSubnet:
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     space, arch, num_classes = read_description(folder)
-    model = StaticSubnet(space, arch, num_classes=num_classes)
+    model = build_subnet(space, arch, num_classes=num_classes)
     model.load_state_dict(load_file(str(folder / WEIGHTS), device=map_location))
     return model.eval()
 

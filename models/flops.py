@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from models.ops import se_channels
 from models.search_space import ArchConfig, SearchSpace, load_named_archs
+from models.slimmable import SlimmableSpace, slimmable_cost
 from models.subnet_plan import plan_subnet
 from typedconfig import ConfigError
 
@@ -51,6 +52,9 @@ def _sum(costs: list[Cost]) -> Cost:
 
 def subnet_cost(space: SearchSpace, arch: ArchConfig, num_classes: int = 1000) -> Cost:
     """Multiply-adds and parameters of ``arch`` (see module docstring for what counts)."""
+    if isinstance(space, SlimmableSpace):
+        macs, params = slimmable_cost(space, arch, num_classes)
+        return Cost(macs=macs, params=params)
     plan = plan_subnet(space, arch)
     side, block_sides = plan.spatial_sizes()
     costs = [_conv(3, plan.stem.out_channels, plan.stem.kernel, side), _bn(plan.stem.out_channels)]

@@ -168,20 +168,30 @@ class SearchSpace:
     def from_yaml(cls, path: str | Path) -> SearchSpace:
         return cls.from_dict(load_yaml(path), source=path)
 
+    def arch_from_dict(self, data: dict[str, Any], *, source: str | Path | None = None) -> ArchConfig:
+        return ArchConfig.from_dict(data, source=source)
+
+
+def _space_from_yaml(path: str | Path):
+    """A SearchSpace, or a slimmable MobileNet space when the file has a ``family`` key."""
+    from models.families import space_from_dict
+
+    return space_from_dict(load_yaml(path), source=path)
+
 
 def builtin_search_spaces() -> dict[str, Path]:
     """Names of the spaces shipped in ``configs/search_spaces`` → their files."""
     return {p.stem: p for p in sorted(SEARCH_SPACE_DIR.glob("*.yaml"))}
 
 
-def load_search_space(name_or_path: str | Path) -> SearchSpace:
-    """A built-in space by name (``alphanet``, ``tiny``) or a YAML file path."""
+def load_search_space(name_or_path: str | Path):
+    """A built-in space by name (``alphanet``, ``tiny``, ``slimmable_mbv2``, ...) or a YAML file path."""
     builtin = builtin_search_spaces()
     if str(name_or_path) in builtin:
-        return SearchSpace.from_yaml(builtin[str(name_or_path)])
+        return _space_from_yaml(builtin[str(name_or_path)])
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        return SearchSpace.from_yaml(path)
+        return _space_from_yaml(path)
     raise ConfigError(f"unknown search space {str(name_or_path)!r}; built-in: {sorted(builtin)} or a YAML path")
 
 
@@ -295,8 +305,8 @@ class ArchSampler:
         self.space = space
         self._rng = np.random.Generator(np.random.PCG64(seed))
 
-    def _pick(self, choices: tuple[int, ...]) -> int:
-        return int(choices[int(self._rng.integers(len(choices)))])
+    def _pick(self, choices: tuple):
+        return choices[int(self._rng.integers(len(choices)))]
 
     def index(self, n: int) -> int:
         """A uniform integer in [0, n) from the same seeded stream (e.g. to pick parents)."""
@@ -304,7 +314,7 @@ class ArchSampler:
 
     def random(self) -> ArchConfig:
         """Each gene drawn uniformly and independently from its choices."""
-        genes = {gene: self._pick(choices) for gene, choices in self.space.choices()}
+        genes = {gene: self._pick(choices) for gene, choices in self.space.choices()}  # one draw per gene
         return self.space.largest().with_genes(genes)
 
     def mutate(self, arch: ArchConfig, prob: float) -> ArchConfig:
@@ -345,7 +355,7 @@ def load_named_archs(path: str | Path) -> tuple[SearchSpace, dict[str, ArchConfi
     for name, entry in (data["models"] or {}).items():
         if not isinstance(entry, dict):
             raise ConfigError("expected a mapping", key=f"models.{name}", source=path)
-        arch = ArchConfig.from_dict(entry, source=path)
+        arch = space.arch_from_dict(entry, source=path)
         problems = arch.problems(space)
         if problems:
             raise ConfigError("; ".join(problems), key=f"models.{name}", source=path)

@@ -106,18 +106,35 @@ def _slice_to_shape(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return tensor[tuple(index)]
 
 
-def extract_subnet(supernet: nn.Module, arch: ArchConfig | None = None) -> StaticSubnet:
-    """Copy ``arch``'s weights and BN statistics out of ``supernet`` into a new :class:`StaticSubnet`."""
+def copy_sliced_weights(source: dict[str, torch.Tensor], target: nn.Module, rename=lambda key: key) -> None:
+    """Load into ``target`` the slice of every ``source[rename(key)]`` that has the target tensor's shape."""
+    weights = {key: _slice_to_shape(source[rename(key)], t.shape).clone() for key, t in target.state_dict().items()}
+    target.load_state_dict(weights)
+
+
+def extract_subnet(supernet: nn.Module, arch: ArchConfig | None = None) -> nn.Module:
+    """Copy ``arch``'s weights and BN statistics out of ``supernet`` into a new standalone model
+    (a :class:`StaticSubnet`, or the one-width model of a slimmable supernet)."""
+    if hasattr(supernet, "extract"):
+        return supernet.extract(arch)
     arch = arch or supernet.arch
     static = StaticSubnet(supernet.space, arch, supernet.config.num_classes, supernet.config.dropout)
     block_map = [block.supernet_index for block in static.plan.blocks]
-    source = supernet.state_dict()
-    weights = {}
-    for key, target in static.state_dict().items():
-        source_key = key
-        if key.startswith("blocks."):
-            _, j, rest = key.split(".", 2)
-            source_key = f"blocks.{block_map[int(j)]}.{rest}"
-        weights[key] = _slice_to_shape(source[source_key], target.shape).clone()
-    static.load_state_dict(weights)
+
+    def rename(key: str) -> str:
+        if not key.startswith("blocks."):
+            return key
+        _, j, rest = key.split(".", 2)
+        return f"blocks.{block_map[int(j)]}.{rest}"
+
+    copy_sliced_weights(supernet.state_dict(), static, rename)
     return static.to(next(supernet.parameters()).device)
+
+
+def build_subnet(space, arch, num_classes: int = 1000, dropout: float = 0.0) -> nn.Module:
+    """A freshly initialised standalone model of ``arch`` in ``space`` (either family)."""
+    from models.slimmable import SlimmableSpace, build_slimmable_subnet
+
+    if isinstance(space, SlimmableSpace):
+        return build_slimmable_subnet(space, arch, num_classes, dropout)
+    return StaticSubnet(space, arch, num_classes, dropout)

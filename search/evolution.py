@@ -9,10 +9,12 @@ whole process is a pure function of the seed and the scores, so a rerun that loo
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from models.families import arch_from_dict
 from models.flops import subnet_cost
 from models.search_space import ArchConfig, ArchSampler, SearchSpace
 
@@ -36,14 +38,11 @@ class Candidate:
 
     @classmethod
     def from_record(cls, record: dict) -> Candidate:
-        return cls(
-            ArchConfig.from_dict(record["arch"]), record["mflops"], record["params_m"], record["top1"], record["top5"]
-        )
+        return cls(arch_from_dict(record["arch"]), record["mflops"], record["params_m"], record["top1"], record["top5"])
 
 
 def arch_key(arch: ArchConfig) -> str:
-    d = arch.to_dict()
-    return f"{d['resolution']}|{d['widths']}|{d['depths']}|{d['kernels']}|{d['expands']}"
+    return "|".join(str(value) for value in arch.to_dict().values())
 
 
 class FlopsConstrainedSampler:
@@ -70,6 +69,17 @@ class FlopsConstrainedSampler:
         raise RuntimeError(
             f"no new architecture within [{self.lo}, {self.hi}] MFLOPs after {self.max_tries} draws; widen the range"
         )
+
+
+def every_arch(space, limit: int) -> list | None:
+    """Every sub-network of ``space`` when it holds at most ``limit`` (a width-only slimmable space), else None."""
+    genes = space.choices()
+    if math.prod(len(choices) for _, choices in genes) > limit:
+        return None
+    names = [name for name, _ in genes]
+    return [
+        space.largest().with_genes(dict(zip(names, values))) for values in itertools.product(*(c for _, c in genes))
+    ]
 
 
 def select_parents(candidates: list[Candidate], count: int, bucket_mflops: float) -> list[Candidate]:

@@ -20,6 +20,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE)]
 
 import argparse  # noqa: E402
+import faulthandler  # noqa: E402
 import functools  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
@@ -37,9 +38,10 @@ from models.search_space import SearchSpace  # noqa: E402
 from models.static import StaticSubnet  # noqa: E402
 from search.candidates import CandidateStore  # noqa: E402
 from search.config import SearchConfig, SearchFile  # noqa: E402
-from search.evolution import Candidate, FlopsConstrainedSampler, pareto_front, select_parents  # noqa: E402
+from search.evolution import Candidate, FlopsConstrainedSampler, every_arch, pareto_front, select_parents  # noqa: E402
 from search.export import ExportError, check_spec, choose, export_subnet  # noqa: E402
 from search.pareto import write_front  # noqa: E402
+from search.widths import width_archs, width_table, write_widths  # noqa: E402
 from trainer.checkpoint import latest_tag  # noqa: E402
 from trainer.config import RunConfig, load_config  # noqa: E402
 from trainer.consolidate import WEIGHTS_NAME, consolidate  # noqa: E402
@@ -131,6 +133,17 @@ def evolve(
     sampler = ArchSampler(space, search.seed)
     constrained = FlopsConstrainedSampler(space, sampler, search.min_mflops, search.max_mflops, num_classes)
     seen: set[str] = set()
+    every = every_arch(space, search.population)
+    if every is not None:  # a small space (width-only): evaluate all of it, nothing is left to evolve
+        inside = [arch for arch in every if constrained.ok(arch)]
+        if not inside:
+            raise RuntimeError(
+                f"no sub-network of '{space.name}' within [{search.min_mflops}, {search.max_mflops}] MFLOPs"
+            )
+        say(
+            f"'{space.name}' holds {len(every)} sub-networks, {len(inside)} within the FLOPs range: evaluating all of them"
+        )
+        return store.score(inside, evaluate)
     population = store.score([constrained.draw(sampler.random, seen) for _ in range(search.population)], evaluate)
     say(f"generation 0: {len(population)} candidates, best top-1 {max(c.top1 for c in population):.2f}%")
     for generation in range(1, search.iterations + 1):
@@ -153,10 +166,19 @@ def score_marked(search: SearchConfig, space: SearchSpace, store: CandidateStore
     """The models of ``search.mark_models`` that lie inside ``space``, scored like candidates."""
     if not search.mark_models:
         return {}
-    _, named = load_named_archs(search.mark_models)
+    table_space, named = load_named_archs(search.mark_models)
+    if type(table_space) is not type(space):  # e.g. AlphaNet models against a slimmable supernet
+        return {}
     inside = {name: arch for name, arch in named.items() if not arch.problems(space)}
     batches = search.marked_calib_batches or search.calib_batches
     return dict(zip(inside, store.score(list(inside.values()), functools.partial(evaluate, batches=batches))))
+
+
+def score_widths(search: SearchConfig, space, store: CandidateStore, evaluate) -> dict[str, Candidate]:
+    """A slimmable space's every width (``0.35x`` …), scored like marked models; {} for other spaces."""
+    archs = width_archs(space)
+    batches = search.marked_calib_batches or search.calib_batches
+    return dict(zip(archs, store.score(list(archs.values()), functools.partial(evaluate, batches=batches))))
 
 
 def report(search: SearchConfig, population: list[Candidate], marked: dict[str, Candidate], out: Path, console) -> None:
@@ -216,8 +238,13 @@ def run_search(
             say(f"continuing from {store.path}: {len(store)} candidates already evaluated")
         population = evolve(search, supernet.space, run_config.model.num_classes, store, evaluate, say)
         marked = score_marked(search, supernet.space, store, evaluate)
+        widths = score_widths(search, supernet.space, store, evaluate)
+        marked.update(widths)
         if env.is_main:
             report(search, population, marked, out, console)
+            if widths:
+                console.print(width_table(widths))
+                console.print("widths: {}\nplot:   {}".format(*write_widths(widths, out)))
             export(search, exports, population, marked, evaluate, out, console)
         if owns_group:  # only on success: a rank that failed must exit now, not wait in a barrier
             dist.barrier()
@@ -229,6 +256,9 @@ def run_search(
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A fatal signal in native code (e.g. SIGBUS: a memory-mapped .beton cut while the run reads it) prints
+    # every thread's Python stack instead of dying silently.
+    faulthandler.enable(all_threads=True)
     parser = argparse.ArgumentParser(prog="search/run.py", description="Evolutionary search of a trained supernet.")
     parser.add_argument("--config", required=True, help="search YAML (a `search:` section)")
     # --run-dir is the spelling to use under torchrun, whose own parser takes --run for an abbreviation of --run-path.

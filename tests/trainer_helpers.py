@@ -49,11 +49,11 @@ def overrides(run_dir: Path, digits: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def run_in_process(repo: Path, args: list[str], **trainer_kwargs):
-    """(trainer, results) of one in-process run of the tiny recipe with ``args`` as overrides."""
+def run_in_process(repo: Path, args: list[str], *, recipe: str = "configs/tiny_cpu.yaml", **trainer_kwargs):
+    """(trainer, results) of one in-process run of ``recipe`` (the tiny one) with ``args`` as overrides."""
     from trainer.loop import Trainer
 
-    trainer = Trainer(load_config(repo / "configs/tiny_cpu.yaml", args), **trainer_kwargs)
+    trainer = Trainer(load_config(repo / recipe, args), **trainer_kwargs)
     try:
         return trainer, trainer.train()
     finally:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from data_pipeline import DataError, EpochSummary, build_loader
 from data_pipeline.device_transforms import normalize
+from data_pipeline.integrity import DataWatch, split_files
 from data_pipeline.manifest import has_manifest, read_manifest
 from losses import build_kd_loss, build_label_loss
 from models import ArchSampler, build_supernet
@@ -109,7 +110,8 @@ class Trainer:
         self.space = self.supernet.space
         torch.manual_seed(seed + 1000 * (self.rank + 1))  # ... then per-rank dropout / drop-path draws
         self.sampler = ArchSampler(self.space, seed)
-        self.sandwich = SandwichStep(build_label_loss(self.config.loss), build_kd_loss(self.config.loss))
+        loss = self.config.loss
+        self.sandwich = SandwichStep(build_label_loss(loss), build_kd_loss(loss), loss.kd_weight)
 
     def _build_engine(self) -> None:
         tc, micro = self.config.trainer, self.config.data.batch_size
@@ -139,6 +141,11 @@ class Trainer:
                     f"{data.root} has {len(classes)} classes but model.num_classes is "
                     f"{self.config.model.num_classes}: set model.num_classes to at least {len(classes)}"
                 )
+        self.data_watch = DataWatch(
+            data.root,
+            split_files(data.root, [data.train_split, data.val_split]),
+            hash_files=data.verify == "background" and self.env.local_rank == 0,
+        )
         self.total_steps = tc.epochs * self.steps_per_epoch
         self.warmup_steps = round(tc.warmup_epochs * self.steps_per_epoch)
         self.final_step = min(self.total_steps, tc.max_steps) if tc.max_steps else self.total_steps
@@ -230,13 +237,36 @@ class Trainer:
             subprocess.run(["scontrol", "requeue", job], check=False)
         return True
 
-    def _agree(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any rank."""
+    def _agree(self, *flags: bool) -> list[bool]:
+        """For each flag: true on every rank when it is true on any rank (one all-reduce)."""
         if not dist.is_initialized() or self.world == 1:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+            return list(flags)
+        values = torch.tensor([1.0 if flag else 0.0 for flag in flags])
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in values.tolist()]
+
+    def _stop_for_bad_data(self, problem: str | None) -> None:
+        """Every rank raises the same DataError naming the rank(s) that found the problem (all ranks are here,
+        so gathering the messages is safe)."""
+        problems = [problem]
+        if dist.is_initialized() and self.world > 1:
+            problems = [None] * self.world
+            dist.all_gather_object(problems, problem)
+        found = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
+        last = self.checkpointer.last_tag
+        raise DataError(
+            "; ".join(dict.fromkeys(found))
+            + f" (stopped at step {self.global_step}; last committed checkpoint: "
+            + f"{self.checkpointer.dir / last if last else 'none'})"
+        )
+
+    def _check_data_before_commit(self) -> None:
+        """Wait for the background hashes (data.verify: background) and stop if any rank found bad data."""
+        if self.data_watch.hashing and self.env.is_main:
+            self.log.print("waiting for the data check (sha256 of every data file) before committing a checkpoint")
+        problem = self.data_watch.problem(wait=True)
+        if self._agree(problem is not None)[0]:
+            self._stop_for_bad_data(problem)
 
     # ------------------------------------------------------------------------------------------ steps
     def set_lr(self, step: int) -> float:
@@ -352,7 +382,11 @@ class Trainer:
             self._check_bad_steps()
             if epoch_end:
                 self._log_epoch_summary()
-            if self._agree(self._stop_signal != 0):
+            problem = self.data_watch.problem()
+            stop, bad_data = self._agree(self._stop_signal != 0, problem is not None)
+            if bad_data:
+                self._stop_for_bad_data(problem)
+            if stop:
                 tag = self.save()
                 self.log.print(
                     f"signal received: saved {self.checkpointer.dir / tag}; rerun the same command to resume"
@@ -363,6 +397,7 @@ class Trainer:
             if self.checkpointer.should_save(
                 self.global_step, last=last, epoch_end=epoch_end, healthy=self.bad_steps == 0
             ):
+                self._check_data_before_commit()
                 self.save()
             if last:
                 return results
@@ -370,7 +405,14 @@ class Trainer:
         raise AssertionError("unreachable: the step iterator never ends")
 
     def validate(self, epoch: int) -> dict[str, dict[str, float]]:
-        """Top-1/top-5 of the largest and smallest sub-networks after BN recalibration."""
+        """Top-1/top-5 of the largest and smallest sub-networks after BN recalibration.  Runs on a forked torch
+        RNG (building the standalone copies draws initial weights), so validating never changes the training
+        stream: a run stopped at ``max_steps`` (validated, then saved) and extended continues bit-identically."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._validate(epoch)
+
+    def _validate(self, epoch: int) -> dict[str, dict[str, float]]:
         tc, data = self.config.trainer, self.config.data
         self.calib_loader.set_epoch(epoch)
         calib = collect_calibration(self.calib_loader, tc.calib_batches, self.device, data.mean, data.std)

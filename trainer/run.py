@@ -15,11 +15,15 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE)]
 
 import argparse  # noqa: E402
+import faulthandler  # noqa: E402
 
 from trainer.config import add_config_arguments, load_config_or_exit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A fatal signal in native code (e.g. SIGBUS: a memory-mapped .beton cut while the run reads it) prints
+    # every thread's Python stack instead of dying silently.
+    faulthandler.enable(all_threads=True)
     parser = argparse.ArgumentParser(
         prog="trainer/run.py", description="Train an AlphaNet supernet with the sandwich rule."
     )
@@ -46,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer.train()
-    except (TrainingStopped, CheckpointError) as exc:
+    except (TrainingStopped, CheckpointError, DataError) as exc:
         trainer.close(failed=True)
         print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return 2 if isinstance(exc, DataError) else 3
     except BaseException:
         trainer.close(failed=True)  # no barrier: the traceback prints now and the process exits non-zero
         raise

@@ -41,10 +41,11 @@ class SandwichStep:
     """Forward + backward of every sub-network of one mini-batch; returns per-sub-network metrics
     (detached tensors, so that no device sync happens until they are logged)."""
 
-    def __init__(self, label_loss: torch.nn.Module, kd_loss: KDLoss | None):
-        """``kd_loss`` None: the students train on the labels too (no distillation)."""
+    def __init__(self, label_loss: torch.nn.Module, kd_loss: KDLoss | None, kd_weight: float = 1.0):
+        """``kd_loss`` None: the students train on the labels too (no distillation); ``kd_weight``: γ."""
         self.label_loss = label_loss
         self.kd_loss = kd_loss
+        self.kd_weight = kd_weight
 
     def __call__(
         self,
@@ -70,6 +71,8 @@ class SandwichStep:
                 loss = self.label_loss(logits, labels)
             else:
                 loss = self.kd_loss(logits, teacher)
+                if self.kd_weight != 1.0:
+                    loss = self.kd_weight * loss
                 metrics[f"kd_div/{subnet.name}"] = self.kd_loss.divergence(logits.detach(), teacher).mean()
             metrics[f"loss/{subnet.name}"] = loss.detach().float()
             engine.set_gradient_accumulation_boundary(last_micro_batch and i == len(subnets) - 1)

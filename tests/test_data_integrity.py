@@ -1,0 +1,133 @@
+"""Data files that go bad after ``prepare``: same-size corruption (only a hash tells) and files changed while a
+run reads them.  The run must stop with a message naming the file and commit no checkpoint from such data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from trainer_helpers import overrides, run_in_process
+
+from data_pipeline import DataError
+from data_pipeline import prepare as prep
+from data_pipeline.integrity import DataWatch, split_files
+from trainer.checkpoint import committed_tags
+from trainer.config import load_config
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits_both")
+    prep.prepare("digits", out, ["webdataset", "ffcv"], shard_mb=0.25, quiet=True)
+    return out
+
+
+@pytest.fixture()
+def digits(prepared, tmp_path) -> Path:
+    copy = tmp_path / "digits"
+    shutil.copytree(prepared, copy)
+    return copy
+
+
+def flip_middle(path: Path, length: int = 4096) -> None:
+    """Invert ``length`` bytes in the middle of ``path``: same size, different content."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + length] = bytes(b ^ 0xFF for b in data[mid : mid + length])
+    path.write_bytes(bytes(data))
+
+
+def victim(root: Path, fmt: str) -> Path:
+    return root / "train.beton" if fmt == "ffcv" else sorted(root.glob("train-*.tar"))[1]
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "ffcv"])
+def test_the_background_hash_finds_a_same_size_change(digits, fmt):
+    entries = split_files(digits, ["train", "val"])
+    assert {e["name"] for e in entries} >= {"train.beton", "val.beton"}
+    assert DataWatch(digits, entries, hash_files=True).problem(wait=True) is None
+    bad = victim(digits, fmt)
+    flip_middle(bad)
+    stamp_only = DataWatch(digits, entries, hash_files=False)
+    assert stamp_only.problem(wait=True) is None  # size and mtime alone cannot see it
+    problem = DataWatch(digits, entries, hash_files=True).problem(wait=True)
+    assert problem and str(bad) in problem and "sha256" in problem
+
+
+def test_a_file_changed_or_removed_during_the_run_is_noticed(digits):
+    entries = split_files(digits, ["train"])
+    watch = DataWatch(digits, entries, hash_files=False)
+    shard = victim(digits, "webdataset")
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert f"{shard} changed during the run" in watch.problem()
+    (digits / "train.beton").unlink()
+    watch = DataWatch(digits, split_files(digits, ["train"]), hash_files=False)
+    shard.unlink()
+    assert f"{shard} was removed" in watch.problem()
+
+
+def test_a_corrupt_beton_stops_the_run_before_any_checkpoint(repo, digits, tmp_path, single_rank):
+    flip_middle(digits / "train.beton", length=64 << 10)
+    args = {"data.format": "ffcv", "trainer.checkpoint_every_steps": 1, "trainer.max_steps": 3}
+    _, results = run_in_process(repo, overrides(tmp_path / "unchecked", digits, **args, **{"data.verify": "never"}))
+    assert results["global_step"] == 3  # the decoder accepts the corrupt file: without the hash it trains on it
+    run = tmp_path / "checked"
+    with pytest.raises(DataError, match=r"rank 0: .*train\.beton does not match the sha256") as info:
+        run_in_process(repo, overrides(run, digits, **args))
+    assert "last committed checkpoint: none" in str(info.value)
+    assert committed_tags(run / "checkpoints") == []
+
+
+def test_a_shard_cut_while_the_run_reads_it_stops_the_run(repo, digits, tmp_path, single_rank):
+    run = tmp_path / "run"
+    args = overrides(run, digits, **{"trainer.checkpoint_every_steps": 1, "trainer.max_steps": 4})
+    from trainer.loop import Trainer
+
+    trainer = Trainer(load_config(repo / "configs/tiny_cpu.yaml", args))
+    try:
+        shard = victim(digits, "webdataset")
+        shard.write_bytes(shard.read_bytes()[:2048])
+        with pytest.raises(DataError, match=rf"{shard} changed during the run") as info:
+            trainer.train()
+        assert "stopped at step 1" in str(info.value)
+    finally:
+        trainer.close(failed=True)
+    assert committed_tags(run / "checkpoints") == []
+
+
+@pytest.mark.slow
+def test_a_beton_cut_in_place_while_mapped_ends_the_run_with_a_message(repo, digits, tmp_path):
+    """Cutting a memory-mapped file makes the next read of a lost page raise SIGBUS in FFCV's native code:
+    the rank either notices the change at a step boundary (exit 2, the file named) or dies on the signal with
+    every thread's Python stack printed (faulthandler), never silently."""
+    run = tmp_path / "run"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    args = overrides(
+        run, digits, **{"data.format": "ffcv", "data.num_workers": 1, "trainer.max_steps": 400, "trainer.epochs": 5}
+    )
+    command = [sys.executable, "trainer/run.py", "--config", "configs/tiny_cpu.yaml", "--set", *args]
+    log = tmp_path / "log.txt"
+    process = subprocess.Popen(command, cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "step 3/" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert process.poll() is None, log.read_text()
+        os.truncate(digits / "train.beton", 4096)
+        rc = process.wait(timeout=300)
+    finally:
+        process.kill()
+    text = log.read_text()
+    assert rc in (2, -signal.SIGBUS), text
+    if rc == 2:
+        assert f"{digits / 'train.beton'} changed during the run" in text
+    else:
+        assert "Fatal Python error: Bus error" in text and "ffcv" in text
