@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from data_pipeline.batch import Batch
@@ -45,7 +45,12 @@ def _collate(items, resolution: int) -> Batch:
     good = [it for it in items if it[0] != "skip"]
     skipped = [tuple(it[1:]) for it in items if it[0] == "skip"]
     if good:
-        images = torch.stack([it[0] for it in good])
+        first = good[0][0]
+        out = None
+        if get_worker_info() is not None:  # stack straight into shared memory: no copy when it is sent
+            storage = first.untyped_storage()._new_shared(len(good) * first.numel() * first.element_size())
+            out = first.new(storage).resize_(len(good), *first.shape)
+        images = torch.stack([it[0] for it in good], out=out)
     else:
         images = torch.empty(0, 3, resolution, resolution, dtype=torch.uint8)
     labels = torch.tensor([it[1] for it in good], dtype=torch.int64)
