@@ -15,6 +15,8 @@ class Batch:
     """int64 class indices."""
     valid: torch.Tensor
     """bool per sample; False only for eval padding that keeps ranks' batch counts equal."""
+    indices: torch.Tensor | None = None
+    """int64 index of each sample in its split (what a per-sample cache, e.g. of teacher logits, is keyed by)."""
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     """(shard, key, reason) of samples dropped from this batch because they could not be decoded."""
 
@@ -23,6 +25,7 @@ class Batch:
             self.images.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),
             self.valid.to(device, non_blocking=non_blocking),
+            self.indices,
             self.skipped,
         )
 

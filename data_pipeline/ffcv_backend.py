@@ -173,7 +173,8 @@ class FFCVBackend:
                     images = torch.stack(
                         [seeded(self._torch_augment, img, seeds[offset + k]) for k, img in enumerate(images)]
                     )
-                yield Batch(images, labels.long().clone(), valid[offset : offset + n].clone())
+                indices = torch.from_numpy(order[offset : offset + n].astype(np.int64))
+                yield Batch(images, labels.long().clone(), valid[offset : offset + n].clone(), indices)
                 offset += n
         finally:
             iterator.close()

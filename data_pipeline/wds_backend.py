@@ -19,7 +19,7 @@ from data_pipeline.transforms import eval_transform, seeded, train_transform
 
 
 class _Samples(Dataset):
-    """Item = (sample index, augmentation seed, valid) → (image, label, valid) or a skip record."""
+    """Item = (sample index, augmentation seed, valid) → (image, label, valid, index) or a skip record."""
 
     def __init__(self, refs, transform, train: bool):
         self.refs = refs
@@ -38,7 +38,7 @@ class _Samples(Dataset):
         except (RuntimeError, ValueError, OSError) as exc:
             return ("skip", Path(ref.shard).name, ref.key, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         image = seeded(self.transform, image, seed) if self.train else self.transform(image)
-        return image, ref.label, valid
+        return image, ref.label, valid, index
 
 
 def _collate(items, resolution: int) -> Batch:
@@ -55,7 +55,8 @@ def _collate(items, resolution: int) -> Batch:
         images = torch.empty(0, 3, resolution, resolution, dtype=torch.uint8)
     labels = torch.tensor([it[1] for it in good], dtype=torch.int64)
     valid = torch.tensor([it[2] for it in good], dtype=torch.bool)
-    return Batch(images, labels, valid, skipped)
+    indices = torch.tensor([it[3] for it in good], dtype=torch.int64)
+    return Batch(images, labels, valid, indices, skipped)
 
 
 def _init_worker(worker_id: int) -> None:

@@ -21,13 +21,21 @@ ARCH = "arch.yaml"
 ONNX = "model.onnx"
 
 
+def fp32_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict on the CPU, floating-point tensors as float32 (a bf16 training copy included)."""
+    return {
+        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+
+
 def save_subnet(model: StaticSubnet, out_dir: Path, *, extra: dict | None = None) -> Path:
     """Write ``model.safetensors`` and ``arch.yaml`` into ``out_dir`` (each via a temp name + rename)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = fp32_state(model)
     with atomic_output(out_dir / WEIGHTS) as tmp:
         save_file(state, str(tmp))
     description = {

@@ -28,11 +28,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 from data_pipeline import DataConfig, build_loader  # noqa: E402
 from data_pipeline.device_transforms import rescale  # noqa: E402
-from models import AlphaNetSupernet, ArchConfig, ArchSampler, build_supernet, load_named_archs  # noqa: E402
+from models import AlphaNetSupernet, ArchConfig, ArchSampler, load_named_archs  # noqa: E402
 from models.flops import subnet_cost  # noqa: E402
 from models.search_space import SearchSpace  # noqa: E402
 from models.static import StaticSubnet  # noqa: E402
@@ -42,10 +41,9 @@ from search.evolution import Candidate, FlopsConstrainedSampler, every_arch, par
 from search.export import ExportError, check_spec, choose, export_subnet  # noqa: E402
 from search.pareto import write_front  # noqa: E402
 from search.widths import width_archs, width_table, write_widths  # noqa: E402
-from trainer.checkpoint import latest_tag  # noqa: E402
 from trainer.config import RunConfig, load_config  # noqa: E402
-from trainer.consolidate import WEIGHTS_NAME, consolidate  # noqa: E402
-from trainer.distributed import DistEnv, configure_threads, init_distributed, local_device, local_world_size, resolve  # noqa: E402
+from trainer.consolidate import load_supernet  # noqa: E402
+from trainer.distributed import configure_threads, init_distributed, local_device, local_world_size, resolve  # noqa: E402
 from trainer.evaluate import calibrated_subnet, collect_calibration, evaluate_arch  # noqa: E402
 from trainer.safe_checkpoint import CheckpointFileError  # noqa: E402
 from typedconfig import ConfigError, apply_overrides, from_mapping, load_yaml  # noqa: E402
@@ -87,30 +85,6 @@ class CandidateEvaluator:
 
 
 # ---------------------------------------------------------------------------------------------- phases
-def ensure_weights(run_dir: Path, rank: int) -> Path:
-    """RUN/supernet.safetensors, consolidated by rank 0 when missing or older than the newest checkpoint."""
-    weights = run_dir / WEIGHTS_NAME
-    tag = latest_tag(run_dir / "checkpoints")
-    stale = tag is not None and (
-        not weights.exists() or weights.stat().st_mtime < (run_dir / "checkpoints" / tag).stat().st_mtime
-    )
-    if rank == 0 and (stale or not weights.exists()):
-        if tag is None:
-            raise FileNotFoundError(f"{run_dir} has neither {WEIGHTS_NAME} nor a committed checkpoint")
-        consolidate(run_dir)
-    if dist.is_initialized():
-        dist.barrier()
-    return weights
-
-
-def load_supernet(run_dir: Path, run_config: RunConfig, env: DistEnv, device) -> AlphaNetSupernet:
-    """The run's supernet with its consolidated fp32 weights, in eval mode on ``device``."""
-    weights = ensure_weights(run_dir, env.rank)
-    supernet = build_supernet(run_config.model)
-    supernet.load_state_dict(load_file(str(weights)))
-    return supernet.to(device).eval()
-
-
 def load_batches(search: SearchConfig, data: DataConfig, device) -> tuple[list[torch.Tensor], list]:
     """(normalised calibration batches, validation batches), the same on every rank, so that a candidate's
     score does not depend on which rank (or how many ranks) evaluated it."""
@@ -230,7 +204,7 @@ def run_search(
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     try:
-        supernet = load_supernet(run_dir, run_config, env, device)
+        supernet = load_supernet(run_dir, run_config.model, env.rank, device)
         data = replace(run_config.data, batch_size=search.batch_size or run_config.data.batch_size)
         evaluate = CandidateEvaluator(supernet, *load_batches(search, data, device), data, device)
         store = CandidateStore(out, env.rank, env.world_size)

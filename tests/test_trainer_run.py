@@ -208,6 +208,29 @@ def test_demo_recipe_reaches_its_accuracy(repo, tmp_path):
     assert final["val/top1_largest"] >= 90.0 and final["val/top1_smallest"] >= 85.0
     assert "val top-1 largest" in (tmp_path / "demo.log").read_text()
 
+    # The demo's export of tiny_m, fine-tuned with the inherited teacher (configs/tiny_finetune_cpu.yaml) through
+    # the entry point: stopped at step 40, rerun to the end (resumes), evaluated, written to final/.
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    search = [sys.executable, "search/run.py", "--config", "configs/search_tiny_cpu.yaml", "--run", str(run)]
+    search += ["--set", "search.population=8", "search.iterations=1", "--export", "tiny_m"]
+    done = subprocess.run(search, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    tuned = tmp_path / "tuned"
+    tune = [sys.executable, "trainer/run.py", "--config", "configs/tiny_finetune_cpu.yaml", "--run-dir", str(tuned)]
+    tune += ["--set", f"data.root={data}", f"standalone.student.export={run}/search/exports/tiny_m"]
+    tune += [f"standalone.teacher.run={run}", "trainer.epochs=2", "trainer.eval_every_epochs=1"]
+    first = subprocess.run([*tune, "trainer.max_steps=40"], cwd=repo, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    second = subprocess.run(tune, cwd=repo, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "resumed from" in second.stdout and "val top-1 student" in second.stdout
+    records = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
+    tuned_top1 = [r["val/top1_student"] for r in records if "val/top1_student" in r][-1]
+    print(f"demo export tiny_m fine-tuned 2 epochs with the inherited teacher: top-1 {tuned_top1:.2f}%")
+    assert tuned_top1 >= 80.0 and (tuned / "final" / "model.safetensors").is_file()
+
 
 def test_plain_process_and_torchrun_entry_points(repo, digits, tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

@@ -22,6 +22,7 @@ from fileops import atomic_write_text
 from losses.config import LossConfig
 from models.config import ModelConfig
 from models.search_space import SearchSpace, load_search_space
+from trainer.standalone_config import StandaloneConfig
 from trainer.trainer_config import TrainerConfig
 from typedconfig import ConfigError, Range, apply_overrides, check_ranges, from_mapping, load_yaml, to_mapping
 
@@ -40,6 +41,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    standalone: StandaloneConfig | None = None
+    """Train one network (fine-tuning, transfer, fixed-teacher distillation) instead of a supernet."""
 
     def __post_init__(self) -> None:
         check_ranges(self, "")
@@ -58,6 +61,14 @@ def _cross_check(config: RunConfig, source: str) -> SearchSpace:
             key="data.base_resolution",
             source=source,
         )
+    standalone = config.standalone
+    if standalone is not None:
+        if standalone.teacher is not None and config.loss.kd_loss == "none":
+            raise ConfigError(
+                "a teacher needs a KD loss (loss.kd_loss is none)", key="standalone.teacher", source=source
+            )
+        if standalone.teacher is None and standalone.teacher_logits == "cached":
+            raise ConfigError("cached teacher logits need a teacher", key="standalone.teacher_logits", source=source)
     return space
 
 

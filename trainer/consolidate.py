@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from fileops import atomic_output
+from models.config import ModelConfig
 from trainer.checkpoint import latest_tag
 from trainer.safe_checkpoint import CheckpointFileError, safe_load
 
@@ -64,6 +66,36 @@ def consolidate(run_dir: Path, tag: str | None = None, out: Path | None = None) 
     state, client = consolidated_state_dict(checkpoint_dir, tag)
     metadata = {"tag": tag, **{k: json.dumps(v) for k, v in client.items()}}
     return write_safetensors(state, Path(out) if out else Path(run_dir) / WEIGHTS_NAME, metadata)
+
+
+def ensure_weights(run_dir: Path, rank: int) -> Path:
+    """RUN/supernet.safetensors, consolidated by rank 0 when missing or older than the newest checkpoint (the
+    other ranks wait at a barrier)."""
+    weights = Path(run_dir) / WEIGHTS_NAME
+    tag = latest_tag(Path(run_dir) / "checkpoints")
+    stale = tag is not None and (
+        not weights.exists() or weights.stat().st_mtime < (Path(run_dir) / "checkpoints" / tag).stat().st_mtime
+    )
+    if rank == 0 and (stale or not weights.exists()):
+        if tag is None:
+            raise FileNotFoundError(f"{run_dir} has neither {WEIGHTS_NAME} nor a committed checkpoint")
+        consolidate(run_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return weights
+
+
+def load_supernet(run_dir: Path, model: ModelConfig, rank: int, device):
+    """The supernet of a training run (built from its model section) with its consolidated fp32 weights, in
+    eval mode on ``device``."""
+    from safetensors.torch import load_file
+
+    from models import build_supernet
+
+    weights = ensure_weights(run_dir, rank)
+    supernet = build_supernet(model)
+    supernet.load_state_dict(load_file(str(weights)))
+    return supernet.to(device).eval()
 
 
 def main(argv: list[str] | None = None) -> int:

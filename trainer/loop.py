@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +20,26 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import DataError, EpochSummary, build_loader
-from data_pipeline.device_transforms import normalize
+from data_pipeline.device_transforms import normalize, rescale
 from data_pipeline.integrity import DataWatch, split_files
 from data_pipeline.manifest import has_manifest, read_manifest
 from losses import build_kd_loss, build_label_loss
 from models import ArchSampler, build_supernet
+from trainer.attentive import AttentiveSampler, attentive_middle
 from trainer.checkpoint import Checkpointer, rng_state, set_rng_state
 from trainer.config import RunConfig, config_hash, write_resolved
 from trainer.distributed import configure_threads, init_distributed, local_world_size, resolve
 from trainer.ds_config import global_batch_size
 from trainer.engine import build_engine
-from trainer.evaluate import collect_calibration, evaluate_arch
+from trainer.evaluate import accuracy_counts, collect_calibration, evaluate_arch, gathered
 from trainer.metrics import MetricsLogger
+from trainer.networks import FINAL_DIR, build_student_and_teacher, save_network
 from trainer.run_folder import RunFolderLock, check_config_change, record_config_change
 from trainer.sandwich import SandwichStep, sample_sandwich
 from trainer.schedule import lr_at
+from trainer.standalone import StandaloneStep, teacher_logit_cache
+from trainer.voted import SnapshotVote
+from typedconfig import to_mapping
 
 
 class TrainingStopped(RuntimeError):
@@ -86,6 +92,8 @@ class Trainer:
             self._build_model()
             self._build_engine()
             self._build_data()
+            self._build_teacher_cache()
+            self._build_voter()
             self._build_checkpointer_and_resume()
             self._build_logger()
         except BaseException:
@@ -104,20 +112,43 @@ class Trainer:
         np.random.seed(self.config.seed + self.rank)
 
     def _build_model(self) -> None:
-        seed = self.config.seed
+        seed, loss, standalone = self.config.seed, self.config.loss, self.config.standalone
         torch.manual_seed(seed)  # identical initial weights on every rank ...
-        self.supernet = build_supernet(self.config.model)
-        self.space = self.supernet.space
+        self.space = self.sampler = self.attentive = self.voter = self.student = self.teacher = None
+        if standalone is None:
+            self.trained = build_supernet(self.config.model)
+            self.space = self.trained.space
+            self.sampler = ArchSampler(self.space, seed)
+            self.sandwich = SandwichStep(build_label_loss(loss), build_kd_loss(loss), loss.kd_weight)
+            self.what = f"{self.space.name} supernet"
+            tc = self.config.trainer
+            if tc.teacher != "inplace":
+                self.what += (
+                    f" ({tc.teacher} teacher: {tc.voted.snapshots} snapshot(s) every {tc.voted.every_steps} steps)"
+                )
+            if self.config.trainer.sampler == "attentive":
+                tc = self.config.trainer
+                self.attentive = AttentiveSampler(self.space, self.sampler, tc.attentive, self.config.model.num_classes)
+                self.what += f" ({tc.attentive.choice} of {tc.attentive.candidates} attentive sampling)"
+        else:
+            self.student, self.teacher = build_student_and_teacher(
+                self.config, rank=self.rank, world=self.world, device=self.device
+            )
+            self.trained = self.student.module
+            kd = build_kd_loss(loss) if self.teacher is not None else None
+            self.single_step = StandaloneStep(
+                build_label_loss(loss), kd, kd_weight=loss.kd_weight, label_weight=standalone.label_weight
+            )
+            self.what = f"standalone {self.student.description}" + (
+                f" distilled from {self.teacher.network.description}" if self.teacher else ""
+            )
         torch.manual_seed(seed + 1000 * (self.rank + 1))  # ... then per-rank dropout / drop-path draws
-        self.sampler = ArchSampler(self.space, seed)
-        loss = self.config.loss
-        self.sandwich = SandwichStep(build_label_loss(loss), build_kd_loss(loss), loss.kd_weight)
 
     def _build_engine(self) -> None:
         tc, micro = self.config.trainer, self.config.data.batch_size
         self.global_batch = global_batch_size(tc, micro_batch=micro, world_size=self.world)
         self.base_lr = tc.lr_per_256 * self.global_batch / 256
-        built = build_engine(self.supernet, tc, micro_batch=micro, world_size=self.world, lr=self.base_lr)
+        built = build_engine(self.trained, tc, micro_batch=micro, world_size=self.world, lr=self.base_lr)
         self.engine, self.module, self.optimizer = built.engine, built.module, built.optimizer
 
     def _build_data(self) -> None:
@@ -150,6 +181,50 @@ class Trainer:
         self.warmup_steps = round(tc.warmup_epochs * self.steps_per_epoch)
         self.final_step = min(self.total_steps, tc.max_steps) if tc.max_steps else self.total_steps
 
+    def _build_teacher_cache(self) -> None:
+        """``standalone.teacher_logits: cached``: the teacher's logits on every training image, computed once."""
+        standalone, data = self.config.standalone, self.config.data
+        if self.teacher is None or standalone.teacher_logits != "cached":
+            return
+        eval_loader = build_loader(
+            data, data.train_split, train=False, seed=self.config.seed, rank=self.rank, world_size=self.world
+        )
+        key = config_hash({"teacher": to_mapping(standalone.teacher), "data": to_mapping(data)})
+        self.teacher.cache, missing = teacher_logit_cache(
+            self.teacher,
+            eval_loader,
+            self.train_loader.num_samples,
+            Path(self.config.run_dir),
+            key=key,
+            mean=data.mean,
+            std=data.std,
+            device=self.device,
+            rank=self.rank,
+            world=self.world,
+        )
+        self.cache_note = f"teacher logits cached for {self.train_loader.num_samples - missing} training images"
+
+    def _build_voter(self) -> None:
+        """``trainer.teacher: voted | inplace_and_voted``: the snapshot queue, wired into the sandwich step."""
+        tc, model = self.config.trainer, self.config.model
+        if self.sampler is None or tc.teacher == "inplace":
+            return
+        device = self.device
+        self.voter = SnapshotVote(
+            lambda: build_supernet(model).to(device),
+            tc.voted,
+            warmup_steps=round(tc.voted.warmup_epochs * self.steps_per_epoch),
+        )
+        self.sandwich.voter = self.voter
+        self.sandwich.vote_loss = build_kd_loss(replace(self.config.loss, kd_loss=tc.voted.kd_loss))
+        self.sandwich.vote_weight = tc.voted.weight
+        self.sandwich.inplace = tc.teacher == "inplace_and_voted"
+        mib = sum(t.numel() * 4 for t in self.module.state_dict().values()) / 2**20
+        self.voter_note = (
+            f"voted teacher: up to {tc.voted.snapshots} fp32 snapshot(s) of {mib:.1f} MiB each per rank, "
+            f"one every {tc.voted.every_steps} steps from step {self.voter.warmup_steps}"
+        )
+
     def _build_checkpointer_and_resume(self) -> None:
         tc = self.config.trainer
         self.run_dir = Path(self.config.run_dir)
@@ -161,6 +236,8 @@ class Trainer:
             every_steps=tc.checkpoint_every_steps,
         )
         self.model_hash = config_hash(self.config.model)
+        if self.config.standalone is not None:  # the student and teacher are part of what the weights mean
+            self.model_hash = config_hash({"model": self.model_hash, "standalone": to_mapping(self.config.standalone)})
         self.global_step = 0
         self.bad_steps = 0
         self.skipped_total = 0
@@ -188,14 +265,17 @@ class Trainer:
             "global_step": self.global_step,
             "model_hash": self.model_hash,
             "world_size": self.world,
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.sampler.state_dict() if self.sampler else {},
             "bad_steps": self.bad_steps,
             "skipped_total": self.skipped_total,
-            "search_space": self.space.to_dict(),
+            **({"search_space": self.space.to_dict()} if self.space else {}),
         }
 
     def _rank_state(self) -> dict[str, Any]:
-        return {"loader": self.train_loader.state_dict(), "rng": rng_state()}
+        state = {"loader": self.train_loader.state_dict(), "rng": rng_state()}
+        if self.voter is not None:
+            state["voted"] = self.voter.state_dict()
+        return state
 
     def _maybe_resume(self) -> str | None:
         resumed = self.checkpointer.resume(self.engine)
@@ -213,9 +293,12 @@ class Trainer:
                 f"checkpoint {tag} was written by {client.get('world_size')} ranks, this run has {self.world}"
             )
         self.global_step = int(client["global_step"])
-        self.sampler.load_state_dict(client["sampler"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict(client["sampler"])
         self.bad_steps, self.skipped_total = int(client["bad_steps"]), int(client["skipped_total"])
         self.train_loader.load_state_dict(rank_state["loader"])
+        if self.voter is not None:
+            self.voter.load_state_dict(rank_state.get("voted", {"steps": [], "weights": []}))
         set_rng_state(rank_state["rng"])
         return tag
 
@@ -285,24 +368,53 @@ class Trainer:
     def train_step(self, batches: list) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` mini-batches, N sub-networks each."""
         lr = self.set_lr(self.global_step)
-        subnets = sample_sandwich(self.space, self.sampler, self.config.trainer.num_subnets)
         data = self.config.data
+        if self.sampler is not None:
+            n, middle = self.config.trainer.num_subnets, None
+            if self.attentive is not None:  # scored on the step's first mini-batch
+                first = batches[0].to(self.device)
+                images = normalize(first.images, data.mean, data.std)
+                middle = attentive_middle(
+                    self.attentive, n - 2, lambda arch: self._proxy_loss(arch, images, first.labels)
+                )
+            subnets = sample_sandwich(self.space, self.sampler, n, middle)
         self.engine.train()
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             images = normalize(batch.images, data.mean, data.std)
-            values = self.sandwich(
-                self.engine, self.module, subnets, images, batch.labels, last_micro_batch=i == len(batches) - 1
-            )
+            last_micro_batch = i == len(batches) - 1
+            if self.student is not None:
+                teacher_logits = self.teacher(images, batch.indices) if self.teacher else None
+                values = self.single_step(
+                    self.engine,
+                    self.student.resolution,
+                    images,
+                    batch.labels,
+                    teacher_logits,
+                    last_micro_batch=last_micro_batch,
+                )
+            else:
+                values = self.sandwich(
+                    self.engine, self.module, subnets, images, batch.labels, last_micro_batch=last_micro_batch
+                )
             for key, value in values.items():
                 sums[key] = sums.get(key, 0) + value / len(batches)
         self.engine.step()
         skipped = self.optimizer.last_step_skipped
         self.global_step += 1
+        if self.voter is not None and self.voter.maybe_snapshot(self.global_step, self.module):
+            sums["voted/snapshots"] = torch.tensor(float(len(self.voter.models)))
         self.skipped_total += int(skipped)
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         return {"lr": lr, "skipped": float(skipped), **sums}
+
+    @torch.no_grad()
+    def _proxy_loss(self, arch, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Attentive sampling's score of ``arch``: its label loss on the mini-batch, no gradient, no dropout."""
+        self.module.set_arch(arch, regularize=False)
+        dtype = next(self.module.parameters()).dtype
+        return self.sandwich.label_loss(self.engine(rescale(images, arch.resolution).to(dtype)), labels)
 
     def _reduce_for_log(self, values: dict) -> dict[str, float]:
         keys = sorted(k for k, v in values.items() if isinstance(v, torch.Tensor))
@@ -355,10 +467,13 @@ class Trainer:
             self.log.print(warning)
         for key, (old, new) in self.config_changes.items():
             self.log.print(f"config change on resume: {key}: {old!r} -> {new!r}")
+        for note in (getattr(self, "cache_note", None), getattr(self, "voter_note", None)):
+            if note:
+                self.log.print(note)
         if self.resumed_from:
             self.log.print(f"resumed from {self.checkpointer.dir / self.resumed_from} at step {self.global_step}")
         self.log.print(
-            f"training {self.space.name} supernet: {self.world} rank(s), global batch {self.global_batch}, "
+            f"training {self.what}: {self.world} rank(s), global batch {self.global_batch}, "
             f"{self.steps_per_epoch} steps/epoch, {self.final_step} steps, lr {self.base_lr:.4f}, "
             f"{self.threads} thread(s) per rank, {self.config.data.num_workers} data worker(s) per rank"
         )
@@ -400,6 +515,7 @@ class Trainer:
                 self._check_data_before_commit()
                 self.save()
             if last:
+                self._save_final()
                 return results
             timing.waiting()
         raise AssertionError("unreachable: the step iterator never ends")
@@ -414,6 +530,8 @@ class Trainer:
 
     def _validate(self, epoch: int) -> dict[str, dict[str, float]]:
         tc, data = self.config.trainer, self.config.data
+        if self.student is not None:
+            return self._validate_student(epoch)
         self.calib_loader.set_epoch(epoch)
         calib = collect_calibration(self.calib_loader, tc.calib_batches, self.device, data.mean, data.std)
         results = {}
@@ -429,17 +547,48 @@ class Trainer:
                 std=data.std,
                 device=self.device,
             )
+        return self._report_validation(epoch, results)
+
+    def _report_validation(self, epoch: int, results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
         record = {
             "step": self.global_step,
             "epoch": epoch,
             **{f"val/{k}_{name}": v for name, r in results.items() for k, v in r.items() if k != "samples"},
         }
         self.log.log_record(record)
-        self.log.print(
-            f"epoch {epoch} step {self.global_step}: val top-1 largest {results['largest']['top1']:.2f}% "
-            f"smallest {results['smallest']['top1']:.2f}% ({results['largest']['samples']} images)"
-        )
+        scores = " ".join(f"{name} {r['top1']:.2f}%" for name, r in results.items())
+        images = next(iter(results.values()))["samples"]
+        self.log.print(f"epoch {epoch} step {self.global_step}: val top-1 {scores} ({images} images)")
         return results
+
+    def _validate_student(self, epoch: int) -> dict[str, dict[str, float]]:
+        """Top-1/top-5 of the student as it is (no BN recalibration: its statistics were tracked in training),
+        with rank 0's BatchNorm statistics on every rank: what the checkpoint and the final export hold."""
+        tc, data = self.config.trainer, self.config.data
+        with gathered(self.module, tc.zero_stage):
+            if dist.is_initialized() and self.world > 1:
+                for buffer in self.module.buffers():
+                    dist.broadcast(buffer, src=0)
+            self.val_loader.set_epoch(0)
+            correct1, correct5, total = accuracy_counts(
+                self.module, self.val_loader, self.student.resolution, data.mean, data.std, self.device
+            ).tolist()
+        self.module.train()
+        top = {
+            "top1": 100.0 * correct1 / max(total, 1),
+            "top5": 100.0 * correct5 / max(total, 1),
+            "samples": int(total),
+        }
+        return self._report_validation(epoch, {"student": top})
+
+    def _save_final(self) -> None:
+        """A standalone run ends by writing its student to ``RUN/final`` (an ``export:`` source)."""
+        if self.student is None:
+            return
+        with gathered(self.module, self.config.trainer.zero_stage):
+            if self.env.is_main:
+                folder = save_network(self.student, self.run_dir / FINAL_DIR)
+                self.log.print(f"final model: {folder}")
 
     def close(self, *, destroy_process_group: bool = True, failed: bool = False) -> None:
         """Flush logs; end the process group unless the caller reuses it (in-process tests).  After a failure

@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.distributed import DistributedEnvError
     from trainer.loop import Trainer, TrainingStopped
     from trainer.run_folder import RunFolderError
+    from typedconfig import ConfigError
 
     try:
         trainer = Trainer(config, local_rank_arg=args.local_rank, allow_config_change=args.allow_config_change)
-    except (DataError, DistributedEnvError, CheckpointError, TrainingStopped, RunFolderError) as exc:
+    except (DataError, DistributedEnvError, CheckpointError, TrainingStopped, RunFolderError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

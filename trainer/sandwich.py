@@ -30,10 +30,11 @@ class Subnet:
     """The teacher trains on labels (regularised) and its detached logits teach the students."""
 
 
-def sample_sandwich(space: SearchSpace, sampler: ArchSampler, n: int) -> list[Subnet]:
+def sample_sandwich(space: SearchSpace, sampler: ArchSampler, n: int, middle: list | None = None) -> list[Subnet]:
     """largest (the teacher), random1..random{n-2}, smallest — every rank draws the same from the same
-    sampler state."""
-    randoms = [Subnet(f"random{i + 1}", sampler.random()) for i in range(n - 2)]
+    sampler state; ``middle``: the n−2 middle sub-networks chosen otherwise (attentive sampling)."""
+    middle = middle if middle is not None else [sampler.random() for _ in range(n - 2)]
+    randoms = [Subnet(f"random{i + 1}", arch) for i, arch in enumerate(middle)]
     return [Subnet("largest", space.largest(), role="teacher"), *randoms, Subnet("smallest", space.smallest())]
 
 
@@ -41,11 +42,25 @@ class SandwichStep:
     """Forward + backward of every sub-network of one mini-batch; returns per-sub-network metrics
     (detached tensors, so that no device sync happens until they are logged)."""
 
-    def __init__(self, label_loss: torch.nn.Module, kd_loss: KDLoss | None, kd_weight: float = 1.0):
-        """``kd_loss`` None: the students train on the labels too (no distillation); ``kd_weight``: γ."""
+    def __init__(
+        self,
+        label_loss: torch.nn.Module,
+        kd_loss: KDLoss | None,
+        kd_weight: float = 1.0,
+        *,
+        voter=None,
+        vote_loss: KDLoss | None = None,
+        vote_weight: float = 1.0,
+        inplace: bool = True,
+    ):
+        """``kd_loss`` None: the students train on the labels too (no distillation); ``kd_weight``: γ.
+        ``voter`` (a :class:`trainer.voted.SnapshotVote`): once it holds a snapshot, every sub-network also
+        learns ``vote_weight`` · ``vote_loss`` from the snapshots' vote; ``inplace`` False: the students then
+        drop the in-place term (the vote replaces the largest sub-network as their teacher)."""
         self.label_loss = label_loss
         self.kd_loss = kd_loss
         self.kd_weight = kd_weight
+        self.voter, self.vote_loss, self.vote_weight, self.inplace = voter, vote_loss, vote_weight, inplace
 
     def __call__(
         self,
@@ -60,20 +75,28 @@ class SandwichStep:
         metrics: dict[str, torch.Tensor] = {}
         teacher = None
         dtype = next(supernet.parameters()).dtype
+        voting = self.voter is not None and self.voter.ready
         for i, subnet in enumerate(subnets):
             is_teacher = subnet.role == "teacher"
             supernet.set_arch(subnet.arch, regularize=is_teacher)
-            logits = engine(rescale(images, subnet.arch.resolution).to(dtype))
+            inputs = rescale(images, subnet.arch.resolution).to(dtype)
+            logits = engine(inputs)
             if is_teacher:
                 loss = self.label_loss(logits, labels)
                 teacher = logits.detach()
             elif self.kd_loss is None:
                 loss = self.label_loss(logits, labels)
+            elif voting and not self.inplace:
+                loss = logits.new_zeros((), dtype=torch.float32)
             else:
                 loss = self.kd_loss(logits, teacher)
                 if self.kd_weight != 1.0:
                     loss = self.kd_weight * loss
                 metrics[f"kd_div/{subnet.name}"] = self.kd_loss.divergence(logits.detach(), teacher).mean()
+            if voting:
+                vote = self.vote_loss(logits, self.voter.vote(subnet.arch, inputs))
+                metrics[f"vote_kd/{subnet.name}"] = vote.detach().float()
+                loss = loss + self.vote_weight * vote
             metrics[f"loss/{subnet.name}"] = loss.detach().float()
             engine.set_gradient_accumulation_boundary(last_micro_batch and i == len(subnets) - 1)
             engine.backward(loss)

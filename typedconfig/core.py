@@ -128,14 +128,14 @@ def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        arms = [arg for arg in args if arg is not type(None)]
+        if len(arms) == 1:  # X | None: X's own error names the inner key
+            return _convert(value, arms[0], key, source)
+        for arg in arms:
             try:
                 return _convert(value, arg, key, source)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass
         raise ConfigError(f"value {_short(value)} matches none of {tp}", key=key, source=source)
     if origin is typing.Literal:
         if value not in args:

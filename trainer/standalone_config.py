@@ -1,0 +1,84 @@
+"""The ``standalone`` section of a run config: train one network instead of a supernet.
+
+Present, it switches the trainer from the sandwich rule to one network (the *student*), trained on the
+labels and/or distilled from a fixed *teacher* (AlphaNet §4.3, Tables 5–6), or fine-tuned from a
+searched sub-network (Fig. 5) or transferred to a new dataset (Table 4).  Absent (the default), the run
+trains a supernet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from typedconfig import Range, check_ranges
+
+
+@dataclass(kw_only=True, slots=True)
+class NetworkSource:
+    """Where a network comes from; exactly one of the four forms:
+
+    - ``export``: a folder written by the search's ``--export`` or by a standalone run (``RUN/final``):
+      ``arch.yaml`` + ``model.safetensors``; its weights are loaded.
+    - ``run`` + ``arch``: a sub-network of a trained supernet run (its newest checkpoint), with the supernet's
+      weights and BatchNorm recalibrated on training batches.
+    - ``arch`` alone: a freshly initialised sub-network of ``model.search_space`` (PyTorch's layer defaults).
+    - ``torchvision``: a torchvision classification model by name, with ``weights`` (a state-dict file,
+      ``.safetensors`` or a weights-only ``torch.save``) or freshly initialised; nothing is downloaded.
+
+    ``arch`` is ``largest``, ``smallest``, or ``FILE:NAME`` (a model table such as
+    ``configs/tiny_models.yaml:tiny_m``)."""
+
+    export: Path | None = None
+    run: Path | None = None
+    arch: str | None = None
+    torchvision: str | None = None
+    weights: Path | None = None
+
+    def __post_init__(self) -> None:
+        forms = [self.export is not None, self.run is not None, self.torchvision is not None]
+        if sum(forms) > 1:
+            raise ValueError("give one of export, run (+ arch), arch, torchvision (+ weights)")
+        if sum(forms) == 0 and self.arch is None:
+            raise ValueError("give one of export, run (+ arch), arch, torchvision (+ weights)")
+        if self.run is not None and self.arch is None:
+            raise ValueError("run needs arch: largest, smallest or FILE:NAME")
+        if self.arch is not None and (self.export is not None or self.torchvision is not None):
+            raise ValueError("arch goes with run, or alone; not with export or torchvision")
+        if self.weights is not None and self.torchvision is None:
+            raise ValueError("weights goes with torchvision (an export folder holds its own weights)")
+
+    def describe(self) -> str:
+        if self.export is not None:
+            return f"export {self.export}"
+        if self.run is not None:
+            return f"{self.arch} of run {self.run}"
+        if self.torchvision is not None:
+            return f"torchvision {self.torchvision}" + (f" ({self.weights})" if self.weights else " (fresh)")
+        return f"fresh {self.arch}"
+
+
+TeacherLogits = Literal["on_the_fly", "cached"]
+
+
+@dataclass(kw_only=True, slots=True)
+class StandaloneConfig:
+    """One network (the student), optionally distilled from a fixed teacher with ``loss.kd_loss``."""
+
+    student: NetworkSource
+    teacher: NetworkSource | None = None
+    """The fixed teacher (eval mode, never updated); null: train on the labels only."""
+    teacher_logits: TeacherLogits = "on_the_fly"
+    """``on_the_fly``: the teacher sees each augmented batch (at its own resolution) every step.  ``cached``: its
+    logits on every un-augmented training image (eval transform) are computed once into ``RUN/teacher_logits``
+    and reused every epoch: no teacher forward per step, but the target ignores the augmentation."""
+    label_weight: Annotated[float, Range(ge=0)] = 0.0
+    """Weight of the label-smoothed CE on the student's logits; the KD term is weighted by ``loss.kd_weight``.
+    With no teacher the student trains on the labels alone (weight 1 if this is 0)."""
+    new_classifier: bool = False
+    """Replace the student's last linear layer with a fresh one of ``model.num_classes`` outputs (transfer to a
+    new dataset); otherwise the student must already have ``model.num_classes`` outputs."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "standalone")
