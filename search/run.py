@@ -256,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.run / "config.yaml").is_file():
             raise ConfigError("no config.yaml: not a training run folder", source=args.run)
         run_config = load_config(args.run / "config.yaml")
+        if run_config.standalone is not None:
+            raise ConfigError(
+                f"trained one network, not a supernet: there is nothing to search; its model is {args.run / 'final'}",
+                source=args.run,
+            )
         for spec in args.export:
             check_spec(spec)
     except (ConfigError, ValueError) as exc:

@@ -125,6 +125,10 @@ def test_fixed_teacher_chain_trains_caches_resumes_and_reloads(repo, digits_shar
     direct = final(normalize(batch.images, data.mean, data.std))
     torch.testing.assert_close(cache[batch.indices], direct, rtol=1e-5, atol=1e-5)
 
+    from search import run as search
+
+    assert search.main(["--config", str(repo / "configs/search_tiny_cpu.yaml"), "--run-dir", str(straight)]) == 2
+
     run_in_process(repo, overrides(resumed, digits_shards, **{**student, "trainer.max_steps": 4}), recipe=DISTILL)
     trainer, _ = run_in_process(repo, overrides(resumed, digits_shards, **student), recipe=DISTILL)
     assert trainer.resumed_from == "step000000004"
