@@ -80,3 +80,10 @@ def test_a_run_with_snapshots_resumes_bit_identically(repo, digits_shards, tmp_p
     trainer, _ = run_in_process(repo, overrides(resumed, digits_shards, **extra))
     assert trainer.resumed_from == "step000000003"
     assert losses(resumed) == steps
+
+
+def test_the_voted_recipe_says_both_terms(repo):
+    from trainer.config import load_config
+
+    trainer = load_config(repo / "configs" / "tiny_voted_cpu.yaml").trainer
+    assert trainer.teacher == "inplace_and_voted" and trainer.voted.snapshots == 2 and trainer.voted.kd_loss == "kl"
