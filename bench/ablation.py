@@ -38,18 +38,22 @@ def train(config: Path, run_dir: Path, data: Path, seed: int, epochs: int, loss_
         return
     overrides = [f"run_dir={run_dir}", f"data.root={data}", f"seed={seed}", f"trainer.epochs={epochs}"]
     overrides += ["trainer.eval_every_epochs=0", "trainer.tensorboard=false", *loss_overrides]
+    run_trainer(config, overrides, run_dir.parent / f"{run_dir.name}.log")
+    consolidate(run_dir)
+
+
+def run_trainer(config: Path, overrides: list[str], log: Path) -> None:
+    """``trainer/run.py --config CONFIG --set OVERRIDES`` as one process on a free port, output in ``log``."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["DS_ACCELERATOR"] = env.get("DS_ACCELERATOR", "cpu")
     with socket.socket() as s:  # a single process still rendezvous with itself: on a free port
         s.bind(("127.0.0.1", 0))
         env["MASTER_PORT"] = str(s.getsockname()[1])
     command = [sys.executable, str(REPO / "trainer/run.py"), "--config", str(config), "--set", *overrides]
-    log = run_dir.parent / f"{run_dir.name}.log"
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode != 0:
             raise SystemExit(f"training failed, see {log}")
-    consolidate(run_dir)
 
 
 def evaluate(run_dir: Path, archs: dict, calib_batches: int) -> dict[str, float]:

@@ -1,0 +1,156 @@
+"""Does the supernet rank sub-networks the way training them alone would?  The yardstick of a weight-sharing
+strategy.
+
+    .venv/bin/python bench/ranking.py [--run RUN] [--n 16] [--epochs 12] [--out runs/ranking] [--data ROOT]
+
+For ``--n`` sub-networks spread evenly over the space's FLOPs range (quantiles of many seeded random draws):
+the accuracy each inherits from the supernet (after BatchNorm recalibration), and its accuracy when trained
+alone from scratch with the same recipe and budget (``--config``, ``--epochs``; a ``standalone:`` run each,
+in its own process).  Prints Kendall τ, Spearman ρ and the top-k overlap between the two rankings, and
+writes ``ranking.json`` and ``ranking.png`` (stand-alone against inherited top-1) into ``--out``.  Without
+``--run`` the supernet is trained first (the same recipe and epochs) into ``OUT/supernet``.  Stand-alone
+runs are cached by architecture and budget in ``OUT/standalone``, so reruns and other supernets reuse them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+from ablation import REPO, consolidate, evaluate, prep, run_trainer, train
+from rich.console import Console
+from rich.table import Table
+from scipy import stats
+
+from fileops import atomic_output, atomic_write_text
+from models import ArchSampler, load_search_space
+from models.flops import subnet_cost
+from trainer.config import load_config
+
+
+def spread_archs(space, num_classes: int, n: int, seed: int, pool: int = 2000) -> list:
+    """``n`` distinct sub-networks at evenly spaced FLOPs quantiles of ``pool`` seeded random draws."""
+    sampler = ArchSampler(space, seed)
+    drawn = {}
+    for arch in [space.smallest(), space.largest(), *(sampler.random() for _ in range(pool))]:
+        drawn[json.dumps(arch.to_dict(), sort_keys=True)] = arch
+    ordered = sorted(drawn.values(), key=lambda a: subnet_cost(space, a, num_classes).macs)
+    picks = sorted({round(q) for q in np.linspace(0, len(ordered) - 1, n)})
+    return [ordered[i] for i in picks]
+
+
+def train_alone(config: Path, table: Path, name: str, arch_key: str, data: Path, epochs: int, out: Path) -> float:
+    """Top-1 of ``name`` trained alone (labels only) with the recipe's settings; cached by arch and budget."""
+    budget = hashlib.sha256(f"{arch_key}|{config.read_text()}|{epochs}|{data}".encode()).hexdigest()[:12]
+    run_dir = out / f"{budget}"
+    metrics = run_dir / "metrics.jsonl"
+    if not (run_dir / "final").is_dir():
+        overrides = [f"run_dir={run_dir}", f"data.root={data}", f"trainer.epochs={epochs}"]
+        overrides += ["trainer.eval_every_epochs=0", "trainer.tensorboard=false"]
+        overrides += [f"standalone.student.arch={table}:{name}", "standalone.label_weight=1.0"]
+        run_trainer(config, overrides, out / f"{budget}.log")
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [r["val/top1_student"] for r in records if "val/top1_student" in r][-1]
+
+
+def top_k_overlap(a: list[float], b: list[float], k: int) -> float:
+    """Share of the top-``k`` of ``a`` that is also in the top-``k`` of ``b``."""
+    top_a = set(np.argsort(a)[::-1][:k].tolist())
+    top_b = set(np.argsort(b)[::-1][:k].tolist())
+    return len(top_a & top_b) / k
+
+
+def plot(inherited: list[float], alone: list[float], mflops: list[float], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
+    points = ax.scatter(inherited, alone, c=mflops, cmap="viridis")
+    fig.colorbar(points, label="MFLOPs")
+    ax.set_xlabel("inherited top-1 (%), after BN recalibration")
+    ax.set_ylabel("stand-alone top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=REPO / "configs/tiny_cpu.yaml")
+    parser.add_argument("--run", type=Path, help="a trained supernet run (default: train one into OUT/supernet)")
+    parser.add_argument("--data", type=Path, help="a prepared dataset (default: the bundled digits in data/digits)")
+    parser.add_argument("--n", type=int, default=16, help="sub-networks to rank")
+    parser.add_argument("--epochs", type=int, default=12, help="epochs of the supernet and of each stand-alone run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calib-batches", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=REPO / "runs/ranking")
+    args = parser.parse_args()
+    data = args.data or REPO / "data/digits"
+    if args.data is None:
+        prep.prepare("digits", data, ["webdataset", "ffcv"], quiet=True)
+    load_config(args.config)  # a bad recipe fails here, before any training
+    run = args.run
+    if run is None:
+        run = args.out / "supernet"
+        train(args.config, run, data, args.seed, args.epochs, [])
+    elif not (run / "supernet.safetensors").is_file():
+        consolidate(run)
+    run_config = load_config(run / "config.yaml")
+    space = load_search_space(run_config.model.search_space)
+    num_classes = run_config.model.num_classes
+    archs = spread_archs(space, num_classes, args.n, args.seed)
+    names = [f"r{i:02d}" for i in range(len(archs))]
+    table_path = args.out / "archs.yaml"
+    table = {"search_space": run_config.model.search_space, "models": {n: a.to_dict() for n, a in zip(names, archs)}}
+    atomic_write_text(table_path, yaml.safe_dump(table, sort_keys=False))
+
+    console = Console()
+    inherited_scores = evaluate(run, dict(zip(names, archs)), args.calib_batches)
+    inherited, alone, mflops = [], [], []
+    for name, arch in zip(names, archs):
+        key = json.dumps(arch.to_dict(), sort_keys=True)
+        console.print(f"{name}: stand-alone training ({subnet_cost(space, arch, num_classes).mflops:.3f} MFLOPs)")
+        alone.append(train_alone(args.config, table_path, name, key, data, args.epochs, args.out / "standalone"))
+        inherited.append(inherited_scores[name])
+        mflops.append(subnet_cost(space, arch, num_classes).mflops)
+    tau = stats.kendalltau(inherited, alone).statistic
+    rho = stats.spearmanr(inherited, alone).statistic
+    k = max(1, len(archs) // 4)
+    overlap = top_k_overlap(inherited, alone, k)
+
+    result = Table(title=f"ranking of {len(archs)} sub-networks: {run} vs stand-alone, {args.epochs} epochs")
+    for column in ("name", "MFLOPs", "inherited top-1", "stand-alone top-1"):
+        result.add_column(column, justify="right")
+    for name, m, i, a in zip(names, mflops, inherited, alone):
+        result.add_row(name, f"{m:.3f}", f"{i:.2f}", f"{a:.2f}")
+    console.print(result)
+    console.print(f"Kendall tau {tau:.3f}, Spearman rho {rho:.3f}, top-{k} overlap {overlap:.2f}")
+    record = {
+        "run": str(run),
+        "sharing": getattr(run_config.model, "sharing", "global"),
+        "epochs": args.epochs,
+        "kendall_tau": tau,
+        "spearman_rho": rho,
+        f"top{k}_overlap": overlap,
+        "archs": [
+            {"name": n, "arch": a.to_dict(), "mflops": m, "inherited_top1": i, "standalone_top1": s}
+            for n, a, m, i, s in zip(names, archs, mflops, inherited, alone)
+        ],
+    }
+    atomic_write_text(args.out / "ranking.json", json.dumps(record, indent=2))
+    title = f"Kendall τ {tau:.2f}, Spearman ρ {rho:.2f}, top-{k} overlap {overlap:.2f}"
+    plot(inherited, alone, mflops, title, args.out / "ranking.png")
+    console.print(f"json: {args.out / 'ranking.json'}\nplot: {args.out / 'ranking.png'}")
+
+
+if __name__ == "__main__":
+    main()
