@@ -119,7 +119,12 @@ def evaluate_arch(
 ) -> dict[str, float]:
     """Top-1/top-5 (%) and sample count of ``arch`` after BN recalibration (see the module docstring)."""
     static = calibrated_subnet(supernet, arch, calib, zero_stage=zero_stage, across_ranks=across_ranks)
-    correct1, correct5, total = accuracy_counts(
-        static, val_batches, arch.resolution, mean, std, device, across_ranks=across_ranks
-    ).tolist()
+    return percentages(
+        accuracy_counts(static, val_batches, arch.resolution, mean, std, device, across_ranks=across_ranks)
+    )
+
+
+def percentages(counts: torch.Tensor) -> dict[str, float]:
+    """Top-1/top-5 (%) and sample count from :func:`accuracy_counts`' [correct top-1, correct top-5, samples]."""
+    correct1, correct5, total = counts.tolist()
     return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1), "samples": int(total)}

@@ -31,7 +31,7 @@ from trainer.config import RunConfig, config_hash, write_resolved
 from trainer.distributed import configure_threads, init_distributed, local_world_size, resolve
 from trainer.ds_config import global_batch_size
 from trainer.engine import build_engine
-from trainer.evaluate import accuracy_counts, collect_calibration, evaluate_arch, gathered
+from trainer.evaluate import accuracy_counts, collect_calibration, evaluate_arch, gathered, percentages
 from trainer.metrics import MetricsLogger
 from trainer.networks import FINAL_DIR, build_student_and_teacher, save_network
 from trainer.run_folder import RunFolderLock, check_config_change, record_config_change
@@ -115,6 +115,7 @@ class Trainer:
         seed, loss, standalone = self.config.seed, self.config.loss, self.config.standalone
         torch.manual_seed(seed)  # identical initial weights on every rank ...
         self.space = self.sampler = self.attentive = self.voter = self.student = self.teacher = None
+        self.notes: list[str] = []  # printed when training starts (teacher cache, snapshot memory)
         if standalone is None:
             self.trained = build_supernet(self.config.model)
             self.space = self.trained.space
@@ -126,8 +127,7 @@ class Trainer:
                 self.what += (
                     f" ({tc.teacher} teacher: {tc.voted.snapshots} snapshot(s) every {tc.voted.every_steps} steps)"
                 )
-            if self.config.trainer.sampler == "attentive":
-                tc = self.config.trainer
+            if tc.sampler == "attentive":
                 self.attentive = AttentiveSampler(self.space, self.sampler, tc.attentive, self.config.model.num_classes)
                 self.what += f" ({tc.attentive.choice} of {tc.attentive.candidates} attentive sampling)"
         else:
@@ -202,7 +202,7 @@ class Trainer:
             rank=self.rank,
             world=self.world,
         )
-        self.cache_note = f"teacher logits cached for {self.train_loader.num_samples - missing} training images"
+        self.notes.append(f"teacher logits cached for {self.train_loader.num_samples - missing} training images")
 
     def _build_voter(self) -> None:
         """``trainer.teacher: voted | inplace_and_voted``: the snapshot queue, wired into the sandwich step."""
@@ -220,7 +220,7 @@ class Trainer:
         self.sandwich.vote_weight = tc.voted.weight
         self.sandwich.inplace = tc.teacher == "inplace_and_voted"
         mib = sum(t.numel() * 4 for t in self.module.state_dict().values()) / 2**20
-        self.voter_note = (
+        self.notes.append(
             f"voted teacher: up to {tc.voted.snapshots} fp32 snapshot(s) of {mib:.1f} MiB each per rank, "
             f"one every {tc.voted.every_steps} steps from step {self.voter.warmup_steps}"
         )
@@ -467,9 +467,8 @@ class Trainer:
             self.log.print(warning)
         for key, (old, new) in self.config_changes.items():
             self.log.print(f"config change on resume: {key}: {old!r} -> {new!r}")
-        for note in (getattr(self, "cache_note", None), getattr(self, "voter_note", None)):
-            if note:
-                self.log.print(note)
+        for note in self.notes:
+            self.log.print(note)
         if self.resumed_from:
             self.log.print(f"resumed from {self.checkpointer.dir / self.resumed_from} at step {self.global_step}")
         self.log.print(
@@ -570,16 +569,11 @@ class Trainer:
                 for buffer in self.module.buffers():
                     dist.broadcast(buffer, src=0)
             self.val_loader.set_epoch(0)
-            correct1, correct5, total = accuracy_counts(
+            counts = accuracy_counts(
                 self.module, self.val_loader, self.student.resolution, data.mean, data.std, self.device
-            ).tolist()
+            )
         self.module.train()
-        top = {
-            "top1": 100.0 * correct1 / max(total, 1),
-            "top5": 100.0 * correct5 / max(total, 1),
-            "samples": int(total),
-        }
-        return self._report_validation(epoch, {"student": top})
+        return self._report_validation(epoch, {"student": percentages(counts)})
 
     def _save_final(self) -> None:
         """A standalone run ends by writing its student to ``RUN/final`` (an ``export:`` source)."""

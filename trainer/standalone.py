@@ -42,7 +42,8 @@ class StandaloneStep:
         self.label_loss = label_loss
         self.kd_loss = kd_loss
         self.kd_weight = kd_weight
-        self.label_weight = label_weight
+        # without a teacher the labels are the only signal: weight 1 when none is given (standalone.label_weight)
+        self.label_weight = label_weight if kd_loss is not None else (label_weight or 1.0)
 
     def __call__(
         self,
@@ -58,10 +59,10 @@ class StandaloneStep:
         logits = engine(rescale(images, resolution).to(dtype))
         metrics: dict[str, torch.Tensor] = {}
         loss = logits.new_zeros((), dtype=torch.float32)
-        if teacher_logits is None or self.label_weight > 0:
+        if self.label_weight > 0:
             label = self.label_loss(logits, labels)
             metrics["loss/label"] = label.detach().float()
-            loss = loss + (self.label_weight if teacher_logits is not None else max(self.label_weight, 1.0)) * label
+            loss = loss + self.label_weight * label
         if teacher_logits is not None:
             kd = self.kd_loss(logits, teacher_logits)
             metrics["loss/kd"] = kd.detach().float()

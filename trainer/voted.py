@@ -83,9 +83,6 @@ class SnapshotVote:
             probabilities = p if probabilities is None else probabilities + p
         return (probabilities / len(self.models)).clamp_min(1e-30).log()
 
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for m in self.models for t in m.state_dict().values())
-
     def state_dict(self) -> dict[str, Any]:
         """Steps and weights of every snapshot (tensors only: loadable with ``weights_only``)."""
         return {
