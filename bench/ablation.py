@@ -20,15 +20,14 @@ sys.path.insert(0, str(REPO))
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 from data_pipeline import build_loader  # noqa: E402
 from data_pipeline import prepare as prep  # noqa: E402
 from fileops import atomic_output, atomic_write_text  # noqa: E402
-from models import build_supernet, load_named_archs  # noqa: E402
+from models import load_named_archs  # noqa: E402
 from models.flops import subnet_cost  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.consolidate import consolidate  # noqa: E402
+from trainer.consolidate import consolidate, load_supernet  # noqa: E402
 from trainer.evaluate import collect_calibration, evaluate_arch  # noqa: E402
 
 
@@ -59,8 +58,7 @@ def run_trainer(config: Path, overrides: list[str], log: Path) -> None:
 def evaluate(run_dir: Path, archs: dict, calib_batches: int) -> dict[str, float]:
     """Top-1 of each named arch after BN recalibration on ``calib_batches`` training batches."""
     config = load_config(run_dir / "config.yaml")
-    supernet = build_supernet(config.model)
-    supernet.load_state_dict(load_file(str(run_dir / "supernet.safetensors")))
+    supernet = load_supernet(run_dir, config.model, rank=0, device="cpu")
     data = replace(config.data, num_workers=0)
     calib_loader = build_loader(data, data.train_split, train=True, seed=config.seed + 1)
     calib = collect_calibration(calib_loader, calib_batches, "cpu", data.mean, data.std)

@@ -2,6 +2,7 @@
 strategy.
 
     .venv/bin/python bench/ranking.py [--run RUN] [--n 16] [--epochs 12] [--out runs/ranking] [--data ROOT]
+                                      [--sharing global local random]
 
 For ``--n`` sub-networks spread evenly over the space's FLOPs range (quantiles of many seeded random draws):
 the accuracy each inherits from the supernet (after BatchNorm recalibration), and its accuracy when trained
@@ -10,6 +11,12 @@ in its own process).  Prints Kendall τ, Spearman ρ and the top-k overlap betwe
 writes ``ranking.json`` and ``ranking.png`` (stand-alone against inherited top-1) into ``--out``.  Without
 ``--run`` the supernet is trained first (the same recipe and epochs) into ``OUT/supernet``.  Stand-alone
 runs are cached by architecture and budget in ``OUT/standalone``, so reruns and other supernets reuse them.
+
+``--sharing`` compares weight-sharing strategies (Distribution Consistent NAS, Table 3): each named one trains
+its own supernet (``OUT/supernet`` for global sharing, ``OUT/supernet_local``, ``OUT/supernet_random``; local
+sharing with 1 warm-up epoch, half an epoch per layer, a meta-network step every 5 steps) and is ranked
+against the same stand-alone runs; a last table puts τ, ρ, the top-k overlap and the inherited top-1 of the
+smallest and the largest sub-network side by side.
 """
 
 from __future__ import annotations
@@ -83,6 +90,11 @@ def plot(inherited: list[float], alone: list[float], mflops: list[float], title:
     plt.close(fig)
 
 
+LOCAL = ["model.sharing=local", "model.local.warmup_epochs=1", "model.local.epochs_per_layer=0.5"]
+LOCAL += ["model.local.meta_every=5"]
+SHARING = {"global": [], "local": LOCAL, "random": [*LOCAL, "model.local.assignment=random"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs/tiny_cpu.yaml")
@@ -93,17 +105,37 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calib-batches", type=int, default=8)
     parser.add_argument("--out", type=Path, default=REPO / "runs/ranking")
+    parser.add_argument("--sharing", nargs="+", choices=sorted(SHARING), default=["global"], help="strategies to rank")
     args = parser.parse_args()
+    if args.run is not None and len(args.sharing) > 1:
+        parser.error("--run ranks one given supernet; --sharing trains one per strategy")
     data = args.data or REPO / "data/digits"
     if args.data is None:
         prep.prepare("digits", data, ["webdataset", "ffcv"], quiet=True)
     load_config(args.config)  # a bad recipe fails here, before any training
-    run = args.run
-    if run is None:
-        run = args.out / "supernet"
-        train(args.config, run, data, args.seed, args.epochs, [])
-    elif not (run / "supernet.safetensors").is_file():
-        consolidate(run)
+    summary = {}
+    for sharing in args.sharing:
+        run = args.run
+        if run is None:
+            run = args.out / ("supernet" if sharing == "global" else f"supernet_{sharing}")
+            train(args.config, run, data, args.seed, args.epochs, SHARING[sharing])
+        elif not (run / "supernet.safetensors").is_file():
+            consolidate(run)
+        summary[sharing] = rank(args, run, data, "" if sharing == "global" else f"_{sharing}")
+    if len(summary) > 1:
+        table = Table(
+            title=f"weight sharing: ranking of {args.n} sub-networks and inherited top-1, {args.epochs} epochs"
+        )
+        for column in ("sharing", "Kendall tau", "Spearman rho", "top-k overlap", "smallest top-1", "largest top-1"):
+            table.add_column(column, justify="right")
+        for sharing, r in summary.items():
+            cells = (r["kendall_tau"], r["spearman_rho"], r["top_k_overlap"])
+            table.add_row(sharing, *(f"{v:.3f}" for v in cells), f"{r['smallest']:.2f}", f"{r['largest']:.2f}")
+        Console().print(table)
+
+
+def rank(args, run: Path, data: Path, suffix: str) -> dict:
+    """Rank ``run``'s sub-networks against the stand-alone runs; write ``ranking{suffix}.json/png``."""
     run_config = load_config(run / "config.yaml")
     space = load_search_space(run_config.model.search_space)
     num_classes = run_config.model.num_classes
@@ -136,6 +168,7 @@ def main() -> None:
     console.print(f"Kendall tau {tau:.3f}, Spearman rho {rho:.3f}, top-{k} overlap {overlap:.2f}")
     record = {
         "run": str(run),
+        "top_k_overlap": overlap,
         "sharing": getattr(run_config.model, "sharing", "global"),
         "epochs": args.epochs,
         "kendall_tau": tau,
@@ -146,10 +179,11 @@ def main() -> None:
             for n, a, m, i, s in zip(names, archs, mflops, inherited, alone)
         ],
     }
-    atomic_write_text(args.out / "ranking.json", json.dumps(record, indent=2))
+    atomic_write_text(args.out / f"ranking{suffix}.json", json.dumps(record, indent=2))
     title = f"Kendall τ {tau:.2f}, Spearman ρ {rho:.2f}, top-{k} overlap {overlap:.2f}"
-    plot(inherited, alone, mflops, title, args.out / "ranking.png")
-    console.print(f"json: {args.out / 'ranking.json'}\nplot: {args.out / 'ranking.png'}")
+    plot(inherited, alone, mflops, title, args.out / f"ranking{suffix}.png")
+    console.print(f"json: {args.out / f'ranking{suffix}.json'}\nplot: {args.out / f'ranking{suffix}.png'}")
+    return {**record, "smallest": inherited[0], "largest": inherited[-1]}
 
 
 if __name__ == "__main__":

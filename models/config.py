@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from models.init import InitScheme
-from typedconfig import Range, check_ranges
+from models.local_sharing import LocalSharingConfig, SharingName
+from typedconfig import Range, check_ranges, to_mapping
 
 
 @dataclass(kw_only=True, slots=True)
@@ -32,6 +33,19 @@ class ModelConfig:
     ``kaiming_fan_out`` (Kaiming-normal fan-out convolutions, N(0, 0.01) classifier)."""
     zero_init_residual_bn: bool = True
     """Start the last BatchNorm gamma of every block at zero, so each block starts as its shortcut."""
+    sharing: SharingName = "global"
+    """``global``: one weight tensor per layer, sliced by every sub-network. ``local``: M candidate copies per
+    layer, each architecture assigned to one (Distribution Consistent NAS; see ``model.local``)."""
+    local: LocalSharingConfig = field(default_factory=LocalSharingConfig)
+    """Local weight sharing's parameters (used when ``sharing`` is ``local``)."""
 
     def __post_init__(self) -> None:
         check_ranges(self, "model")
+
+    def identity(self) -> dict:
+        """The fields that give the weights their meaning (hashed into checkpoints): local sharing's only when it
+        is on, so checkpoints written before it existed still resume."""
+        mapping = to_mapping(self)
+        if self.sharing == "global":
+            del mapping["sharing"], mapping["local"]
+        return mapping

@@ -114,18 +114,21 @@ def copy_sliced_weights(source: dict[str, torch.Tensor], target: nn.Module, rena
 
 def extract_subnet(supernet: nn.Module, arch: ArchConfig | None = None) -> nn.Module:
     """Copy ``arch``'s weights and BN statistics out of ``supernet`` into a new standalone model
-    (a :class:`StaticSubnet`, or the one-width model of a slimmable supernet)."""
+    (a :class:`StaticSubnet`, or the one-width model of a slimmable supernet). Under local sharing each block
+    comes from the candidate the assignment gives ``arch`` (the active candidates when ``arch`` is None)."""
     if hasattr(supernet, "extract"):
         return supernet.extract(arch)
+    candidates = supernet.candidates if arch is None else supernet.candidates_for(arch)
     arch = arch or supernet.arch
     static = StaticSubnet(supernet.space, arch, supernet.config.num_classes, supernet.config.dropout)
     block_map = [block.supernet_index for block in static.plan.blocks]
 
-    def rename(key: str) -> str:
+    def rename(key: str) -> str:  # block j of the subnet: its supernet block's candidate (local sharing)
         if not key.startswith("blocks."):
             return key
         _, j, rest = key.split(".", 2)
-        return f"blocks.{block_map[int(j)]}.{rest}"
+        index = block_map[int(j)]
+        return supernet.block_prefix(index, candidates[index]) + rest
 
     copy_sliced_weights(supernet.state_dict(), static, rename)
     return static.to(next(supernet.parameters()).device)

@@ -2,9 +2,17 @@
 
 Set a sub-network with :meth:`AlphaNetSupernet.set_arch`, then call the module as usual.  Every rank
 must run the same sub-network at the same step (DeepSpeed ZeRO reduces whole parameter tensors).
+
+Under ``model.sharing: local`` each block also holds M − 1 more candidate copies (``candidate_blocks``,
+identical at initialisation); ``set_arch`` picks one per block from the attached
+:class:`~models.local_sharing.LocalAssignment` (or explicitly), and ``routing`` lets a block's forward
+send a scaled copy of its gradient to other candidates (global sharing during warm-up, DC-NAS's gradient
+exchange) without changing its output.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +20,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.init import init_weights
+from models.local_sharing import LocalAssignment
 from models.ops import (
     DynamicBatchNorm2d,
     DynamicConv2d,
@@ -105,9 +114,42 @@ class AlphaNetSupernet(nn.Module):
             for block in self.blocks:
                 nn.init.zeros_(block.project_bn.weight)
         self._set_drop_path_rates()
+        extra = config.local.candidates - 1 if config.sharing == "local" else 0
+        self.candidate_blocks = (
+            nn.ModuleList(nn.ModuleList(copy.deepcopy(block) for _ in range(extra)) for block in self.blocks)
+            if extra
+            else None
+        )
+        self.assignment: LocalAssignment | None = None
+        """Local sharing: which candidate each architecture uses per block (None: candidate 0 everywhere)."""
+        self.candidates: tuple[int, ...] = (0,) * len(self.blocks)
+        """The active candidate of every block."""
+        self.routing: dict[int, dict[int, float]] = {}
+        """Block → {other candidate: scale}: the forward adds ``scale · (w − w.detach())`` of that candidate's
+        weights to the active ones (same output, scaled gradient sent there)."""
+        self.overrides: dict[int, dict[str, torch.Tensor]] = {}
+        """Block → parameters to run instead of the active candidate's (a meta-network's look-ahead)."""
         self.plan: SubnetPlan | None = None
         self.regularize = False
         self.set_arch(space.largest())
+
+    @property
+    def num_candidates(self) -> int:
+        return 1 + (len(self.candidate_blocks[0]) if self.candidate_blocks else 0)
+
+    def block_module(self, index: int, candidate: int = 0) -> DynamicMBConvBlock:
+        """Candidate ``candidate`` of supernet block ``index`` (0: ``blocks[index]``)."""
+        return self.blocks[index] if candidate == 0 else self.candidate_blocks[index][candidate - 1]
+
+    def block_prefix(self, index: int, candidate: int) -> str:
+        """State-dict prefix of that candidate's tensors."""
+        return f"blocks.{index}." if candidate == 0 else f"candidate_blocks.{index}.{candidate - 1}."
+
+    def candidates_for(self, arch: ArchConfig) -> tuple[int, ...]:
+        """The candidate of every block for ``arch``: from the assignment (0 where undecided), else all 0."""
+        if self.assignment is None:
+            return (0,) * len(self.blocks)
+        return self.assignment.candidates(arch)
 
     @property
     def arch(self) -> ArchConfig:
@@ -123,27 +165,75 @@ class AlphaNetSupernet(nn.Module):
         for idx, block in enumerate(self.blocks):
             block.drop_path_rate = self.config.drop_connect * idx / total if idx in eligible else 0.0
 
-    def set_arch(self, arch: ArchConfig, *, regularize: bool = False) -> None:
-        """Make ``arch`` the active sub-network; ``regularize`` turns dropout and drop-path on."""
+    def set_arch(
+        self,
+        arch: ArchConfig,
+        *,
+        regularize: bool = False,
+        candidates: tuple[int, ...] | None = None,
+        routing: dict[int, dict[int, float]] | None = None,
+    ) -> None:
+        """Make ``arch`` the active sub-network; ``regularize`` turns dropout and drop-path on. Local sharing:
+        ``candidates`` (one per block; default :meth:`candidates_for`) and gradient ``routing``."""
         self.plan = plan_subnet(self.space, arch)
         self._arch = arch
         self.regularize = regularize
+        if candidates is not None and (
+            len(candidates) != len(self.blocks) or not all(0 <= c < self.num_candidates for c in candidates)
+        ):
+            raise ValueError(f"candidates {candidates}: need {len(self.blocks)} values in [0, {self.num_candidates})")
+        self.candidates = tuple(candidates) if candidates is not None else self.candidates_for(arch)
+        self.routing = dict(routing or {})
         for planned in self.plan.blocks:
-            block = self.blocks[planned.supernet_index]
-            block.out_channels, block.kernel_size, block.expand = planned.out_channels, planned.kernel, planned.expand
+            for candidate in range(self.num_candidates):
+                block = self.block_module(planned.supernet_index, candidate)
+                block.out_channels, block.kernel_size = planned.out_channels, planned.kernel
+                block.expand = planned.expand
 
     def active_block_indices(self, arch: ArchConfig | None = None) -> list[int]:
         """Supernet block indices run by ``arch`` (default: the active one)."""
         plan = self.plan if arch is None else plan_subnet(self.space, arch)
         return [block.supernet_index for block in plan.blocks]
 
+    def _run_block(self, index: int, x: torch.Tensor, drop_path_rate: float) -> torch.Tensor:
+        block = self.block_module(index, self.candidates[index])
+        params = self.overrides.get(index)
+        if params is None and self.routing.get(index):
+            others = [(self.block_module(index, c), scale) for c, scale in self.routing[index].items()]
+            params = {}
+            for name, weight in block.named_parameters():
+                for other, scale in others:
+                    twin = other.get_parameter(name)
+                    weight = weight + scale * (twin - twin.detach())
+                params[name] = weight
+        if params is None:
+            return block(x, drop_path_rate)
+        return torch.func.functional_call(block, params, (x, drop_path_rate), strict=False)
+
+    def forward_until(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """The active sub-network's input to supernet block ``index`` (which it must run)."""
+        if index not in {planned.supernet_index for planned in self.plan.blocks}:
+            raise ValueError(f"the active sub-network does not run block {index}")
+        x = F.silu(self.stem_bn(self.stem_conv(x, self.plan.stem.out_channels)))
+        for planned in self.plan.blocks:
+            if planned.supernet_index == index:
+                return x
+            x = self._run_block(planned.supernet_index, x, 0.0)
+        raise AssertionError("unreachable")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.stem_bn(self.stem_conv(x, self.plan.stem.out_channels)))
+        return self.forward_from(x, self.plan.blocks[0].supernet_index)
+
+    def forward_from(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """The active sub-network's logits from ``x``, its input to supernet block ``index`` (see
+        :meth:`forward_until`): the blocks from ``index`` on, then the head."""
         plan = self.plan
         regularize = self.regularize and self.training
-        x = F.silu(self.stem_bn(self.stem_conv(x, plan.stem.out_channels)))
         for planned in plan.blocks:
-            block = self.blocks[planned.supernet_index]
-            x = block(x, block.drop_path_rate if regularize else 0.0)
+            if planned.supernet_index >= index:
+                i = planned.supernet_index
+                x = self._run_block(i, x, self.blocks[i].drop_path_rate if regularize else 0.0)
         x = F.silu(self.final_expand_bn(self.final_expand_conv(x, plan.head.expanded)))
         x = x.mean(dim=(2, 3), keepdim=True)
         x = F.silu(self.feature_mix_conv(x, plan.head.width)).flatten(1)

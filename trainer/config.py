@@ -22,6 +22,7 @@ from fileops import atomic_write_text
 from losses.config import LossConfig
 from models.config import ModelConfig
 from models.search_space import SearchSpace, load_search_space
+from models.slimmable import SlimmableSpace
 from trainer.standalone_config import StandaloneConfig
 from trainer.trainer_config import TrainerConfig
 from typedconfig import ConfigError, Range, apply_overrides, check_ranges, from_mapping, load_yaml, to_mapping
@@ -61,6 +62,8 @@ def _cross_check(config: RunConfig, source: str) -> SearchSpace:
             key="data.base_resolution",
             source=source,
         )
+    if config.model.sharing == "local":
+        _check_local_sharing(config, space, source)
     standalone = config.standalone
     if standalone is not None:
         if standalone.teacher is not None and config.loss.kd_loss == "none":
@@ -70,6 +73,30 @@ def _cross_check(config: RunConfig, source: str) -> SearchSpace:
         if standalone.teacher is None and standalone.teacher_logits == "cached":
             raise ConfigError("cached teacher logits need a teacher", key="standalone.teacher_logits", source=source)
     return space
+
+
+def _check_local_sharing(config: RunConfig, space: SearchSpace, source: str) -> None:
+    """Local weight sharing runs on the AlphaNet family's supernet with the in-place teacher and uniform sampling."""
+    tc = config.trainer
+    problems = {
+        "model.search_space": "a slimmable space has no per-layer operators"
+        if isinstance(space, SlimmableSpace)
+        else "",
+        "standalone": "a standalone run trains one network" if config.standalone is not None else "",
+        "trainer.zero_stage": "ZeRO-3 partitions the candidates it routes gradients between"
+        if tc.zero_stage == 3
+        else "",
+        "trainer.teacher": f"the {tc.teacher} teacher's snapshots have no assignment"
+        if tc.teacher != "inplace"
+        else "",
+        "trainer.sampler": "attentive sampling would choose the pair it must force" if tc.sampler != "uniform" else "",
+        "trainer.num_subnets": "a pair of middle sub-networks is needed (num_subnets >= 4)"
+        if tc.num_subnets < 4 and config.model.local.assignment == "learned"
+        else "",
+    }
+    for key, problem in problems.items():
+        if problem:
+            raise ConfigError(f"not with model.sharing: local: {problem}", key=key, source=source)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

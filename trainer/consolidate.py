@@ -37,7 +37,11 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> tuple[dict[str, t
     tag_dir = Path(checkpoint_dir) / tag
     states = safe_load(_model_states_file(tag_dir))
     zero_stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
-    client = {k: v for k, v in states.items() if k in ("global_step", "model_hash", "search_space", "world_size")}
+    client = {
+        k: v
+        for k, v in states.items()
+        if k in ("global_step", "model_hash", "search_space", "world_size", "local_sharing")
+    }
     if zero_stage == 0:
         state = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
     else:
@@ -95,7 +99,21 @@ def load_supernet(run_dir: Path, model: ModelConfig, rank: int, device):
     weights = ensure_weights(run_dir, rank)
     supernet = build_supernet(model)
     supernet.load_state_dict(load_file(str(weights)))
+    attach_assignment(supernet, weights)
     return supernet.to(device).eval()
+
+
+def attach_assignment(supernet, weights: Path) -> None:
+    """Local weight sharing: give ``supernet`` the assignment stored in its consolidated file, so that every
+    architecture (searched, evaluated, exported) runs the candidates it was trained with."""
+    from safetensors import safe_open
+
+    from models.local_sharing import LocalAssignment
+
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "local_sharing" in metadata and getattr(supernet, "num_candidates", 1) > 1:
+        supernet.assignment = LocalAssignment.from_dict(supernet.space, json.loads(metadata["local_sharing"]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from trainer.distributed import configure_threads, init_distributed, local_world
 from trainer.ds_config import global_batch_size
 from trainer.engine import build_engine
 from trainer.evaluate import accuracy_counts, collect_calibration, evaluate_arch, gathered, percentages
+from trainer.local_sharing import LocalSharing
 from trainer.metrics import MetricsLogger
 from trainer.networks import FINAL_DIR, build_student_and_teacher, save_network
 from trainer.run_folder import RunFolderLock, check_config_change, record_config_change
@@ -94,6 +95,7 @@ class Trainer:
             self._build_data()
             self._build_teacher_cache()
             self._build_voter()
+            self._build_local_sharing()
             self._build_checkpointer_and_resume()
             self._build_logger()
         except BaseException:
@@ -114,7 +116,7 @@ class Trainer:
     def _build_model(self) -> None:
         seed, loss, standalone = self.config.seed, self.config.loss, self.config.standalone
         torch.manual_seed(seed)  # identical initial weights on every rank ...
-        self.space = self.sampler = self.attentive = self.voter = self.student = self.teacher = None
+        self.space = self.sampler = self.attentive = self.voter = self.local = self.student = self.teacher = None
         self.notes: list[str] = []  # printed when training starts (teacher cache, snapshot memory)
         if standalone is None:
             self.trained = build_supernet(self.config.model)
@@ -225,6 +227,22 @@ class Trainer:
             f"one every {tc.voted.every_steps} steps from step {self.voter.warmup_steps}"
         )
 
+    def _build_local_sharing(self) -> None:
+        """``model.sharing: local``: Algorithm 1's schedule, meta-networks and assignments around the sandwich."""
+        model = self.config.model
+        if self.sampler is None or model.sharing != "local":
+            return
+        self.local = LocalSharing(
+            self.module,
+            model.local,
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+            label_loss=self.sandwich.label_loss,
+            rank=self.rank,
+            world=self.world,
+        )
+        self.notes.append(self.local.describe())
+
     def _build_checkpointer_and_resume(self) -> None:
         tc = self.config.trainer
         self.run_dir = Path(self.config.run_dir)
@@ -235,7 +253,7 @@ class Trainer:
             keep=tc.keep_checkpoints,
             every_steps=tc.checkpoint_every_steps,
         )
-        self.model_hash = config_hash(self.config.model)
+        self.model_hash = config_hash(self.config.model.identity())
         if self.config.standalone is not None:  # the student and teacher are part of what the weights mean
             self.model_hash = config_hash({"model": self.model_hash, "standalone": to_mapping(self.config.standalone)})
         self.global_step = 0
@@ -269,12 +287,15 @@ class Trainer:
             "bad_steps": self.bad_steps,
             "skipped_total": self.skipped_total,
             **({"search_space": self.space.to_dict()} if self.space else {}),
+            **({"local_sharing": self.local.assignment.to_dict()} if self.local else {}),
         }
 
     def _rank_state(self) -> dict[str, Any]:
         state = {"loader": self.train_loader.state_dict(), "rng": rng_state()}
         if self.voter is not None:
             state["voted"] = self.voter.state_dict()
+        if self.local is not None:
+            state["local_sharing"] = self.local.state_dict()
         return state
 
     def _maybe_resume(self) -> str | None:
@@ -299,6 +320,8 @@ class Trainer:
         self.train_loader.load_state_dict(rank_state["loader"])
         if self.voter is not None:
             self.voter.load_state_dict(rank_state.get("voted", {"steps": [], "weights": []}))
+        if self.local is not None:
+            self.local.load_state_dict(rank_state["local_sharing"])
         set_rng_state(rank_state["rng"])
         return tag
 
@@ -380,6 +403,10 @@ class Trainer:
             subnets = sample_sandwich(self.space, self.sampler, n, middle)
         self.engine.train()
         sums: dict[str, torch.Tensor] = {}
+        if self.local is not None:  # candidates, pair and meta-network step from the step's first mini-batch
+            first = batches[0].to(self.device)
+            first_images = normalize(first.images, data.mean, data.std)
+            subnets, sums = self.local.prepare(self.global_step, subnets, first_images, first.labels, lr)
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             images = normalize(batch.images, data.mean, data.std)
@@ -405,6 +432,13 @@ class Trainer:
         self.global_step += 1
         if self.voter is not None and self.voter.maybe_snapshot(self.global_step, self.module):
             sums["voted/snapshots"] = torch.tensor(float(len(self.voter.models)))
+        if self.local is not None:
+            sums.update(
+                {
+                    k: torch.tensor(v)
+                    for k, v in self.local.after_step(self.global_step, first_images, first.labels).items()
+                }
+            )
         self.skipped_total += int(skipped)
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         return {"lr": lr, "skipped": float(skipped), **sums}

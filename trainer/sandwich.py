@@ -28,6 +28,10 @@ class Subnet:
     arch: ArchConfig
     role: Role = "student"
     """The teacher trains on labels (regularised) and its detached logits teach the students."""
+    candidates: tuple[int, ...] | None = None
+    """Local weight sharing: the candidate of every supernet block (None: the supernet's own choice)."""
+    routing: dict[int, dict[int, float]] | None = None
+    """Local weight sharing: gradient routing to other candidates (see ``AlphaNetSupernet.routing``)."""
 
 
 def sample_sandwich(space: SearchSpace, sampler: ArchSampler, n: int, middle: list | None = None) -> list[Subnet]:
@@ -78,7 +82,8 @@ class SandwichStep:
         voting = self.voter is not None and self.voter.ready
         for i, subnet in enumerate(subnets):
             is_teacher = subnet.role == "teacher"
-            supernet.set_arch(subnet.arch, regularize=is_teacher)
+            local = {} if subnet.candidates is None else {"candidates": subnet.candidates, "routing": subnet.routing}
+            supernet.set_arch(subnet.arch, regularize=is_teacher, **local)
             inputs = rescale(images, subnet.arch.resolution).to(dtype)
             logits = engine(inputs)
             if is_teacher:
