@@ -104,6 +104,16 @@ class LocalAssignment:
         """Supernet block → the candidate of every sampled arch (None where the arch skips the block)."""
         self._vectors = np.stack([gene_vector(space, a) for a in self.archs])
         self._index = {a: i for i, a in enumerate(self.archs)}
+        self._members: list[dict[Operator, np.ndarray]] = []  # per block: operator → sampled archs running it
+        self._running: list[np.ndarray] = []  # per block: sampled archs running it at all
+        positions = block_positions(space)
+        for stage, index in positions:
+            by_op: dict[Operator, list[int]] = {}
+            for i, a in enumerate(self.archs):
+                if index < a.depths[stage]:
+                    by_op.setdefault((a.kernels[stage], a.expands[stage]), []).append(i)
+            self._members.append({op: np.asarray(members) for op, members in by_op.items()})
+            self._running.append(np.asarray(sorted(i for members in by_op.values() for i in members), dtype=np.int64))
 
     @classmethod
     def sample(cls, space: SearchSpace, count: int, num_candidates: int, seed: int) -> LocalAssignment:
@@ -123,9 +133,13 @@ class LocalAssignment:
 
     def members(self, block: int, op: Operator) -> list[int]:
         """Indices of the sampled archs that run ``op`` in ``block``."""
-        return [i for i, a in enumerate(self.archs) if operator_at(self.space, a, block) == op]
+        return [int(i) for i in self._members[block].get(op, [])]
 
-    def nearest(self, arch: ArchConfig, block: int) -> int | None:
+    def distances(self, arch: ArchConfig) -> np.ndarray:
+        """L1 distance over :func:`gene_vector` from ``arch`` to every sampled arch."""
+        return np.abs(self._vectors - gene_vector(self.space, arch)).sum(axis=1)
+
+    def nearest(self, arch: ArchConfig, block: int, distances: np.ndarray | None = None) -> int | None:
         """The sampled arch that represents ``arch`` in ``block``: ``arch`` itself when sampled, else the nearest
         (L1 over :func:`gene_vector`, lowest index on ties) among those running the same operator there, else
         among those running the block at all; None when ``arch`` skips the block."""
@@ -134,27 +148,26 @@ class LocalAssignment:
             return None
         if arch in self._index:
             return self._index[arch]
-        pool = self.members(block, op) or [
-            i for i, a in enumerate(self.archs) if operator_at(self.space, a, block) is not None
-        ]
-        if not pool:
+        pool = self._members[block].get(op)
+        pool = self._running[block] if pool is None else pool
+        if not len(pool):
             return None
-        distances = np.abs(self._vectors[pool] - gene_vector(self.space, arch)).sum(axis=1)
-        return pool[int(np.argmin(distances))]  # argmin returns the first minimum: the lowest index
+        distances = self.distances(arch) if distances is None else distances
+        return int(pool[int(np.argmin(distances[pool]))])  # the first minimum: the lowest index (pools are sorted)
 
-    def candidate(self, arch: ArchConfig, block: int) -> int | None:
+    def candidate(self, arch: ArchConfig, block: int, distances: np.ndarray | None = None) -> int | None:
         """The decided candidate of ``arch`` in ``block``; None when the block is undecided or skipped."""
         if block not in self.decided:
             return None
-        representative = self.nearest(arch, block)
+        representative = self.nearest(arch, block, distances)
         return None if representative is None else self.decided[block][representative]
 
     def candidates(self, arch: ArchConfig, undecided: int | list[int] = 0) -> tuple[int, ...]:
         """The candidate of every supernet block for ``arch``: decided ones from the assignment, the others
         ``undecided`` (one value, or one per block)."""
-        out = []
+        out, distances = [], self.distances(arch) if self.decided else None
         for block in range(self.num_blocks):
-            chosen = self.candidate(arch, block)
+            chosen = self.candidate(arch, block, distances)
             fallback = undecided if isinstance(undecided, int) else undecided[block]
             out.append(fallback if chosen is None else chosen)
         return tuple(out)

@@ -274,3 +274,16 @@ def test_combinations_local_sharing_cannot_serve_are_refused(repo, setting, key)
 def test_a_schedule_longer_than_the_run_is_a_config_error(repo, digits_shards, tmp_path, single_rank):
     with pytest.raises(ConfigError, match="epochs_per_layer"):
         run_in_process(repo, local_overrides(tmp_path / "run", digits_shards, **{"model.local.epochs_per_layer": 1}))
+
+
+@pytest.mark.parametrize("recipe", ["tiny_local_cpu.yaml", "alphanet_local_imagenet.yaml"])
+def test_the_local_recipes_fit_their_schedule_in_the_run(repo, recipe):
+    from models import load_search_space
+    from models.local_sharing import block_positions
+    from trainer.config import load_config
+
+    config = load_config(repo / "configs" / recipe)
+    local = config.model.local
+    blocks = len(block_positions(load_search_space(config.model.search_space)))
+    assert config.model.sharing == "local" and local.candidates == 2
+    assert local.warmup_epochs + blocks * local.epochs_per_layer < config.trainer.epochs  # fine-tuning remains
