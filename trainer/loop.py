@@ -433,12 +433,13 @@ class Trainer:
         if self.voter is not None and self.voter.maybe_snapshot(self.global_step, self.module):
             sums["voted/snapshots"] = torch.tensor(float(len(self.voter.models)))
         if self.local is not None:
-            sums.update(
-                {
-                    k: torch.tensor(v)
-                    for k, v in self.local.after_step(self.global_step, first_images, first.labels).items()
-                }
-            )
+            fixed = self.local.after_step(self.global_step, first_images, first.labels)
+            sums.update({k: torch.tensor(v) for k, v in fixed.items()})
+            if fixed:
+                self.log.print(
+                    f"local sharing: layer {int(fixed['local/layer_decided'])} fixed at step {self.global_step}, "
+                    f"{fixed['local/candidate0_share']:.0%} of its sampled archs on candidate 0"
+                )
         self.skipped_total += int(skipped)
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         return {"lr": lr, "skipped": float(skipped), **sums}
