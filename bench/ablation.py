@@ -56,7 +56,28 @@ def run_trainer(config: Path, overrides: list[str], log: Path) -> None:
 
 
 def evaluate(run_dir: Path, archs: dict, calib_batches: int) -> dict[str, float]:
-    """Top-1 of each named arch after BN recalibration on ``calib_batches`` training batches."""
+    """Top-1 of each named arch after BN recalibration on ``calib_batches`` training batches, kept in
+    ``RUN/bench_top1.json`` for the same weights, archs and calibration (a rerun reads it back)."""
+    weights = run_dir / "supernet.safetensors"
+    key = json.dumps(
+        {
+            "archs": {n: a.to_dict() for n, a in archs.items()},
+            "calib_batches": calib_batches,
+            "weights": [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None,
+        },
+        sort_keys=True,
+    )
+    cache = run_dir / "bench_top1.json"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached["top1"]
+    scores = _evaluate(run_dir, archs, calib_batches)
+    atomic_write_text(cache, json.dumps({"key": key, "top1": scores}))
+    return scores
+
+
+def _evaluate(run_dir: Path, archs: dict, calib_batches: int) -> dict[str, float]:
     config = load_config(run_dir / "config.yaml")
     supernet = load_supernet(run_dir, config.model, rank=0, device="cpu")
     data = replace(config.data, num_workers=0)
