@@ -221,3 +221,13 @@ def test_transfer_recipe_has_the_papers_settings(repo):
     tc = config.trainer
     assert (tc.momentum, tc.epochs, config.loss.label_smoothing, config.model.dropout) == (0.9, 150, 0.1, 0.5)
     assert config.data.batch_size == 64 and config.standalone.new_classifier and config.standalone.teacher is None
+
+
+def test_a_missing_export_says_how_to_make_one(tmp_path):
+    from models import ModelConfig
+    from trainer.networks import load_network
+    from trainer.standalone_config import NetworkSource
+
+    source = NetworkSource(export=tmp_path / "exports" / "tiny_m")
+    with pytest.raises(ConfigError, match="does not exist: export a sub-network first.*make demo"):
+        load_network(source, ModelConfig(), base_resolution=32, calibration=None, rank=0, device="cpu")

@@ -145,6 +145,11 @@ def _load_export(folder: Path, base_resolution: int, device) -> Network:
             raise ConfigError("needs 'torchvision: NAME'", source=folder / TORCHVISION_DESCRIPTION)
         module = torchvision_model(name, 1, folder / WEIGHTS)
         return Network(module.to(device), base_resolution, f"export {folder}", torchvision=name)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{folder} does not exist: export a sub-network first (the search's --export, or `make demo` for the "
+            "tiny recipes' runs/tiny_cpu/search/exports/tiny_m)"
+        )
     if not (folder / ARCH).is_file():
         raise ConfigError(f"{folder} is not an exported model (no {ARCH} or {TORCHVISION_DESCRIPTION})")
     module = load_subnet(folder).train()
