@@ -229,5 +229,5 @@ def test_a_missing_export_says_how_to_make_one(tmp_path):
     from trainer.standalone_config import NetworkSource
 
     source = NetworkSource(export=tmp_path / "exports" / "tiny_m")
-    with pytest.raises(ConfigError, match="does not exist: export a sub-network first.*make demo"):
+    with pytest.raises(ConfigError, match=r"does not exist: export a sub-network first.*make demo"):
         load_network(source, ModelConfig(), base_resolution=32, calibration=None, rank=0, device="cpu")
