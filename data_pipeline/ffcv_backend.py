@@ -142,7 +142,7 @@ class FFCVBackend:
         return Loader(
             str(self.path),
             batch_size=c.batch_size,
-            num_workers=max(1, c.num_workers),
+            num_workers=ffcv_threads(c.num_workers),
             order=OrderOption.SEQUENTIAL,
             drop_last=False,
             pipelines={
@@ -183,3 +183,11 @@ class FFCVBackend:
         return [
             f"{self.path.name}: {s['key']} skipped at prepare time ({s['reason']})" for s in self._skipped_at_prepare
         ]
+
+
+def ffcv_threads(requested: int) -> int:
+    """FFCV decodes in numba threads, and numba refuses more than the CPUs this process may run on (a
+    1-core allocation or ``taskset``): ``requested`` capped at that, at least 1."""
+    import numba
+
+    return max(1, min(requested, numba.config.NUMBA_NUM_THREADS))

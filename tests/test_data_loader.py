@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -314,3 +317,21 @@ def test_files_that_changed_after_prepare_are_refused(tmp_path, digits, fmt):
     victim.write_bytes(bytes(data[: len(data) // 2]))  # what an interrupted prepare or copy leaves
     with pytest.raises(DataError, match=rf"{victim.name} has {len(data) // 2} bytes but .* lists {len(data)}"):
         build_loader(config(copy, fmt), "train", train=True)
+
+
+def test_ffcv_runs_on_a_one_core_allocation(digits):
+    """numba caps its threads at the CPU affinity; asking FFCV for more made the loader fail at start."""
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    code = (
+        "import os, sys; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+        "sys.path.insert(0, sys.argv[2]); "
+        "from pathlib import Path; from data_pipeline import DataConfig, build_loader; "
+        "c = DataConfig(format='ffcv', root=Path(sys.argv[1]), batch_size=16, num_workers=2, eval_resize=36); "
+        "shapes = {tuple(b.images.shape[1:]) for b in build_loader(c, 'val', train=False)}; "
+        "print(sorted(shapes), flush=True); os._exit(0)"  # a whole epoch, then no interpreter teardown race
+    )
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code, str(digits), str(repo)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("[(3, 32, 32)]")
