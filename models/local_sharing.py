@@ -165,7 +165,8 @@ class LocalAssignment:
     def candidates(self, arch: ArchConfig, undecided: int | list[int] = 0) -> tuple[int, ...]:
         """The candidate of every supernet block for ``arch``: decided ones from the assignment, the others
         ``undecided`` (one value, or one per block)."""
-        out, distances = [], self.distances(arch) if self.decided else None
+        # a sampled arch is its own representative: the distances are needed only for the others
+        out, distances = [], self.distances(arch) if self.decided and arch not in self._index else None
         for block in range(self.num_blocks):
             chosen = self.candidate(arch, block, distances)
             fallback = undecided if isinstance(undecided, int) else undecided[block]

@@ -162,15 +162,16 @@ class LocalSharing:
         metrics: dict[str, torch.Tensor] = {}
         if phase == "layer" and self.learned and len(subnets) >= 4:
             a, b = subnets[1], subnets[2]
-            with torch.no_grad(), preserved_buffers(self.supernet):
-                lam = self.matching_degree(layer, a, b, images)
+            difference = self.input_difference(layer, a, b, images)
+            with torch.no_grad():
+                lam = self.matching_degree(layer, operator_at(self.space, a.arch, layer), difference)
             metrics["local/lambda"] = lam.detach()
             ca, cb = a.candidates[layer], b.candidates[layer]
             if ca != cb:
                 subnets[1] = replace(a, routing={layer: {cb: float(lam)}})
                 subnets[2] = replace(b, routing={layer: {ca: float(lam)}})
             if step % self.config.meta_every == 0:
-                metrics["local/meta_loss"] = self.meta_step(layer, a, b, images, labels, lr)
+                metrics["local/meta_loss"] = self.meta_step(layer, a, b, images, labels, lr, difference)
         return subnets, metrics
 
     def _share_operator(self, subnets: list[Subnet], layer: int, rng: np.random.Generator) -> list[Subnet]:
@@ -214,11 +215,15 @@ class LocalSharing:
         h = h.to(next(self.meta.parameters()).dtype).mean(dim=(0, 2, 3))  # fp32 (the meta-networks' dtype)
         return F.pad(h, (0, layer_input_width(self.space, layer) - h.numel()))
 
-    def matching_degree(self, layer: int, a: Subnet, b: Subnet, images: torch.Tensor) -> torch.Tensor:
-        """λ of Eq. 11 for two sub-networks sharing ``layer``'s operator."""
-        op = operator_at(self.space, a.arch, layer)
-        difference = self.pooled_input(a, layer, images) - self.pooled_input(b, layer, images)
-        return torch.sigmoid(self.meta[meta_key(layer, op)](difference)).squeeze()
+    @torch.no_grad()
+    def input_difference(self, layer: int, a: Subnet, b: Subnet, images: torch.Tensor) -> torch.Tensor:
+        """h̄_a − h̄_b: what the meta-network of ``layer``'s operator reads for the pair (a, b)."""
+        with preserved_buffers(self.supernet):
+            return self.pooled_input(a, layer, images) - self.pooled_input(b, layer, images)
+
+    def matching_degree(self, layer: int, op: tuple[int, int], difference: torch.Tensor) -> torch.Tensor:
+        """λ of Eq. 11: the matching degree of a pair running ``op`` in ``layer``, from their input difference(s)."""
+        return torch.sigmoid(self.meta[meta_key(layer, op)](difference)).squeeze(-1)
 
     def _layer_gradient(self, subnet: Subnet, layer: int, images, labels) -> dict[str, torch.Tensor]:
         """∂L(labels, subnet)/∂(its candidate's weights at ``layer``), leaving every .grad untouched."""
@@ -234,13 +239,21 @@ class LocalSharing:
         return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
 
     def lookahead(
-        self, layer: int, a: Subnet, b: Subnet, images: torch.Tensor, labels: torch.Tensor, lr: float
+        self,
+        layer: int,
+        a: Subnet,
+        b: Subnet,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        lr: float,
+        difference: torch.Tensor | None = None,
     ) -> Callable[[nn.Module], torch.Tensor]:
         """Eq. 9 as a function of a meta-network: L(α_a; W_a − lr·(g_a + λ g_b)) at ``layer``, where g are the
-        label-loss gradients at the current weights and λ the meta-network's matching degree of (a, b)."""
+        label-loss gradients at the current weights and λ the meta-network's matching degree of (a, b)
+        (``difference``: :meth:`input_difference` when already computed)."""
+        if difference is None:
+            difference = self.input_difference(layer, a, b, images)
         with preserved_buffers(self.supernet):
-            with torch.no_grad():
-                difference = self.pooled_input(a, layer, images) - self.pooled_input(b, layer, images)
             grad_a = self._layer_gradient(a, layer, images, labels)
             grad_b = self._layer_gradient(b, layer, images, labels)
         base = {n: p.detach() for n, p in self.supernet.block_module(layer, a.candidates[layer]).named_parameters()}
@@ -259,10 +272,10 @@ class LocalSharing:
 
         return loss
 
-    def meta_step(self, layer: int, a: Subnet, b: Subnet, images, labels, lr: float) -> torch.Tensor:
+    def meta_step(self, layer: int, a: Subnet, b: Subnet, images, labels, lr: float, difference) -> torch.Tensor:
         """One SGD step of the pair's meta-network on the look-ahead loss (Eq. 12), gradients averaged over ranks."""
         meta_net = self.meta[meta_key(layer, operator_at(self.space, a.arch, layer))]
-        loss = self.lookahead(layer, a, b, images, labels, lr)(meta_net)
+        loss = self.lookahead(layer, a, b, images, labels, lr, difference)(meta_net)
         grads = torch.autograd.grad(loss, list(meta_net.parameters()))
         if dist.is_initialized() and self.world > 1:
             flat = torch.cat([g.flatten() for g in grads])
@@ -293,7 +306,7 @@ class LocalSharing:
                     continue
                 subnets = [self._sampled(i) for i in members]
                 features = torch.stack([self.pooled_input(s, layer, images) for s in subnets])
-                degrees = torch.sigmoid(self.meta[meta_key(layer, op)](features[:, None] - features[None])).squeeze(-1)
+                degrees = self.matching_degree(layer, op, features[:, None] - features[None])
                 clusters = self._clusters(degrees.float().numpy().astype(np.float64), min(m, len(members)))
                 cost = np.zeros((clusters.max() + 1, m))
                 for c in range(clusters.max() + 1):
@@ -334,12 +347,12 @@ class LocalSharing:
 
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {
-            "assignment": self.assignment.to_dict(),
-            "meta": {k: v.detach().clone() for k, v in self.meta.state_dict().items()},
-        }
+        """The meta-networks (each rank's checkpoint state). The assignment, the same on every rank, goes into the
+        checkpoint's client state, where consolidation also reads it: see :meth:`load_state_dict`."""
+        return {"meta": {k: v.detach().clone() for k, v in self.meta.state_dict().items()}}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.assignment = LocalAssignment.from_dict(self.space, state["assignment"])
+    def load_state_dict(self, state: dict, assignment: dict) -> None:
+        """``state`` from :meth:`state_dict`, ``assignment`` from ``LocalAssignment.to_dict``."""
+        self.assignment = LocalAssignment.from_dict(self.space, assignment)
         self.supernet.assignment = self.assignment
         self.meta.load_state_dict(state["meta"])

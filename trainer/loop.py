@@ -321,7 +321,7 @@ class Trainer:
         if self.voter is not None:
             self.voter.load_state_dict(rank_state.get("voted", {"steps": [], "weights": []}))
         if self.local is not None:
-            self.local.load_state_dict(rank_state["local_sharing"])
+            self.local.load_state_dict(rank_state["local_sharing"], client["local_sharing"])
         set_rng_state(rank_state["rng"])
         return tag
 
