@@ -1,16 +1,35 @@
-"""Sandwich-step throughput through DeepSpeed (ZeRO 0–3) vs a plain-PyTorch loop of the same math, and
-per-rank optimizer-state memory, with 2 processes on CPU (gloo).
+"""Sandwich-step throughput of every engine we can train with, against a plain-PyTorch loop of the same
+math and against the reference's own pattern, with 2 processes on CPU (gloo); per-phase profile, peak
+memory and optimizer-state memory per rank.
 
-    .venv/bin/python bench/step_throughput.py [--steps 6] [--batch 16] [--space tiny]
+    .venv/bin/python bench/step_throughput.py [--steps 6] [--batch 16] [--space tiny] [--no-bf16]
 
-The plain loop runs the same N sub-network forward/backward passes, all-reduces all gradients once
-as one flat tensor (averaging over ranks), clips by value and takes one Nesterov SGD step.  Ratios are samples/s of each
-engine against that baseline, measured in the same processes, after one warm-up step.
+Engines, all running the same 4-sub-network sandwich step (largest on labels, two random and the smallest
+distilled from it) on the same batches, one torch thread per rank:
+
+- **reference-style DDP**: the research code's pattern: the supernet wrapped in ``DistributedDataParallel``
+  with ``find_unused_parameters=True``, an all-reduce in every sub-network's backward, NCHW, fp32;
+- **plain PyTorch**: our math in a hand-written loop: the N backward passes accumulate locally, one flat
+  all-reduce of all gradients at the last (averaging over ranks), clip by value, one Nesterov SGD step.
+  Measured first and again last; the mean of the two is the baseline, so neither warm-up nor drift of
+  the machine favours one side.  Also run with the old NCHW layout, with activation checkpointing and
+  with bf16 autocast, to show each lever alone;
+- **DeepSpeed ZeRO-0..3**: the engine ``trainer/run.py`` trains with (``trainer.engine.build_engine``).
+
+Ratios are samples/s against the plain loop and against the reference-style step, median of the timed
+steps after one warm-up step.  The profile is one extra step under ``torch.profiler`` per engine:
+forward, backward (with whatever hooks the engine runs in it), the optimizer-step call (DeepSpeed: with
+its reductions and bookkeeping) and, inside those, the time collectives were in flight and the time of
+the optimizer's own update.  Peak RSS is the rank's high-water mark while that engine ran (reset with
+``/proc/self/clear_refs`` before each engine; Linux).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import os
 import subprocess
 import sys
@@ -19,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+COLLECTIVES = ("all_reduce", "allreduce", "reduce_scatter", "all_gather", "allgather", "broadcast")
+
 
 def optimizer_state_bytes(optimizer) -> int:
     """Bytes of the SGD momentum buffers this rank holds (ZeRO 1–3 keep only their partition's)."""
@@ -26,6 +47,82 @@ def optimizer_state_bytes(optimizer) -> int:
     return sum(
         v.numel() * v.element_size() for state in inner.state.values() for v in state.values() if torch.is_tensor(v)
     )
+
+
+def reset_peak_rss() -> None:
+    """Free what the previous engine left (garbage, and the C allocator's free pages, which it would otherwise
+    keep resident), then restart the kernel's high-water mark of this process's resident memory."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Phases:
+    """Engine interface that names the phases of a step for the profiler (``record_function``)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __call__(self, x):
+        with torch.profiler.record_function("phase: forward"):
+            return self.engine(x)
+
+    def backward(self, loss):
+        with torch.profiler.record_function("phase: backward"):
+            self.engine.backward(loss)
+
+    def step(self):
+        with torch.profiler.record_function("phase: step"):
+            self.engine.step()
+
+    def set_gradient_accumulation_boundary(self, boundary):
+        self.engine.set_gradient_accumulation_boundary(boundary)
+
+    def train(self):
+        self.engine.train()
+
+
+def phase_breakdown(prof) -> dict[str, float]:
+    """Milliseconds per phase of one profiled step: forward, backward and step (the main thread's ranges),
+    optimizer (the optimizer's own ``step``, wherever called) and collectives (time in flight on any thread;
+    they run inside backward or step and may overlap computation)."""
+    totals = {"forward": 0.0, "backward": 0.0, "step": 0.0, "optimizer": 0.0, "collectives": 0.0}
+    spans: list[tuple[int, int]] = []
+    for event in prof.events():
+        name = event.name
+        duration = (event.time_range.end - event.time_range.start) / 1e3
+        if name.startswith("phase: "):
+            totals[name[7:]] += duration
+        elif name.startswith("Optimizer.step#"):
+            totals["optimizer"] += duration
+        elif any(c in name.lower() for c in COLLECTIVES) and not name.startswith(("c10d::", "aten::")):
+            spans.append((event.time_range.start, event.time_range.end))
+    # union of the collectives' intervals, so nested records of one collective count once
+    end = -1
+    for start, stop in sorted(spans):
+        if start >= end:
+            totals["collectives"] += (stop - start) / 1e3
+            end = stop
+        elif stop > end:
+            totals["collectives"] += (stop - end) / 1e3
+            end = stop
+    return totals
+
+
+def top_ops(prof, count: int) -> list[tuple[str, float, int]]:
+    """The ``count`` operators with the most self CPU time: (name, ms, calls)."""
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in rows[:count]]
 
 
 def worker(args) -> None:
@@ -42,17 +139,11 @@ def worker(args) -> None:
     init_distributed(env, TrainerConfig().dist_timeout_s)
     torch.set_num_threads(1)
     model_config = ModelConfig(search_space=args.space, num_classes=10 if args.space == "tiny" else 1000)
-    losses = SandwichStep(build_label_loss(LossConfig()), build_kd_loss(LossConfig()))
-    gen = torch.Generator().manual_seed(env.rank)
-
-    def make_batch(net):
-        res = max(net.space.resolutions)
-        return torch.randn(args.batch, 3, res, res, generator=gen), torch.randint(
-            0, model_config.num_classes, (args.batch,), generator=gen
-        )
+    label_loss, kd_loss = build_label_loss(LossConfig()), build_kd_loss(LossConfig())
+    world = dist.get_world_size()
 
     class PlainEngine:
-        """Engine interface over a plain module: one all-reduce per gradient at the last backward."""
+        """Engine interface over a plain module: one flat all-reduce of every gradient at the last backward."""
 
         def __init__(self, net, optimizer):
             self.net, self.optimizer, self.boundary = net, optimizer, False
@@ -65,7 +156,7 @@ def worker(args) -> None:
 
         def backward(self, loss):
             loss.backward()
-            if self.boundary:  # one flat all-reduce of every gradient, like DDP's buckets in one go
+            if self.boundary:
                 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
                 params = list(self.net.parameters())
@@ -75,76 +166,154 @@ def worker(args) -> None:
                 grads = [p.grad for p in params]
                 flat = _flatten_dense_tensors(grads)
                 dist.all_reduce(flat)
-                flat /= dist.get_world_size()
+                flat /= world
                 for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
                     g.copy_(synced)
 
         def step(self):
+            torch.nn.utils.clip_grad_value_(self.net.parameters(), TrainerConfig().grad_clip_value)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
         def train(self):
             self.net.train()
 
-    def timed(engine, module) -> dict[str, float]:
-        """Median samples/s over the timed steps, and the median milliseconds of forward + backward of the N
-        sub-networks (for DeepSpeed ZeRO 0-1 and the plain loop this includes the gradient all-reduce at the
-        last backward) and of the optimizer step (ZeRO 2-3: also their gradient reduction)."""
+    class ReferenceDDPEngine(PlainEngine):
+        """The reference's pattern: DDP with ``find_unused_parameters``, so every backward all-reduces."""
+
+        def __init__(self, net, optimizer):
+            super().__init__(torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True), optimizer)
+
+        def backward(self, loss):
+            loss.backward()  # DDP's hooks all-reduce (average) this backward's gradients
+
+    def run(engine, module, *, bf16_autocast: bool = False) -> dict:
+        """Timed steps, then one profiled step."""
+        sandwich = SandwichStep(label_loss, kd_loss, bf16_autocast=bf16_autocast)
         sampler = ArchSampler(module.space, seed=0)
-        rates, passes, steps = [], [], []
-        for step in range(args.steps + 1):
-            images, labels = make_batch(module)
+        gen = torch.Generator().manual_seed(env.rank)
+        res = max(module.space.resolutions)
+
+        def one_step(eng) -> tuple[float, float, float]:
+            images = torch.randn(args.batch, 3, res, res, generator=gen)
+            labels = torch.randint(0, model_config.num_classes, (args.batch,), generator=gen)
             dist.barrier()
             start = time.perf_counter()
-            engine.train()
-            losses(engine, module, sample_sandwich(module.space, sampler, 4), images, labels)
+            eng.train()
+            sandwich(eng, module, sample_sandwich(module.space, sampler, 4), images, labels)
             middle = time.perf_counter()
-            engine.step()
+            eng.step()
             dist.barrier()
             end = time.perf_counter()
+            return start, middle, end
+
+        rates, passes, steps = [], [], []
+        for step in range(args.steps + 1):
+            start, middle, end = one_step(engine)
             if step:  # the first step is a warm-up
-                rates.append(args.batch * dist.get_world_size() / (end - start))
+                rates.append(args.batch * world / (end - start))
                 passes.append(1e3 * (middle - start))
                 steps.append(1e3 * (end - middle))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start, _, end = one_step(Phases(engine))
         median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-        return {"rate": median(rates), "passes_ms": median(passes), "step_ms": median(steps)}
+        phases = phase_breakdown(prof)
+        phases["total"] = 1e3 * (end - start)
+        return {
+            "rate": median(rates),
+            "passes_ms": median(passes),
+            "step_ms": median(steps),
+            "phases": phases,
+            "top": top_ops(prof, args.top),
+        }
 
-    def plain() -> tuple[dict[str, float], int]:
+    def measure(name: str, make, **options) -> None:
+        """Build one engine from fresh weights (``make(net) -> (engine, module, optimizer)``), run it, record."""
+        reset_peak_rss()
         torch.manual_seed(0)
         net = build_supernet(model_config)
+        net.channels_last = options.pop("channels_last", True)
+        net.activation_checkpointing = options.pop("activation_checkpointing", False)
+        engine, module, optimizer = make(net)
+        result = run(engine, module, **options)
+        result["state_bytes"] = optimizer_state_bytes(optimizer)
+        peak = torch.tensor([peak_rss_bytes()], dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        result["peak_rss"] = float(peak)
+        results[name] = result
+        if env.rank == 0:
+            print(f"  measured {name}: {result['rate']:.2f} samples/s", flush=True)
+
+    def plain(net):
         opt = build_optimizer(net, TrainerConfig(), lr=0.01)
-        return timed(PlainEngine(net, opt), net), optimizer_state_bytes(opt)
+        return PlainEngine(net, opt), net, opt
 
-    # The baseline runs first and again last: its mean is the reference, so neither warm-up effects nor
-    # drift of the machine during the run favour one side.
-    results = {"plain PyTorch (first)": plain()}
-    for stage in (0, 1, 2, 3):
-        torch.manual_seed(0)
-        net = build_supernet(model_config)
-        built = build_engine(
-            net, TrainerConfig(zero_stage=stage), micro_batch=args.batch, world_size=env.world_size, lr=0.01
-        )
-        results[f"DeepSpeed ZeRO-{stage}"] = (
-            timed(built.engine, built.module),
-            optimizer_state_bytes(built.engine.optimizer),
-        )
-    results["plain PyTorch (last)"] = plain()
-    if env.rank == 0:
-        firsts = (results["plain PyTorch (first)"][0]["rate"], results["plain PyTorch (last)"][0]["rate"])
-        base_rate, base_mem = sum(firsts) / 2, results["plain PyTorch (first)"][1]
-        print(
-            f"space {args.space}, 2 ranks x {args.batch} images, 4 sub-networks per step, median of {args.steps} "
-            f"steps; baseline: mean of the plain loop measured first and last ({firsts[0]:.2f}, {firsts[1]:.2f})"
-        )
-        print(
-            f"{'engine':22s} {'samples/s':>9s} {'ratio':>6s} {'fwd+bwd ms':>10s} {'step ms':>8s} {'momentum MiB':>12s}"
-        )
-        for name, (timing, mem) in results.items():
-            print(
-                f"{name:22s} {timing['rate']:9.2f} {timing['rate'] / base_rate:6.2f} {timing['passes_ms']:10.0f} "
-                f"{timing['step_ms']:8.0f} {mem / 2**20:12.3f} (x{mem / max(base_mem, 1):.2f})"
+    def reference(net):
+        opt = build_optimizer(net, TrainerConfig(), lr=0.01)
+        return ReferenceDDPEngine(net, opt), net, opt
+
+    def deepspeed_stage(stage):
+        def make(net):
+            built = build_engine(
+                net, TrainerConfig(zero_stage=stage), micro_batch=args.batch, world_size=env.world_size, lr=0.01
             )
+            return built.engine, built.module, built.engine.optimizer
+
+        return make
+
+    results: dict[str, dict] = {}
+    measure("plain PyTorch (first)", plain)
+    measure("reference-style DDP, NCHW", reference, channels_last=False)
+    measure("plain PyTorch, NCHW", plain, channels_last=False)
+    measure("plain + activation ckpt", plain, activation_checkpointing=True)
+    if args.bf16:
+        measure("plain + bf16 autocast", plain, bf16_autocast=True)
+    for stage in (0, 1, 2, 3):
+        measure(f"DeepSpeed ZeRO-{stage}", deepspeed_stage(stage))
+    measure("plain PyTorch (last)", plain)
+    if env.rank == 0:
+        report(args, results)
     dist.barrier()
+
+
+def report(args, results: dict[str, dict]) -> None:
+    firsts = (results["plain PyTorch (first)"]["rate"], results["plain PyTorch (last)"]["rate"])
+    base = sum(firsts) / 2
+    reference = results["reference-style DDP, NCHW"]["rate"]
+    base_state = results["plain PyTorch (first)"]["state_bytes"]
+    print()
+    print(
+        f"space {args.space}, 2 ranks x {args.batch} images x 1 thread, 4 sub-networks per step, median of "
+        f"{args.steps} steps; channels-last unless marked NCHW; baseline: the plain loop's mean of first and last "
+        f"({firsts[0]:.2f}, {firsts[1]:.2f})"
+    )
+    header = (
+        f"{'engine':27s} {'samples/s':>9s} {'x plain':>7s} {'x ref':>6s} {'fwd+bwd ms':>10s} {'step ms':>8s} "
+        f"{'peak RSS MiB':>12s} {'momentum MiB':>12s}"
+    )
+    print(header)
+    for name, r in results.items():
+        print(
+            f"{name:27s} {r['rate']:9.2f} {r['rate'] / base:7.2f} {r['rate'] / reference:6.2f} {r['passes_ms']:10.0f} "
+            f"{r['step_ms']:8.0f} {r['peak_rss'] / 2**20:12.0f} {r['state_bytes'] / 2**20:8.1f} "
+            f"(x{r['state_bytes'] / max(base_state, 1):.2f})"
+        )
+    print()
+    print("profile of one step, ms on rank 0 (collectives and optimizer are inside backward / step):")
+    print(
+        f"{'engine':27s} {'total':>7s} {'forward':>8s} {'backward':>9s} {'step':>7s} {'optimizer':>10s} {'collectives':>12s}"
+    )
+    for name, r in results.items():
+        p = r["phases"]
+        print(
+            f"{name:27s} {p['total']:7.0f} {p['forward']:8.0f} {p['backward']:9.0f} {p['step']:7.0f} "
+            f"{p['optimizer']:10.0f} {p['collectives']:12.0f}"
+        )
+    for name in ("reference-style DDP, NCHW", "plain PyTorch (first)", "DeepSpeed ZeRO-1"):
+        print()
+        print(f"top operators by self CPU time, {name} (ms, calls):")
+        for op, ms, calls in results[name]["top"]:
+            print(f"  {op[:60]:60s} {ms:9.1f} {calls:6d}")
 
 
 def main() -> None:
@@ -152,27 +321,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--space", default="tiny")
+    parser.add_argument("--top", type=int, default=8, help="operators listed per profiled engine")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16-autocast engine")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        str(Path(__file__).resolve()),
-        "--worker",
-        "--steps",
-        str(args.steps),
-        "--batch",
-        str(args.batch),
-        "--space",
-        args.space,
-    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).resolve())]
+    command += ["--worker", "--steps", str(args.steps), "--batch", str(args.batch), "--space", args.space]
+    command += ["--top", str(args.top)] + ([] if args.bf16 else ["--no-bf16"])
     sys.exit(subprocess.run(command, env=env).returncode)
 
 

@@ -27,7 +27,15 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.init import init_weights
-from models.ops import DynamicBatchNorm2d, DynamicConv2d, DynamicDepthwiseConv2d, DynamicLinear, make_divisible
+from models.ops import (
+    DynamicBatchNorm2d,
+    DynamicConv2d,
+    DynamicDepthwiseConv2d,
+    DynamicLinear,
+    checkpointed,
+    conv_layout,
+    make_divisible,
+)
 from typedconfig import from_mapping, load_yaml, to_mapping
 
 Family = Literal["mobilenet_v1", "mobilenet_v2"]
@@ -237,6 +245,15 @@ class SlimmableSupernet(nn.Module):
 
     ``only``: build the layers for that one sub-network (the standalone model :meth:`extract` returns)."""
 
+    channels_last = True
+    """Run the convolutions on channels-last tensors (see :func:`models.ops.conv_layout`); a runtime switch
+    (``trainer.channels_last``) that changes no weight."""
+
+    activation_checkpointing = False
+    """Recompute each block's activations in the backward pass instead of storing them (in training mode with
+    gradients enabled); BatchNorm running statistics are still updated once.  A runtime switch
+    (``trainer.activation_checkpointing``) that changes no weight."""
+
     def __init__(self, space: SlimmableSpace, config: ModelConfig, *, only: WidthArch | None = None):
         super().__init__()
         self.space = space
@@ -275,9 +292,10 @@ class SlimmableSupernet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.plan
         act = F.relu6 if plan.family == "mobilenet_v2" else F.relu
-        x = act(self.stem_bn(self.stem_conv(x, plan.stem)))
+        x = act(self.stem_bn(self.stem_conv(conv_layout(x, self.channels_last), plan.stem)))
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for module, block in zip(self.blocks, plan.blocks):
-            x = module(x, block)
+            x = checkpointed(module, x, block) if checkpointing else module(x, block)
         if self.last_conv is not None:
             x = act(self.last_bn(self.last_conv(x, plan.last)))
         x = x.mean(dim=(2, 3))

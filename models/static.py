@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.ops import se_channels
+from models.ops import conv_layout, se_channels
 from models.search_space import ArchConfig, SearchSpace
 from models.subnet_plan import BlockPlan, plan_subnet
 
@@ -70,6 +70,10 @@ class MBConvBlock(nn.Module):
 class StaticSubnet(nn.Module):
     """One sub-network of ``space`` as an ordinary ``nn.Module`` (expects inputs at ``arch.resolution``)."""
 
+    channels_last = True
+    """Run the convolutions on channels-last tensors (see :func:`models.ops.conv_layout`); a runtime switch
+    (``trainer.channels_last``) that changes no weight."""
+
     def __init__(self, space: SearchSpace, arch: ArchConfig, num_classes: int = 1000, dropout: float = 0.0):
         super().__init__()
         self.space = space
@@ -86,7 +90,7 @@ class StaticSubnet(nn.Module):
         self.classifier = nn.Linear(plan.head.width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.silu(self.stem_bn(self.stem_conv(x)))
+        x = F.silu(self.stem_bn(self.stem_conv(conv_layout(x, self.channels_last))))
         for block in self.blocks:
             x = block(x)
         x = F.silu(self.final_expand_bn(self.final_expand_conv(x)))

@@ -27,6 +27,8 @@ from models.ops import (
     DynamicDepthwiseConv2d,
     DynamicLinear,
     DynamicSqueezeExcite,
+    checkpointed,
+    conv_layout,
     drop_path,
     expanded_channels,
 )
@@ -83,6 +85,15 @@ class DynamicMBConvBlock(nn.Module):
 
 class AlphaNetSupernet(nn.Module):
     """Stem → stages of dynamic MBConv blocks → MBPool head → classifier, all sliceable."""
+
+    channels_last = True
+    """Run the convolutions on channels-last tensors (see :func:`models.ops.conv_layout`); a runtime switch
+    (``trainer.channels_last``) that changes no weight."""
+
+    activation_checkpointing = False
+    """Recompute each block's activations in the backward pass instead of storing them (in training mode with
+    gradients enabled); BatchNorm running statistics are still updated once.  A runtime switch
+    (``trainer.activation_checkpointing``) that changes no weight."""
 
     def __init__(self, space: SearchSpace, config: ModelConfig):
         super().__init__()
@@ -195,7 +206,8 @@ class AlphaNetSupernet(nn.Module):
         plan = self.plan if arch is None else plan_subnet(self.space, arch)
         return [block.supernet_index for block in plan.blocks]
 
-    def _run_block(self, index: int, x: torch.Tensor, drop_path_rate: float) -> torch.Tensor:
+    def _block_and_params(self, index: int) -> tuple[DynamicMBConvBlock, dict[str, torch.Tensor] | None]:
+        """The active candidate of block ``index`` and the parameters to run it with (None: its own)."""
         block = self.block_module(index, self.candidates[index])
         params = self.overrides.get(index)
         if params is None and self.routing.get(index):
@@ -206,14 +218,42 @@ class AlphaNetSupernet(nn.Module):
                     twin = other.get_parameter(name)
                     weight = weight + scale * (twin - twin.detach())
                 params[name] = weight
+        return block, params
+
+    @staticmethod
+    def _call_block(
+        block: DynamicMBConvBlock, params: dict[str, torch.Tensor] | None, x: torch.Tensor, drop_path_rate: float
+    ) -> torch.Tensor:
         if params is None:
             return block(x, drop_path_rate)
         return torch.func.functional_call(block, params, (x, drop_path_rate), strict=False)
+
+    def _run_block(self, index: int, x: torch.Tensor, drop_path_rate: float) -> torch.Tensor:
+        block, params = self._block_and_params(index)
+        return self._call_block(block, params, x, drop_path_rate)
+
+    def _run_block_checkpointed(self, index: int, x: torch.Tensor, drop_path_rate: float) -> torch.Tensor:
+        """:meth:`_run_block` with activation checkpointing.  The backward's recompute runs the candidate,
+        parameters (overrides, routing) and active shape of this forward, whatever ``set_arch`` or
+        ``overrides`` say by the time the backward runs."""
+        block, params = self._block_and_params(index)
+        shape = (block.out_channels, block.kernel_size, block.expand)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            current = (block.out_channels, block.kernel_size, block.expand)
+            block.out_channels, block.kernel_size, block.expand = shape
+            try:
+                return self._call_block(block, params, x, drop_path_rate)
+            finally:
+                block.out_channels, block.kernel_size, block.expand = current
+
+        return checkpointed(run, x)
 
     def forward_until(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """The active sub-network's input to supernet block ``index`` (which it must run)."""
         if index not in {planned.supernet_index for planned in self.plan.blocks}:
             raise ValueError(f"the active sub-network does not run block {index}")
+        x = conv_layout(x, self.channels_last)
         x = F.silu(self.stem_bn(self.stem_conv(x, self.plan.stem.out_channels)))
         for planned in self.plan.blocks:
             if planned.supernet_index == index:
@@ -222,6 +262,7 @@ class AlphaNetSupernet(nn.Module):
         raise AssertionError("unreachable")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = conv_layout(x, self.channels_last)
         x = F.silu(self.stem_bn(self.stem_conv(x, self.plan.stem.out_channels)))
         return self.forward_from(x, self.plan.blocks[0].supernet_index)
 
@@ -230,10 +271,15 @@ class AlphaNetSupernet(nn.Module):
         :meth:`forward_until`): the blocks from ``index`` on, then the head."""
         plan = self.plan
         regularize = self.regularize and self.training
+        run_block = (
+            self._run_block_checkpointed
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled()
+            else self._run_block
+        )
         for planned in plan.blocks:
             if planned.supernet_index >= index:
                 i = planned.supernet_index
-                x = self._run_block(i, x, self.blocks[i].drop_path_rate if regularize else 0.0)
+                x = run_block(i, x, self.blocks[i].drop_path_rate if regularize else 0.0)
         x = F.silu(self.final_expand_bn(self.final_expand_conv(x, plan.head.expanded)))
         x = x.mean(dim=(2, 3), keepdim=True)
         x = F.silu(self.feature_mix_conv(x, plan.head.width)).flatten(1)

@@ -72,6 +72,12 @@ def _cross_check(config: RunConfig, source: str) -> SearchSpace:
             )
         if standalone.teacher is None and standalone.teacher_logits == "cached":
             raise ConfigError("cached teacher logits need a teacher", key="standalone.teacher_logits", source=source)
+        if config.trainer.activation_checkpointing:
+            raise ConfigError(
+                "activation checkpointing is implemented in the supernets' forward, not for a standalone network",
+                key="trainer.activation_checkpointing",
+                source=source,
+            )
     return space
 
 

@@ -122,9 +122,17 @@ class Trainer:
             self.trained = build_supernet(self.config.model)
             self.space = self.trained.space
             self.sampler = ArchSampler(self.space, seed)
-            self.sandwich = SandwichStep(build_label_loss(loss), build_kd_loss(loss), loss.kd_weight)
+            self.sandwich = SandwichStep(
+                build_label_loss(loss),
+                build_kd_loss(loss),
+                loss.kd_weight,
+                bf16_autocast=self.config.trainer.bf16_autocast,
+            )
             self.what = f"{self.space.name} supernet"
             tc = self.config.trainer
+            self.trained.activation_checkpointing = tc.activation_checkpointing  # a runtime switch, not in the hash
+            if tc.activation_checkpointing:
+                self.what += " (activation checkpointing)"
             if tc.teacher != "inplace":
                 self.what += (
                     f" ({tc.teacher} teacher: {tc.voted.snapshots} snapshot(s) every {tc.voted.every_steps} steps)"
@@ -139,11 +147,17 @@ class Trainer:
             self.trained = self.student.module
             kd = build_kd_loss(loss) if self.teacher is not None else None
             self.single_step = StandaloneStep(
-                build_label_loss(loss), kd, kd_weight=loss.kd_weight, label_weight=standalone.label_weight
+                build_label_loss(loss),
+                kd,
+                kd_weight=loss.kd_weight,
+                label_weight=standalone.label_weight,
+                bf16_autocast=self.config.trainer.bf16_autocast,
             )
             self.what = f"standalone {self.student.description}" + (
                 f" distilled from {self.teacher.network.description}" if self.teacher else ""
             )
+        if hasattr(self.trained, "channels_last"):  # our networks (a torchvision student keeps its layout)
+            self.trained.channels_last = self.config.trainer.channels_last
         torch.manual_seed(seed + 1000 * (self.rank + 1))  # ... then per-rank dropout / drop-path draws
 
     def _build_engine(self) -> None:

@@ -6,8 +6,8 @@ process ends, however it ends, so a killed run never leaves a stale lock behind.
 
 ``<run>/config.yaml`` is the config the run was started with.  Resuming with a different one is refused
 unless ``--allow-config-change`` is given, except for keys that change neither the weights nor the
-data order (:data:`OPERATIONAL_KEYS`: run length, logging, checkpoint cadence, threads, workers);
-every accepted change is appended to ``<run>/config_changes.jsonl``.
+data order (:data:`OPERATIONAL_KEYS`: run length, logging, checkpoint cadence, threads, workers,
+activation checkpointing); every accepted change is appended to ``<run>/config_changes.jsonl``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ OPERATIONAL_KEYS = frozenset(
         "trainer.checkpoint_every_steps",
         "trainer.keep_checkpoints",
         "trainer.threads_per_rank",
+        "trainer.activation_checkpointing",
         "trainer.dist_timeout_s",
         "trainer.max_consecutive_bad_steps",
     }

@@ -17,6 +17,7 @@ import torch
 from data_pipeline.device_transforms import rescale
 from losses.divergences import KDLoss
 from models.search_space import ArchConfig, ArchSampler, SearchSpace
+from trainer.precision import forward_logits
 
 Role = Literal["teacher", "student"]
 
@@ -56,15 +57,18 @@ class SandwichStep:
         vote_loss: KDLoss | None = None,
         vote_weight: float = 1.0,
         inplace: bool = True,
+        bf16_autocast: bool = False,
     ):
         """``kd_loss`` None: the students train on the labels too (no distillation); ``kd_weight``: γ.
         ``voter`` (a :class:`trainer.voted.SnapshotVote`): once it holds a snapshot, every sub-network also
         learns ``vote_weight`` · ``vote_loss`` from the snapshots' vote; ``inplace`` False: the students then
-        drop the in-place term (the vote replaces the largest sub-network as their teacher)."""
+        drop the in-place term (the vote replaces the largest sub-network as their teacher).
+        ``bf16_autocast``: forward passes under bf16 autocast, losses and gradients in fp32."""
         self.label_loss = label_loss
         self.kd_loss = kd_loss
         self.kd_weight = kd_weight
         self.voter, self.vote_loss, self.vote_weight, self.inplace = voter, vote_loss, vote_weight, inplace
+        self.bf16_autocast = bf16_autocast
 
     def __call__(
         self,
@@ -85,7 +89,7 @@ class SandwichStep:
             local = {} if subnet.candidates is None else {"candidates": subnet.candidates, "routing": subnet.routing}
             supernet.set_arch(subnet.arch, regularize=is_teacher, **local)
             inputs = rescale(images, subnet.arch.resolution).to(dtype)
-            logits = engine(inputs)
+            logits = forward_logits(engine, inputs, bf16_autocast=self.bf16_autocast)
             if is_teacher:
                 loss = self.label_loss(logits, labels)
                 teacher = logits.detach()

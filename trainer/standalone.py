@@ -18,6 +18,7 @@ from data_pipeline.device_transforms import normalize, rescale
 from fileops import atomic_output
 from losses.divergences import KDLoss
 from trainer.networks import Network
+from trainer.precision import forward_logits
 
 
 class FixedTeacher:
@@ -38,8 +39,17 @@ class FixedTeacher:
 class StandaloneStep:
     """Forward + backward of the student on one mini-batch: ``label_weight``·CE + ``kd_weight``·KD."""
 
-    def __init__(self, label_loss: nn.Module, kd_loss: KDLoss | None, *, kd_weight: float, label_weight: float):
+    def __init__(
+        self,
+        label_loss: nn.Module,
+        kd_loss: KDLoss | None,
+        *,
+        kd_weight: float,
+        label_weight: float,
+        bf16_autocast: bool = False,
+    ):
         self.label_loss = label_loss
+        self.bf16_autocast = bf16_autocast
         self.kd_loss = kd_loss
         self.kd_weight = kd_weight
         # without a teacher the labels are the only signal: weight 1 when none is given (standalone.label_weight)
@@ -56,7 +66,7 @@ class StandaloneStep:
         last_micro_batch: bool = True,
     ) -> dict[str, torch.Tensor]:
         dtype = next(engine.module.parameters()).dtype
-        logits = engine(rescale(images, resolution).to(dtype))
+        logits = forward_logits(engine, rescale(images, resolution).to(dtype), bf16_autocast=self.bf16_autocast)
         metrics: dict[str, torch.Tensor] = {}
         loss = logits.new_zeros((), dtype=torch.float32)
         if self.label_weight > 0:

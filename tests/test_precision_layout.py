@@ -1,0 +1,114 @@
+"""``trainer.channels_last`` and ``trainer.bf16_autocast``: what the convolutions receive, and that the numbers
+stay those of the plain NCHW fp32 step (exactly up to float rounding for the layout, within bf16's precision
+for autocast, with fp32 weights, gradients and losses)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from losses import LossConfig, build_kd_loss, build_label_loss
+from models import ArchSampler, ModelConfig, build_supernet
+from models.static import extract_subnet
+from trainer.sandwich import SandwichStep, sample_sandwich
+from trainer.trainer_config import TrainerConfig
+
+
+class PlainEngine:
+    """The engine interface over a module: backward passes accumulate, nothing is reduced."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, x):
+        return self.net(x)
+
+    def set_gradient_accumulation_boundary(self, flag):
+        pass
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def conv_inputs(net) -> list[tuple[bool, torch.dtype]]:
+    """Record (channels-last?, dtype) of the input and output of every convolution the next forward runs."""
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def hook(module, args, output):
+        x = args[0]
+        if x.ndim == 4 and x.shape[-1] > 1:  # a 1x1 map is both layouts at once
+            seen.append((x.is_contiguous(memory_format=torch.channels_last), output.dtype))
+
+    for name, module in net.named_modules():
+        if name.endswith("conv") and not name.endswith("shortcut_conv"):
+            module.register_forward_hook(hook)
+    return seen
+
+
+def sandwich_gradients(channels_last: bool, bf16_autocast: bool = False):
+    torch.manual_seed(0)
+    net = build_supernet(ModelConfig(search_space="tiny", num_classes=10, dropout=0.0, drop_connect=0.0)).train()
+    net.channels_last = channels_last
+    seen = conv_inputs(net)
+    subnets = sample_sandwich(net.space, ArchSampler(net.space, 0), 4)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(8) % 10
+    step = SandwichStep(build_label_loss(LossConfig()), build_kd_loss(LossConfig()), bf16_autocast=bf16_autocast)
+    metrics = step(PlainEngine(net), net, subnets, images, labels)
+    grads = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+    return metrics, grads, seen, net
+
+
+def test_channels_last_feeds_every_convolution_nhwc_and_changes_only_rounding():
+    nchw_metrics, nchw_grads, nchw_seen, _ = sandwich_gradients(channels_last=False)
+    nhwc_metrics, nhwc_grads, nhwc_seen, _ = sandwich_gradients(channels_last=True)
+    assert nchw_seen and not any(last for last, _ in nchw_seen)
+    assert nhwc_seen and all(last for last, _ in nhwc_seen)
+    assert nchw_grads.keys() == nhwc_grads.keys()
+    for key, value in nchw_metrics.items():
+        torch.testing.assert_close(nhwc_metrics[key], value, rtol=1e-4, atol=1e-5)
+    for name, grad in nchw_grads.items():
+        torch.testing.assert_close(nhwc_grads[name], grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_extracted_subnets_and_slimmable_networks_run_channels_last():
+    net = build_supernet(ModelConfig(search_space="tiny", num_classes=10)).eval()
+    arch = net.space.smallest()
+    net.set_arch(arch)
+    static = extract_subnet(net, arch).eval()
+    seen = conv_inputs(static)
+    x = torch.randn(2, 3, arch.resolution, arch.resolution)
+    torch.testing.assert_close(static(x), net(x), rtol=1e-5, atol=1e-5)
+    assert seen and all(last for last, _ in seen)
+    slim = build_supernet(ModelConfig(search_space="tiny_slim_mbv2", num_classes=10)).eval()
+    seen = conv_inputs(slim)
+    arch = slim.space.largest()
+    slim.set_arch(arch)
+    slim(torch.randn(2, 3, arch.resolution, arch.resolution))
+    assert seen and all(last for last, _ in seen)
+
+
+def test_bf16_autocast_runs_convolutions_in_bf16_and_keeps_fp32_gradients():
+    fp32_metrics, fp32_grads, _, _ = sandwich_gradients(channels_last=True)
+    metrics, grads, seen, net = sandwich_gradients(channels_last=True, bf16_autocast=True)
+    assert seen and all(dtype == torch.bfloat16 for _, dtype in seen)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    assert all(v.dtype == torch.float32 for v in metrics.values())
+    # bf16 keeps 8 bits of mantissa: losses within ~2 %, the whole gradient within a few % of its norm, and so
+    # is every tensor that carries a visible share of it (a bias whose gradient the next BatchNorm cancels is
+    # rounding noise in both, so it is compared only in the total)
+    for key in ("loss/largest", "loss/smallest"):
+        assert metrics[key].item() == pytest.approx(fp32_metrics[key].item(), rel=2e-2, abs=2e-3)
+    total = torch.cat([g.flatten() for g in fp32_grads.values()]).norm()
+    difference = torch.cat([(grads[name] - g).flatten() for name, g in fp32_grads.items()]).norm()
+    assert difference < 0.05 * total
+    for name, grad in fp32_grads.items():
+        if grad.norm() > 0.01 * total:
+            assert (grads[name] - grad).norm() < 0.15 * grad.norm(), name
+
+
+def test_bf16_autocast_and_bf16_weights_are_exclusive():
+    assert TrainerConfig(bf16_autocast=True, zero_stage=2).bf16_autocast
+    with pytest.raises(ValueError, match="choose one"):
+        TrainerConfig(bf16=True, bf16_autocast=True, zero_stage=1)
