@@ -158,6 +158,8 @@ class Trainer:
             )
         if hasattr(self.trained, "channels_last"):  # our networks (a torchvision student keeps its layout)
             self.trained.channels_last = self.config.trainer.channels_last
+        if self.config.trainer.bf16_autocast:
+            self.what += " (bf16 autocast)"
         torch.manual_seed(seed + 1000 * (self.rank + 1))  # ... then per-rank dropout / drop-path draws
 
     def _build_engine(self) -> None:
