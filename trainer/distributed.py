@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -153,7 +154,32 @@ def init_distributed(env: DistEnv, timeout_s: float) -> torch.device:
     deepspeed.init_distributed(
         dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
     )
+    if not use_cuda and env.world_size > 1:
+        _release_shared_allreduce_buffer(env)
     return local_device(env)
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shared_allreduce_buffer(env: DistEnv) -> Path:
+    """Where DeepSpeed's CPU shared-memory all-reduce keeps this rank's buffer (the name its ``shm.cpp`` builds
+    from the user id, the rendezvous address and port, and the rank)."""
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{env.master_addr}_{env.master_port}_{env.rank}"
+
+
+def _release_shared_allreduce_buffer(env: DistEnv) -> None:
+    """Remove the name of this rank's DeepSpeed shared-memory all-reduce buffer, keeping the memory mapped.
+
+    On CPU, when every rank is on one node and the ``deepspeed`` launcher set ``LOCAL_SIZE``, DeepSpeed maps a
+    66 MB segment per rank in /dev/shm and never unlinks it: every run would leave 66 MB of RAM per rank
+    behind until the machine reboots (69 runs had taken 8.9 GB of a 24 GB machine).  Once every rank has
+    mapped its peers' segments (each does that inside ``init_distributed``, hence the barrier), the names
+    are no longer needed; the kernel frees the memory when the last process using it exits, killed or not."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    shared_allreduce_buffer(env).unlink(missing_ok=True)
 
 
 def local_device(env: DistEnv) -> torch.device:
