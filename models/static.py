@@ -11,13 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.ops import conv_layout, se_channels
+from models.ops import conv_layout, pointwise_as_matmul, pointwise_conv, se_channels
 from models.search_space import ArchConfig, SearchSpace
 from models.subnet_plan import BlockPlan, plan_subnet
 
 
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and state dict) whose 1×1 convolutions of channels-last CPU tensors run
+    as a matrix product (:func:`models.ops.pointwise_conv`), like the supernet's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1 and pointwise_as_matmul(x, self.stride[0], self.kernel_size[0]):
+            return pointwise_conv(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 def _conv(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1, bias: bool = False) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=bias)
+    return Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=bias)
 
 
 class SqueezeExcite(nn.Module):

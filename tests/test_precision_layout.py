@@ -112,3 +112,62 @@ def test_bf16_autocast_and_bf16_weights_are_exclusive():
     assert TrainerConfig(bf16_autocast=True, zero_stage=2).bf16_autocast
     with pytest.raises(ValueError, match="choose one"):
         TrainerConfig(bf16=True, bf16_autocast=True, zero_stage=1)
+
+
+def test_pointwise_convolutions_run_as_a_matrix_product_with_conv2d_s_numbers(monkeypatch):
+    """Channels-last 1×1 stride-1 convolutions on a CPU skip ``F.conv2d`` (its small-batch im2col kernel) for one
+    matrix product: same outputs and gradients, through weight slices, in the supernet and extracted networks;
+    strided, depthwise and k×k convolutions, NCHW inputs and export traces still call ``F.conv2d``."""
+    import torch.nn.functional as F
+
+    from models.ops import DynamicConv2d
+    from models.static import Conv2d
+
+    calls: list[tuple[int, int]] = []
+    conv2d = F.conv2d
+
+    def counting_conv2d(x, weight, *args, **kwargs):
+        calls.append(tuple(weight.shape[-2:]))
+        return conv2d(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", counting_conv2d)
+    torch.manual_seed(0)
+    dynamic = DynamicConv2d(24, 40, 1, bias=True)
+    x = torch.randn(3, 16, 7, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = dynamic(x, 32)  # weight[:32, :16], a strided slice
+    assert not calls and y.shape == (3, 32, 7, 5) and y.is_contiguous(memory_format=torch.channels_last)
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = dynamic.weight.detach()[:32, :16].clone().requires_grad_()
+    b_ref = dynamic.bias.detach()[:32].clone().requires_grad_()
+    y_ref = conv2d(x_ref, w_ref, b_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dynamic.weight.grad[:32, :16], w_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dynamic.bias.grad[:32], b_ref.grad, rtol=1e-5, atol=1e-5)
+    assert dynamic.weight.grad[32:].abs().sum() == 0 and dynamic.weight.grad[:, 16:].abs().sum() == 0
+
+    static = Conv2d(16, 8, 1)
+    torch.testing.assert_close(static(x.detach()), conv2d(x.detach(), static.weight, static.bias), rtol=1e-5, atol=1e-5)
+    assert not calls
+    static(x.detach().contiguous())  # NCHW
+    Conv2d(16, 8, 1, stride=2)(x.detach())
+    Conv2d(16, 16, 3, padding=1, groups=16)(x.detach())
+    assert calls == [(1, 1), (1, 1), (3, 3)]
+
+
+def test_exported_onnx_keeps_a_conv_node_per_convolution(tmp_path):
+    import onnx
+
+    from models.export import export_onnx
+
+    net = build_supernet(ModelConfig(search_space="tiny", num_classes=10)).eval()
+    arch = net.space.largest()
+    static = extract_subnet(net, arch)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in static.modules())
+    graph = onnx.load(str(export_onnx(static, tmp_path))).graph
+    kinds = [node.op_type for node in graph.node]
+    assert kinds.count("Conv") == convs
+    assert "MatMul" not in kinds
