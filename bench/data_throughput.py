@@ -1,13 +1,25 @@
 """Decoded + augmented images/s at 224×224: torchvision ImageFolder (baseline) vs our WebDataset and FFCV paths.
 
-    .venv/bin/python bench/data_throughput.py [--images 400] [--workers 2] [--epochs 2]
+    .venv/bin/python bench/data_throughput.py [--images 400] [--workers 2] [--batch-size 32] [--rounds 4]
 
 Images are ImageNet-sized JPEGs (about 500×375) synthesised from the real photographs bundled with
 scikit-image (random crops, flips and scales), since nothing can be downloaded.  Every path uses the
-same images, the same worker count, RandomResizedCrop(224) + horizontal flip, uint8 output.  Each
-figure is the best of the timed epochs after one warm-up epoch; FFCV's per-epoch compilation is
-reported separately.  Also prints the cost of the on-device bicubic rescale of a batch relative to a
-forward+backward pass of the smallest AlphaNet sub-network.
+same images, the same worker count and batch size, RandomResizedCrop(224) + horizontal flip, uint8 output.
+
+Two baselines, both torchvision ``ImageFolder`` + ``DataLoader`` (shuffled, last partial batch dropped,
+batches pinned when there is a GPU): PyTorch's default, which starts its worker processes at every epoch,
+and the same with ``persistent_workers=True``, which keeps them as our WebDataset loader does.  With
+epochs as short as the default 400 images (12 batches, under a second), starting workers is a good part
+of an epoch; ``--images 2000`` measures closer to the steady state of a long epoch.
+
+After a warm-up epoch of every loader (reported as "first epoch"; FFCV compiles its pipeline in it),
+``--rounds`` rounds each time one epoch of every loader, one loader after the other, so that a change in
+the load of a shared machine hits all of them alike; a figure is the best of its rounds.  Then the CPU
+time per image on one thread of each path's decode + crop/resize + flip and of its decode alone (no
+workers, no batching; the paths take turns too), and the bound that puts on a loader with ``--workers``
+cores: once the workers' start is paid, the ratios cannot exceed the ratios of these costs.  Last, the
+cost of the on-device bicubic rescale of a batch relative to a forward+backward pass of the smallest
+AlphaNet sub-network.
 """
 
 from __future__ import annotations
@@ -45,15 +57,97 @@ def synthesise(root: Path, count: int, seed: int = 0) -> None:
         img.save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def time_epochs(make_iter, epochs: int) -> tuple[float, float, int]:
-    """(seconds of the first epoch, best seconds of the later ones, images per epoch)."""
-    times, count = [], 0
-    for _ in range(epochs + 1):
-        start, count = time.perf_counter(), 0
-        for images, _ in make_iter():
-            count += images.shape[0]
-        times.append(time.perf_counter() - start)
-    return times[0], min(times[1:]), count
+def epoch_seconds(make_iter) -> tuple[float, int]:
+    start, count = time.perf_counter(), 0
+    for images, _ in make_iter():
+        count += images.shape[0]
+    return time.perf_counter() - start, count
+
+
+def interleaved(loaders: dict, rounds: int) -> dict[str, tuple[float, float, int]]:
+    """name → (seconds of the first epoch, best seconds of the ``rounds`` later ones, images per epoch)."""
+    first = {name: epoch_seconds(make_iter) for name, make_iter in loaders.items()}
+    best = {name: float("inf") for name in loaders}
+    for _ in range(rounds):
+        for name, make_iter in loaders.items():
+            best[name] = min(best[name], epoch_seconds(make_iter)[0])
+    return {name: (first[name][0], best[name], first[name][1]) for name in loaders}
+
+
+def per_image_ms(paths: dict, items, repeats: int = 5) -> dict[str, float]:
+    """name → best over ``repeats`` of the mean CPU milliseconds of ``paths[name](item)`` over ``items``, on
+    this thread; the paths take turns, as the loaders do."""
+    for fn in paths.values():
+        for item in items[:2]:
+            fn(item)
+    best = dict.fromkeys(paths, float("inf"))
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            start = time.thread_time()
+            for item in items:
+                fn(item)
+            best[name] = min(best[name], (time.thread_time() - start) / len(items))
+    return {name: seconds * 1e3 for name, seconds in best.items()}
+
+
+def single_thread_costs(folder, refs, beton: Path, count: int) -> dict[str, float]:
+    """ms per image on one thread of each path's decode + crop/resize + flip, as its workers run it, and of
+    its decode alone (``name + " decode"``)."""
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.reader import Reader
+    from numba import njit
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from data_pipeline import DataConfig
+    from data_pipeline.ffcv_backend import _hwc_to_chw, _seeded_crop_and_flip
+    from data_pipeline.shards import read_bytes
+    from data_pipeline.transforms import _seed_cpu_rngs, train_transform
+
+    picks = list(range(0, len(folder), max(1, len(folder) // count)))[:count]
+
+    transform = train_transform(DataConfig(base_resolution=224, eval_resize=256))
+    spans = {i: torch.frombuffer(bytearray(read_bytes(refs[i].shard, refs[i].image)), dtype=torch.uint8) for i in picks}
+
+    def ours(i):
+        _seed_cpu_rngs(i)  # what a worker does per sample (seeded)
+        return transform(decode_jpeg(spans[i], mode=ImageReadMode.RGB))
+
+    reader = Reader(str(beton))
+    fields = reader.metadata[f"f{list(reader.handlers).index('image')}"]
+    table = reader.alloc_table
+    raw = np.fromfile(beton, dtype=np.uint8)
+    crop, to_chw = njit(_seeded_crop_and_flip), njit(_hwc_to_chw)
+    scratch, resized, out = (
+        np.empty(512 * 512 * 3, np.uint8),
+        np.empty((224, 224, 3), np.uint8),
+        np.empty((3, 224, 224), np.uint8),
+    )
+
+    def ffcv(i):
+        f = fields[i]
+        height, width, pointer = int(f["height"]), int(f["width"]), int(f["data_ptr"])
+        size = int(table["size"][table["ptr"] == pointer][0])
+        imdecode(raw[pointer : pointer + size], scratch, height, width, height, width, 0, 0, 1, 1, False, False)
+        image = scratch[: height * width * 3].reshape(height, width, 3)
+        y, x, h, w, flip = crop(height, width, 0.08, 1.0, np.log(3 / 4), np.log(4 / 3), i)
+        resize_crop(image, y, y + h, x, x + w, resized)
+        to_chw(resized, out, flip)
+
+    def ffcv_decode(i):
+        f = fields[i]
+        height, width, pointer = int(f["height"]), int(f["width"]), int(f["data_ptr"])
+        size = int(table["size"][table["ptr"] == pointer][0])
+        imdecode(raw[pointer : pointer + size], scratch, height, width, height, width, 0, 0, 1, 1, False, False)
+
+    paths = {
+        "torchvision ImageFolder": folder.__getitem__,
+        "alphanet-train webdataset": ours,
+        "alphanet-train ffcv": ffcv,
+        "torchvision ImageFolder decode": lambda i: folder.loader(folder.samples[i][0]),
+        "alphanet-train webdataset decode": lambda i: decode_jpeg(spans[i], mode=ImageReadMode.RGB),
+        "alphanet-train ffcv decode": ffcv_decode,
+    }
+    return per_image_ms(paths, picks)
 
 
 def main() -> None:
@@ -61,7 +155,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up epoch")
+    parser.add_argument("--rounds", type=int, default=4, help="timed epochs of each loader, after the warm-up one")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -71,6 +165,7 @@ def main() -> None:
 
     from data_pipeline import DataConfig, build_loader
     from data_pipeline.prepare import prepare
+    from data_pipeline.shards import index_shards, split_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -89,11 +184,19 @@ def main() -> None:
             [v2.PILToTensor(), v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()]
         )
         folder = datasets.ImageFolder(str(root / "folder" / "train"), transform=baseline_tf)
-        baseline = DataLoader(
-            folder, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True
-        )
-        results = {"torchvision ImageFolder (baseline)": time_epochs(lambda: iter(baseline), args.epochs)}
-
+        loaders = {}
+        for name, persistent in (("(baseline)", False), ("+ persistent_workers", True)):
+            baseline = DataLoader(
+                folder,
+                batch_size=args.batch_size,
+                shuffle=True,
+                num_workers=args.workers,
+                drop_last=True,
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=persistent and args.workers > 0,
+            )
+            loaders[f"torchvision ImageFolder {name}"] = lambda baseline=baseline: iter(baseline)
+        ours = {}
         for fmt in ("webdataset", "ffcv"):
             cfg = DataConfig(
                 format=fmt,
@@ -103,19 +206,34 @@ def main() -> None:
                 num_workers=args.workers,
                 eval_resize=256,
             )
-            loader = build_loader(cfg, "train", train=True, seed=0)
-            results[f"alphanet-train {fmt}"] = time_epochs(
-                lambda loader=loader: ((b.images, b.labels) for b in loader), args.epochs
-            )
+            ours[fmt] = build_loader(cfg, "train", train=True, seed=0)
+            loaders[f"alphanet-train {fmt}"] = lambda loader=ours[fmt]: ((b.images, b.labels) for b in loader)
+        results = interleaved(loaders, args.rounds)
+        for loader in ours.values():
+            loader.close()
 
-        base_rate = None
-        print(
-            f"{args.images} JPEGs of ~500x375, RandomResizedCrop(224)+flip, {args.workers} workers, batch {args.batch_size}"
-        )
-        for name, (first, best, count) in results.items():
-            rate = count / best
-            base_rate = base_rate or rate
-            print(f"{name:38s} {rate:8.0f} img/s   ratio {rate / base_rate:5.2f}   (first epoch {first:5.1f} s)")
+        refs, _ = index_shards(split_shards(root / "prepared", "train"))
+        costs = single_thread_costs(folder, refs, root / "prepared" / "train.beton", min(100, args.images))
+
+    print(
+        f"{args.images} JPEGs of ~500x375, RandomResizedCrop(224)+flip, {args.workers} workers, batch "
+        f"{args.batch_size}; epochs of {args.images // args.batch_size} batches, best of {args.rounds} "
+        "interleaved rounds"
+    )
+    rates = {name: count / best for name, (_, best, count) in results.items()}
+    plain, kept = list(rates.values())[:2]
+    print(f"{'':44s} {'img/s':>6s}   {'ratio':>5s}   {'vs persistent':>13s}")
+    for name, (first, _, _) in results.items():
+        rate = rates[name]
+        print(f"{name:44s} {rate:6.0f}   {rate / plain:5.2f}   {rate / kept:13.2f}   (first epoch {first:5.1f} s)")
+    print(f"per image on one thread: decode + crop/resize + flip (of which decode); bound with {args.workers} cores")
+    for name in rates:
+        name = name.removesuffix(" (baseline)").removesuffix(" + persistent_workers")
+        if name in costs:
+            ms = costs.pop(name)
+            print(
+                f"  {name:42s} {ms:5.2f} ms ({costs[name + ' decode']:4.2f})  <= {args.workers * 1e3 / ms:5.0f} img/s"
+            )
 
     # Rescale cost vs the smallest sub-network's forward+backward (the work it feeds).
     from data_pipeline import rescale

@@ -2,7 +2,7 @@
 math and against the reference's own pattern, with 2 processes on CPU (gloo); per-phase profile, peak
 memory and optimizer-state memory per rank.
 
-    .venv/bin/python bench/step_throughput.py [--steps 6] [--batch 16] [--space tiny] [--no-bf16]
+    .venv/bin/python bench/step_throughput.py [--steps 6] [--batch 16] [--space tiny] [--bf16 auto|on|off]
 
 Engines, all running the same 4-sub-network sandwich step (largest on labels, two random and the smallest
 distilled from it) on the same batches, one torch thread per rank:
@@ -13,7 +13,10 @@ distilled from it) on the same batches, one torch thread per rank:
   all-reduce of all gradients at the last (averaging over ranks), clip by value, one Nesterov SGD step.
   Measured first and again last; the mean of the two is the baseline, so neither warm-up nor drift of
   the machine favours one side.  Also run with the old NCHW layout, with activation checkpointing and
-  with bf16 autocast, to show each lever alone;
+  with bf16 autocast, to show each lever alone.  The bf16 row runs by default only on a CPU with bf16
+  instructions (AVX-512 BF16 or AMX): elsewhere PyTorch has no bf16 depthwise kernel and runs one
+  convolution per channel, ~15× the fp32 step, and its profiled step would record millions of operator
+  events (over 10 GB per rank at full size); ``--bf16 on`` measures it anyway, without the profile;
 - **DeepSpeed ZeRO-0..3**: the engine ``trainer/run.py`` trains with (``trainer.engine.build_engine``).
 
 Ratios are samples/s against the plain loop and against the reference-style step, median of the timed
@@ -39,6 +42,15 @@ from pathlib import Path
 import torch
 
 COLLECTIVES = ("all_reduce", "allreduce", "reduce_scatter", "all_gather", "allgather", "broadcast")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX-512 BF16 or AMX), from /proc/cpuinfo (Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -187,8 +199,8 @@ def worker(args) -> None:
         def backward(self, loss):
             loss.backward()  # DDP's hooks all-reduce (average) this backward's gradients
 
-    def run(engine, module, *, bf16_autocast: bool = False) -> dict:
-        """Timed steps, then one profiled step."""
+    def run(engine, module, *, bf16_autocast: bool = False, profile: bool = True) -> dict:
+        """Timed steps, then one profiled step (``profile``)."""
         sandwich = SandwichStep(label_loss, kd_loss, bf16_autocast=bf16_autocast)
         sampler = ArchSampler(module.space, seed=0)
         gen = torch.Generator().manual_seed(env.rank)
@@ -214,18 +226,14 @@ def worker(args) -> None:
                 rates.append(args.batch * world / (end - start))
                 passes.append(1e3 * (middle - start))
                 steps.append(1e3 * (end - middle))
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            start, _, end = one_step(Phases(engine))
         median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-        phases = phase_breakdown(prof)
-        phases["total"] = 1e3 * (end - start)
-        return {
-            "rate": median(rates),
-            "passes_ms": median(passes),
-            "step_ms": median(steps),
-            "phases": phases,
-            "top": top_ops(prof, args.top),
-        }
+        result = {"rate": median(rates), "passes_ms": median(passes), "step_ms": median(steps), "phases": None}
+        if profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                start, _, end = one_step(Phases(engine))
+            result["phases"] = {**phase_breakdown(prof), "total": 1e3 * (end - start)}
+            result["top"] = top_ops(prof, args.top)
+        return result
 
     def measure(name: str, make, **options) -> None:
         """Build one engine from fresh weights (``make(net) -> (engine, module, optimizer)``), run it, record."""
@@ -266,8 +274,11 @@ def worker(args) -> None:
     measure("reference-style DDP, NCHW", reference, channels_last=False)
     measure("plain PyTorch, NCHW", plain, channels_last=False)
     measure("plain + activation ckpt", plain, activation_checkpointing=True)
-    if args.bf16:
-        measure("plain + bf16 autocast", plain, bf16_autocast=True)
+    native_bf16 = cpu_has_bf16()
+    if args.bf16 == "on" or (args.bf16 == "auto" and native_bf16):
+        measure("plain + bf16 autocast", plain, bf16_autocast=True, profile=native_bf16)
+    elif env.rank == 0:
+        print("  skipped plain + bf16 autocast: no bf16 instructions on this CPU (--bf16 on to run it)", flush=True)
     for stage in (0, 1, 2, 3):
         measure(f"DeepSpeed ZeRO-{stage}", deepspeed_stage(stage))
     measure("plain PyTorch (last)", plain)
@@ -305,6 +316,9 @@ def report(args, results: dict[str, dict]) -> None:
     )
     for name, r in results.items():
         p = r["phases"]
+        if p is None:
+            print(f"{name:27s} (not profiled)")
+            continue
         print(
             f"{name:27s} {p['total']:7.0f} {p['forward']:8.0f} {p['backward']:9.0f} {p['step']:7.0f} "
             f"{p['optimizer']:10.0f} {p['collectives']:12.0f}"
@@ -322,7 +336,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--space", default="tiny")
     parser.add_argument("--top", type=int, default=8, help="operators listed per profiled engine")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16-autocast engine")
+    parser.add_argument(
+        "--bf16",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the bf16-autocast engine: auto = only on a CPU with bf16 instructions (AVX-512 BF16 / AMX)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -331,7 +350,7 @@ def main() -> None:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).resolve())]
     command += ["--worker", "--steps", str(args.steps), "--batch", str(args.batch), "--space", args.space]
-    command += ["--top", str(args.top)] + ([] if args.bf16 else ["--no-bf16"])
+    command += ["--top", str(args.top), "--bf16", args.bf16]
     sys.exit(subprocess.run(command, env=env).returncode)
 
 

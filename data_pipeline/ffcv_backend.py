@@ -1,15 +1,23 @@
 """FFCV ``.beton`` files: JPEG decode + crop + resize in FFCV's compiled, multi-threaded pipeline.
 
 FFCV's own RandomResizedCrop and flip draw from unseeded per-thread generators, so their output
-depends on thread scheduling and cannot be resumed exactly.  :class:`SeededRandomResizedCropDecoder`
-draws each sample's crop and flip from a generator seeded by the run seed, the sample index and the
-batch it belongs to (its first sample index).  Batches are a pure function of (seed, epoch, rank,
-position), so augmentation is reproducible on resume and still changes from epoch to epoch; and the
-pipeline is compiled once per loader, not once per epoch.
+depends on thread scheduling and cannot be resumed exactly.  Our decoder (``_make_decoder``) draws each
+sample's crop and flip from a generator seeded by the run seed, the sample index and the batch it
+belongs to (its first sample index).  Batches are a pure function of (seed, epoch, rank, position), so
+augmentation is reproducible on resume and still changes from epoch to epoch; and the pipeline is
+compiled once per loader, not once per epoch.
+
+The decoder writes CHW images itself, flipping while it changes the layout, in FFCV's decode threads:
+FFCV's ``ToTorchImage`` would permute and copy every batch in its one pipeline thread while the decode
+threads wait, and a flip was one more copy per image.  A crop is still decoded whole: FFCV can crop a JPEG
+before decoding only through a lossless transform (entropy-decode everything, re-encode the crop), which
+costs more than it saves; and DCT scaling only saves time at 1/2 or less, which needs crops of twice
+the output size (448 px for 224) or more.
 
 One FFCV ``Loader`` is built per split and compiled once; each epoch (or resume) runs FFCV's epoch
-iterator over this rank's remaining indices, in order.  This uses ``ffcv.loader.epoch_iterator``
-directly (pinned ffcv 1.0.2), because ``Loader.__iter__`` cannot start mid-epoch.
+iterator over this rank's remaining indices, in order, reusing the previous epoch's buffers.  This uses
+``ffcv.loader.epoch_iterator`` directly (pinned ffcv 1.0.2), because ``Loader.__iter__`` cannot start
+mid-epoch.
 """
 
 from __future__ import annotations
@@ -53,15 +61,43 @@ def _seeded_crop_and_flip(height, width, scale_lo, scale_hi, log_ratio_lo, log_r
     return (height - h) // 2, (width - w) // 2, h, w, np.random.random() < 0.5
 
 
-def _make_decoder(output_size, scale, ratio, hflip: bool, run_seed: int):
-    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
+def _hwc_to_chw(source, destination, flip):
+    """``destination[c, y, x] = source[y, x, c]``, mirrored left-right when ``flip`` (runs in numba): the
+    layout change and the flip in one pass, instead of a flipped copy per image and a permuted copy of
+    every batch in FFCV's (single) pipeline thread."""
+    height, width = source.shape[0], source.shape[1]
+    for c in range(3):
+        for y in range(height):
+            if flip:
+                for x in range(width):
+                    destination[c, y, x] = source[y, width - 1 - x, c]
+            else:
+                for x in range(width):
+                    destination[c, y, x] = source[y, x, c]
+
+
+def _make_decoder(output_size, *, train: bool, scale=None, ratio=None, hflip=False, run_seed=0, eval_ratio=1.0):
+    """A decoder that writes uint8 CHW images: train, the seeded RandomResizedCrop + flip; eval, FFCV's
+    centre crop of ``eval_ratio`` of the short side.  Both resize with FFCV's ``resize_crop``, as before."""
+    from dataclasses import replace
+
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_center_crop
     from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
 
-    class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
+    class SeededCHWCropDecoder(ResizedCropRGBImageDecoder):
         @property
         def get_crop_generator(self):  # required by the base class; generate_code below uses its own
-            return _seeded_crop_and_flip
+            return _seeded_crop_and_flip if train else get_center_crop
+
+        def declare_state_and_memory(self, previous_state):
+            state, (_, temp) = super().declare_state_and_memory(previous_state)
+            height, width = self.output_size
+            uint8 = np.dtype("<u1")
+            chw = AllocationQuery((3, height, width), uint8)
+            hwc = AllocationQuery((height, width, 3), uint8)  # the resized crop, before the layout change
+            return replace(state, shape=(3, height, width)), (chw, temp, hwc)
 
         def generate_code(self):
             jpg = IMAGE_MODES["jpg"]
@@ -70,14 +106,18 @@ def _make_decoder(output_size, scale, ratio, hflip: bool, run_seed: int):
             imdecode_c = Compiler.compile(imdecode)
             resize_crop_c = Compiler.compile(resize_crop)
             crop_c = Compiler.compile(_seeded_crop_and_flip)
+            centre_c = Compiler.compile(get_center_crop)
+            to_chw_c = Compiler.compile(_hwc_to_chw)
             mix_c = Compiler.compile(splitmix64)
-            scale_lo, scale_hi = float(scale[0]), float(scale[1])
-            log_lo, log_hi = float(np.log(ratio[0])), float(np.log(ratio[1]))
+            is_train = train
+            scale_lo, scale_hi = (float(scale[0]), float(scale[1])) if train else (0.0, 0.0)
+            log_lo, log_hi = (float(np.log(ratio[0])), float(np.log(ratio[1]))) if train else (0.0, 0.0)
+            centre_ratio = float(eval_ratio)
             do_flip = hflip
             base = np.uint64(run_seed)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
-                destination, temp_storage = my_storage
+                destination, temp_storage, resized = my_storage
                 batch_key = mix_c(base ^ mix_c(np.uint64(batch_indices[0])))
                 for dst_ix in my_range(len(batch_indices)):
                     source_ix = batch_indices[dst_ix]
@@ -91,17 +131,41 @@ def _make_decoder(output_size, scale, ratio, hflip: bool, run_seed: int):
                         temp = temp.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
                     else:
                         temp = image_data.reshape(height, width, 3)
-                    seed = mix_c(batch_key ^ np.uint64(source_ix)) & _MASK32
-                    i, j, h, w, flip = crop_c(height, width, scale_lo, scale_hi, log_lo, log_hi, seed)
-                    resize_crop_c(temp, i, i + h, j, j + w, destination[dst_ix])
-                    if do_flip and flip:
-                        destination[dst_ix] = destination[dst_ix][:, ::-1].copy()
+                    flip = False
+                    if is_train:
+                        seed = mix_c(batch_key ^ np.uint64(source_ix)) & _MASK32
+                        i, j, h, w, flip = crop_c(height, width, scale_lo, scale_hi, log_lo, log_hi, seed)
+                    else:
+                        i, j, h, w = centre_c(height, width, 0, centre_ratio)
+                    resize_crop_c(temp, i, i + h, j, j + w, resized[dst_ix])
+                    to_chw_c(resized[dst_ix], destination[dst_ix], do_flip and flip)
                 return destination[: len(batch_indices)]
 
             decode.is_parallel = True
             return decode
 
-    return SeededRandomResizedCropDecoder(output_size)
+    return SeededCHWCropDecoder(output_size)
+
+
+class _ReusedBuffers:
+    """Stands in for ``graph.allocate_memory``: FFCV allocates every epoch's decode buffers anew (and pins
+    them when CUDA is there), so each epoch first page-faults through ~100 MB; the buffers of an epoch whose
+    pipeline thread has ended are handed to the next epoch instead."""
+
+    def __init__(self, graph):
+        self.allocate = graph.allocate_memory
+        self.free: tuple | None = None
+        graph.allocate_memory = self
+
+    def __call__(self, batch_size: int, slots: int):
+        free, self.free = self.free, None
+        if free is not None and free[0] == (batch_size, slots):
+            return free[1]
+        return self.allocate(batch_size, slots)
+
+    def release(self, iterator) -> None:
+        if not iterator.is_alive():  # else its thread may still write into them
+            self.free = ((iterator.loader.batch_size, iterator.loader.batches_ahead + 2), iterator.memory_allocations)
 
 
 class FFCVBackend:
@@ -129,27 +193,34 @@ class FFCVBackend:
 
     def _build_loader(self):
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+        from ffcv.transforms import Squeeze, ToTensor
 
         c = self.config
         size = (c.base_resolution, c.base_resolution)
         if self.train:
-            decoder = _make_decoder(size, c.crop_scale, (3 / 4, 4 / 3), c.hflip, self.seed)
+            decoder = _make_decoder(
+                size, train=True, scale=c.crop_scale, ratio=(3 / 4, 4 / 3), hflip=c.hflip, run_seed=self.seed
+            )
         else:
-            decoder = CenterCropRGBImageDecoder(size, ratio=c.base_resolution / c.eval_resize)
-        return Loader(
-            str(self.path),
-            batch_size=c.batch_size,
-            num_workers=ffcv_threads(c.num_workers),
-            order=OrderOption.SEQUENTIAL,
-            drop_last=False,
-            pipelines={
-                "image": [decoder, ToTensor(), ToTorchImage(channels_last=False)],
-                "label": [IntDecoder(), ToTensor(), Squeeze(1)],
-            },
-        )
+            decoder = _make_decoder(size, train=False, eval_ratio=c.base_resolution / c.eval_resize)
+        threads = torch.get_num_threads()
+        try:
+            loader = Loader(
+                str(self.path),
+                batch_size=c.batch_size,
+                num_workers=ffcv_threads(c.num_workers),
+                order=OrderOption.SEQUENTIAL,
+                drop_last=False,
+                pipelines={
+                    "image": [decoder, ToTensor()],
+                    "label": [IntDecoder(), ToTensor(), Squeeze(1)],
+                },
+            )
+        finally:  # FFCV sets torch's thread count of the calling thread to its own decode threads
+            torch.set_num_threads(threads)
+        self._buffers = _ReusedBuffers(loader.graph)
+        return loader
 
     def iterate(self, batches: list[list[tuple[int, int, bool]]], epoch: int) -> Iterator[Batch]:
         from ffcv.loader.epoch_iterator import EpochIterator
@@ -163,21 +234,31 @@ class FFCVBackend:
         if self._loader.code is None:
             self._loader.generate_code()
         iterator = EpochIterator(self._loader, order)
-        offset = 0
+        pin = torch.cuda.is_available()
+        offset, finished = 0, False
         try:
             for images, labels in iterator:
                 n = int(labels.shape[0])
-                # FFCV reuses its output buffers for later batches: copy before handing them out.
-                images = images.contiguous().clone()
+                # FFCV reuses its output buffers for later batches: copy (into pinned memory for the
+                # transfer to the GPU) before handing them out.
+                out = torch.empty(images.shape, dtype=images.dtype, pin_memory=pin)
+                out.copy_(images)
                 if self._torch_augment is not None:
-                    images = torch.stack(
-                        [seeded(self._torch_augment, img, seeds[offset + k]) for k, img in enumerate(images)]
+                    out = torch.stack(
+                        [seeded(self._torch_augment, img, seeds[offset + k]) for k, img in enumerate(out)]
                     )
                 indices = torch.from_numpy(order[offset : offset + n].astype(np.int64))
-                yield Batch(images, labels.long().clone(), valid[offset : offset + n].clone(), indices)
+                yield Batch(out, labels.long().clone(), valid[offset : offset + n].clone(), indices)
                 offset += n
+            finished = True
         finally:
             iterator.close()
+            if finished:
+                iterator.join()  # it has handed over its last batch and is returning
+            self._buffers.release(iterator)
+
+    def close(self) -> None:
+        """Nothing to end: FFCV's pipeline thread ends with its epoch."""
 
     def problem_lines(self) -> list[str]:
         return [

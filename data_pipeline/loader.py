@@ -83,14 +83,18 @@ class ResumableLoader:
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
         summary = EpochSummary(epoch=epoch, problems=self.backend.problem_lines())
-        for batch in self.backend.iterate(self.plan.batches(epoch, self.position), epoch):
-            self.position += 1
-            summary.batches += 1
-            summary.images += len(batch)
-            summary.skipped += batch.skipped
-            for shard, key, reason in batch.skipped:
-                log.warning("%s split: skipped %s/%s: %s", self.split, shard, key, reason)
-            yield batch
+        batches = self.backend.iterate(self.plan.batches(epoch, self.position), epoch)
+        try:
+            for batch in batches:
+                self.position += 1
+                summary.batches += 1
+                summary.images += len(batch)
+                summary.skipped += batch.skipped
+                for shard, key, reason in batch.skipped:
+                    log.warning("%s split: skipped %s/%s: %s", self.split, shard, key, reason)
+                yield batch
+        finally:  # an epoch left early (break, resume point): the backend drops what it had read ahead
+            batches.close()
         self.last_summary = summary
         self.epoch, self.position = epoch + 1, 0
 
@@ -112,6 +116,11 @@ class ResumableLoader:
                 return
             yield group, False
             group = []
+
+    def close(self) -> None:
+        """End the loader's worker processes now rather than when it is garbage-collected (a later epoch
+        starts new ones)."""
+        self.backend.close()
 
     def state_dict(self) -> dict[str, Any]:
         return {

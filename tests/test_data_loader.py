@@ -335,3 +335,144 @@ def test_ffcv_runs_on_a_one_core_allocation(digits):
     out = subprocess.run([sys.executable, "-c", code, str(digits), str(repo)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("[(3, 32, 32)]")
+
+
+# ---- persistent workers, FFCV's CHW decoder -------------------------------------------------------------
+def worker_pids() -> set[int]:
+    import multiprocessing
+
+    return {p.pid for p in multiprocessing.active_children()}
+
+
+def test_persistent_workers_give_the_batches_of_fresh_ones(digits):
+    """The WebDataset workers outlive an epoch; batches stay those of a loader built for each epoch, and an
+    epoch left early (its workers ended) resumes exactly."""
+    cfg = config(digits, "webdataset")
+    before = worker_pids()
+    kept = build_loader(cfg, "train", train=True, rank=0, world_size=2, seed=11)
+    epochs = [all_batches(kept)]
+    workers = worker_pids() - before
+    assert len(workers) == 2  # idle, waiting for the next epoch
+    epochs.append(all_batches(kept))
+    assert worker_pids() - before == workers  # the same processes read epoch 1
+    for epoch, batches in enumerate(epochs):
+        fresh = build_loader(cfg, "train", train=True, rank=0, world_size=2, seed=11)
+        fresh.set_epoch(epoch)
+        expected = all_batches(fresh)
+        fresh.close()
+        assert len(batches) == len(expected) == len(kept)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, expected))
+
+    # Three batches into epoch 2, then away: the workers end instead of decoding what they had queued.
+    it = iter(kept)
+    third = [next(it) for _ in range(3)][-1].images.clone()
+    state = kept.state_dict()
+    del it
+    assert not worker_pids() - before
+    kept.load_state_dict({**state, "position": 2})  # back one batch, on the same loader: new workers
+    rest = all_batches(kept)
+    assert torch.equal(rest[0][0], third) and len(rest) == len(kept) - 2
+    reference = build_loader(cfg, "train", train=True, rank=0, world_size=2, seed=11)
+    reference.set_epoch(2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, all_batches(reference)[2:]))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(all_batches(kept), all_batches(reference)))  # epoch 3
+    kept.close(), reference.close()
+    assert not worker_pids() - before
+
+
+def test_shard_reads_keep_a_bounded_number_of_files_open(digits, monkeypatch):
+    from data_pipeline import wds_backend
+    from data_pipeline.shards import index_shards, read_bytes, split_shards
+
+    monkeypatch.setattr(wds_backend, "_OPEN_SHARDS", 2)
+    refs, _ = index_shards(split_shards(digits, "train"))
+    assert len({ref.shard for ref in refs}) > 2
+    samples = wds_backend._Samples(refs, None, train=False)
+    for ref in refs[::-37] + refs[::41]:  # back and forth across the shards
+        assert samples._read(ref.shard, ref.image).numpy().tobytes() == read_bytes(ref.shard, ref.image)
+        assert len(samples._files) <= 2
+    samples.close()
+    assert not samples._files
+
+
+def test_a_process_with_idle_workers_exits(digits):
+    """Idle workers ignore SIGTERM (SLURM's), which is how multiprocessing ends daemon processes at exit: the
+    loader ends them first, or the interpreter would wait for them for ever."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
+        "from data_pipeline import DataConfig, build_loader; "
+        "c = DataConfig(root=Path(sys.argv[1]), batch_size=16, num_workers=2, eval_resize=36); "
+        "loader = build_loader(c, 'val', train=False); print(sum(len(b) for b in loader))"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(digits), str(repo)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "300"
+
+
+def test_ffcv_decoder_is_ffcvs_crop_resize_with_the_flip_folded_into_the_layout_change(tmp_path):
+    """What the CHW decoder writes is, per sample, FFCV's JPEG decode, the seeded crop, FFCV's resize, the
+    flip: computed here from those primitives one image at a time.  Eval: FFCV's centre crop."""
+    from data_helpers import make_image_folder
+    from ffcv.fields.rgb_image import get_center_crop
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.reader import Reader
+    from numba import njit
+
+    from data_pipeline.ffcv_backend import _MASK32, _seeded_crop_and_flip
+    from data_pipeline.plan import splitmix64
+
+    root = make_image_folder(tmp_path / "f", classes=2, per_class=12)
+    out = tmp_path / "o"
+    prep.prepare(str(root), out, ["ffcv"], quiet=True)
+    reader = Reader(str(out / "train.beton"))
+    data = np.fromfile(out / "train.beton", dtype=np.uint8)
+    crop = njit(_seeded_crop_and_flip)  # numba's generator, as in the pipeline
+
+    def decoded(index: int) -> np.ndarray:
+        field = reader.metadata[f"f{list(reader.handlers).index('image')}"][index]
+        height, width = int(field["height"]), int(field["width"])
+        pointer = int(field["data_ptr"])
+        size = int(reader.alloc_table["size"][reader.alloc_table["ptr"] == pointer][0])
+        image = np.empty((height, width, 3), dtype=np.uint8)
+        imdecode(data[pointer : pointer + size], image, height, width, height, width, 0, 0, 1, 1, False, False)
+        return image
+
+    size, seed, flips = 16, 5, 0
+    for train in (True, False):
+        cfg = config(out, "ffcv", batch_size=8, base_resolution=size, crop_scale=(0.3, 1.0), eval_resize=20)
+        loader = build_loader(cfg, "train", train=train, seed=seed)
+        for batch in loader:
+            assert batch.images.is_contiguous() and batch.images.shape[1:] == (3, size, size)
+            with np.errstate(over="ignore"):
+                key = splitmix64(np.uint64(seed) ^ splitmix64(np.uint64(int(batch.indices[0]))))
+            for index, image in zip(batch.indices.tolist(), batch.images):
+                source = decoded(index)
+                height, width = source.shape[:2]
+                flip = False
+                if train:
+                    with np.errstate(over="ignore"):
+                        sample_seed = int(splitmix64(key ^ np.uint64(index)) & _MASK32)
+                    i, j, h, w, flip = crop(height, width, 0.3, 1.0, np.log(3 / 4), np.log(4 / 3), sample_seed)
+                else:
+                    i, j, h, w = get_center_crop(height, width, 0, size / 20)
+                expected = np.empty((size, size, 3), dtype=np.uint8)
+                resize_crop(source, i, i + h, j, j + w, expected)
+                expected = expected[:, ::-1] if flip else expected
+                flips += bool(flip)
+                assert torch.equal(image, torch.from_numpy(np.ascontiguousarray(expected.transpose(2, 0, 1))))
+    assert flips > 0
+
+
+def test_an_ffcv_loader_leaves_the_torch_thread_count_alone(digits):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loader = build_loader(config(digits, "ffcv", num_workers=2), "val", train=False)
+        assert torch.get_num_threads() == 1  # FFCV's loader sets it to its decode threads
+        next(iter(loader))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
