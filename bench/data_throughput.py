@@ -12,6 +12,9 @@ and the same with ``persistent_workers=True``, which keeps them as our WebDatase
 epochs as short as the default 400 images (12 batches, under a second), starting workers is a good part
 of an epoch; ``--images 2000`` measures closer to the steady state of a long epoch.
 
+Our FFCV path is measured twice: on a ``.beton`` of JPEGs (the default of ``prepare``) and on one of raw
+pixels (``prepare --ffcv-images raw``), which skips the decode at the price of disk space (printed).
+
 After a warm-up epoch of every loader (reported as "first epoch"; FFCV compiles its pipeline in it),
 ``--rounds`` rounds each time one epoch of every loader, one loader after the other, so that a change in
 the load of a shared machine hits all of them alike; a figure is the best of its rounds.  Then the CPU
@@ -179,6 +182,15 @@ def main() -> None:
             quality=90,
             quiet=True,
         )
+        prepare(  # the same images as raw pixels: no decode when read, several times the disk
+            str(root / "folder"),
+            root / "prepared_raw",
+            ["ffcv"],
+            max_side=512,
+            quality=90,
+            quiet=True,
+            ffcv_images="raw",
+        )
 
         baseline_tf = v2.Compose(
             [v2.PILToTensor(), v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()]
@@ -197,23 +209,33 @@ def main() -> None:
             )
             loaders[f"torchvision ImageFolder {name}"] = lambda baseline=baseline: iter(baseline)
         ours = {}
-        for fmt in ("webdataset", "ffcv"):
+        for fmt, prepared, label in (
+            ("webdataset", "prepared", "webdataset"),
+            ("ffcv", "prepared", "ffcv"),
+            ("ffcv", "prepared_raw", "ffcv, raw pixels"),
+        ):
             cfg = DataConfig(
                 format=fmt,
-                root=root / "prepared",
+                root=root / prepared,
                 base_resolution=224,
                 batch_size=args.batch_size,
                 num_workers=args.workers,
                 eval_resize=256,
             )
-            ours[fmt] = build_loader(cfg, "train", train=True, seed=0)
-            loaders[f"alphanet-train {fmt}"] = lambda loader=ours[fmt]: ((b.images, b.labels) for b in loader)
+            ours[label] = build_loader(cfg, "train", train=True, seed=0)
+            loaders[f"alphanet-train {label}"] = lambda loader=ours[label]: ((b.images, b.labels) for b in loader)
         results = interleaved(loaders, args.rounds)
         for loader in ours.values():
             loader.close()
 
         refs, _ = index_shards(split_shards(root / "prepared", "train"))
         costs = single_thread_costs(folder, refs, root / "prepared" / "train.beton", min(100, args.images))
+        sizes = {
+            "JPEG files": sum(p.stat().st_size for p in (root / "folder" / "train").rglob("*.jpg")),
+            "webdataset shards": sum(p.stat().st_size for p in (root / "prepared").glob("train-*.tar")),
+            "ffcv .beton": (root / "prepared" / "train.beton").stat().st_size,
+            "ffcv .beton, raw pixels": (root / "prepared_raw" / "train.beton").stat().st_size,
+        }
 
     print(
         f"{args.images} JPEGs of ~500x375, RandomResizedCrop(224)+flip, {args.workers} workers, batch "
@@ -226,6 +248,7 @@ def main() -> None:
     for name, (first, _, _) in results.items():
         rate = rates[name]
         print(f"{name:44s} {rate:6.0f}   {rate / plain:5.2f}   {rate / kept:13.2f}   (first epoch {first:5.1f} s)")
+    print("disk: " + ", ".join(f"{name} {size / 2**20:.0f} MB" for name, size in sizes.items()))
     print(f"per image on one thread: decode + crop/resize + flip (of which decode); bound with {args.workers} cores")
     for name in rates:
         name = name.removesuffix(" (baseline)").removesuffix(" + persistent_workers")

@@ -330,6 +330,42 @@ def report(args, results: dict[str, dict]) -> None:
             print(f"  {op[:60]:60s} {ms:9.1f} {calls:6d}")
 
 
+def activation_memory(args) -> None:
+    """Print the peak RSS of one forward + backward of the largest sub-network at ``--batch`` in this fresh
+    process (one thread), with its activations stored or recomputed (``--activations``)."""
+    from models import ModelConfig, build_supernet
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = build_supernet(ModelConfig(search_space=args.space, num_classes=10 if args.space == "tiny" else 1000))
+    net.activation_checkpointing = args.activations == "recomputed"
+    net.set_arch(net.space.largest())
+    res = max(net.space.resolutions)
+    images = torch.randn(args.batch, 3, res, res)
+    net.train()(images[:1]).logsumexp(1).mean().backward()  # warm-up: lazy imports and one-off allocations
+    net.zero_grad(set_to_none=False)  # the gradients exist before the measured pass, as in training
+    reset_peak_rss()
+    before = peak_rss_bytes()
+    net.train()(images).logsumexp(1).mean().backward()
+    print(f"{(peak_rss_bytes() - before) / 2**20:.0f}")
+
+
+def report_activation_memory(args) -> None:
+    """Activation checkpointing's saving, each case in its own process so that neither inherits the other's
+    high-water mark or allocator pages."""
+    peaks = {}
+    for case in ("stored", "recomputed"):
+        command = [sys.executable, str(Path(__file__).resolve()), "--memory", "--activations", case]
+        command += ["--space", args.space, "--batch", str(args.batch)]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        peaks[case] = float(done.stdout.split()[-1]) if done.returncode == 0 else float("nan")
+    print(
+        f"\nactivation memory: one forward + backward of the largest sub-network at batch {args.batch} raised the "
+        f"peak RSS by {peaks['stored']:.0f} MiB with activations stored, {peaks['recomputed']:.0f} MiB with "
+        f"activation checkpointing ({peaks['recomputed'] / peaks['stored']:.2f}x)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6)
@@ -343,15 +379,23 @@ def main() -> None:
         help="the bf16-autocast engine: auto = only on a CPU with bf16 instructions (AVX-512 BF16 / AMX)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--activations", choices=("stored", "recomputed"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.memory:
+        activation_memory(args)
         return
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).resolve())]
     command += ["--worker", "--steps", str(args.steps), "--batch", str(args.batch), "--space", args.space]
     command += ["--top", str(args.top), "--bf16", args.bf16]
-    sys.exit(subprocess.run(command, env=env).returncode)
+    returncode = subprocess.run(command, env=env).returncode
+    if returncode == 0:
+        report_activation_memory(args)
+    sys.exit(returncode)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from data_pipeline.manifest import MANIFEST, MANIFEST_VERSION, is_complete, mani
 from fileops import atomic_output, fsync_dir, temp_path_for
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+FFCV_IMAGE_MODES = ("jpg", "raw")
+"""How a ``.beton`` stores images (FFCV's ``write_mode``)."""
 
 
 @dataclass(slots=True)
@@ -194,9 +196,17 @@ def write_webdataset(
 
 
 def write_ffcv(
-    samples: list[Sample], out: Path, split: str, max_side: int, quality: int, workers: int, progress
+    samples: list[Sample],
+    out: Path,
+    split: str,
+    max_side: int,
+    quality: int,
+    workers: int,
+    progress,
+    images: str = "jpg",
 ) -> tuple[dict, list[dict]]:
-    """Write ``{split}.beton``; images that fail to decode are skipped and returned as such."""
+    """Write ``{split}.beton``; images that fail to decode are skipped and returned as such.  ``images``:
+    FFCV's write mode, ``jpg`` (decoded by every read) or ``raw`` (pixels, no decode; ~12× the size)."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     from tqdm import tqdm
@@ -220,7 +230,7 @@ def write_ffcv(
 
     final = out / f"{split}.beton"
     fields = {
-        "image": RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=quality),
+        "image": RGBImageField(write_mode=images, max_resolution=max_side, jpeg_quality=quality),
         "label": IntField(),
     }
     # FFCV draws its own tqdm bar: under --quiet, hand it a tqdm that is switched off.
@@ -240,11 +250,16 @@ def prepare(
     quality: int = 90,
     workers: int = 2,
     quiet: bool = False,
+    ffcv_images: str = "jpg",
 ) -> dict:
     """Write the dataset and its manifest; return the manifest (the existing one when already done)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    if ffcv_images not in FFCV_IMAGE_MODES:
+        raise ValueError(f"ffcv_images must be one of {', '.join(FFCV_IMAGE_MODES)}, not {ffcv_images!r}")
     options = {"source": str(source_name), "shard_mb": shard_mb, "max_side": max_side, "jpeg_quality": quality}
+    if ffcv_images != "jpg":  # only when set, so that datasets prepared before the option still match
+        options["ffcv_images"] = ffcv_images
     if is_complete(out, formats, options):
         if not quiet:
             print(f"{out}: already prepared ({MANIFEST} matches), nothing to do")
@@ -274,7 +289,7 @@ def prepare(
                 entry["webdataset"] = {"shards": shards}
             if "ffcv" in formats:
                 entry["ffcv"], entry["ffcv_skipped"] = write_ffcv(
-                    samples, out, name, max_side, quality, workers, progress
+                    samples, out, name, max_side, quality, workers, progress, ffcv_images
                 )
             manifest["splits"][name] = entry
     write_manifest(out, manifest)
@@ -300,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-mb", type=float, default=64.0, help="target WebDataset shard size in MB")
     parser.add_argument("--max-side", type=int, default=512, help="FFCV: longest side stored")
     parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument(
+        "--ffcv-images",
+        choices=FFCV_IMAGE_MODES,
+        default="jpg",
+        help="FFCV: store JPEGs (decoded at every read) or raw pixels (no decode; about 12x the disk of ~500x375 JPEGs)",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -314,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             args.jpeg_quality,
             args.workers,
             args.quiet,
+            args.ffcv_images,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

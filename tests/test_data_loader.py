@@ -476,3 +476,33 @@ def test_an_ffcv_loader_leaves_the_torch_thread_count_alone(digits):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_ffcv_raw_pixels_give_the_jpeg_path_s_batches_without_its_compression(digits, tmp_path):
+    """``--ffcv-images raw`` stores pixels instead of JPEGs: the same samples, crops and flips as the JPEG
+    .beton, the images differing only by what JPEG compression lost; recorded in the manifest."""
+    import json
+
+    raw = tmp_path / "raw"
+    prep.prepare("digits", raw, ["ffcv"], quiet=True, ffcv_images="raw")
+    assert json.loads((raw / "manifest.json").read_text())["options"]["ffcv_images"] == "raw"
+    assert "ffcv_images" not in json.loads((digits / "manifest.json").read_text())["options"]
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.reader import Reader
+
+    for root, mode in ((raw, "raw"), (digits, "jpg")):
+        reader = Reader(str(root / "train.beton"))
+        stored = reader.metadata[f"f{list(reader.handlers).index('image')}"]["mode"]
+        assert set(stored.tolist()) == {IMAGE_MODES[mode]}
+    with pytest.raises(ValueError, match="ffcv_images"):
+        prep.prepare("digits", tmp_path / "bad", ["ffcv"], quiet=True, ffcv_images="png")
+    for train in (True, False):
+        split = "train" if train else "val"
+        batches = [
+            all_batches(build_loader(config(root, "ffcv"), split, train=train, seed=3)) for root in (digits, raw)
+        ]
+        assert [labels.tolist() for _, labels in batches[0]] == [labels.tolist() for _, labels in batches[1]]
+        jpeg, pixels = (torch.cat([images for images, _ in b]).float() for b in batches)
+        assert jpeg.shape == pixels.shape
+        error = (jpeg - pixels).abs().mean().item()
+        assert 0 < error < 4, error  # measured ~1 level: JPEG at quality 90 (another seed's batches: ~80)
