@@ -53,6 +53,13 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def model_config(space: str):
+    """The supernet the bench trains: ``space``, 10 classes for the tiny space, ImageNet's 1,000 otherwise."""
+    from models import ModelConfig
+
+    return ModelConfig(search_space=space, num_classes=10 if space == "tiny" else 1000)
+
+
 def optimizer_state_bytes(optimizer) -> int:
     """Bytes of the SGD momentum buffers this rank holds (ZeRO 1–3 keep only their partition's)."""
     inner = getattr(optimizer, "optimizer", optimizer)
@@ -141,7 +148,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from losses import LossConfig, build_kd_loss, build_label_loss
-    from models import ArchSampler, ModelConfig, build_supernet
+    from models import ArchSampler, build_supernet
     from trainer.distributed import init_distributed, resolve
     from trainer.engine import build_engine, build_optimizer
     from trainer.sandwich import SandwichStep, sample_sandwich
@@ -150,7 +157,7 @@ def worker(args) -> None:
     env = resolve()
     init_distributed(env, TrainerConfig().dist_timeout_s)
     torch.set_num_threads(1)
-    model_config = ModelConfig(search_space=args.space, num_classes=10 if args.space == "tiny" else 1000)
+    config = model_config(args.space)
     label_loss, kd_loss = build_label_loss(LossConfig()), build_kd_loss(LossConfig())
     world = dist.get_world_size()
 
@@ -208,7 +215,7 @@ def worker(args) -> None:
 
         def one_step(eng) -> tuple[float, float, float]:
             images = torch.randn(args.batch, 3, res, res, generator=gen)
-            labels = torch.randint(0, model_config.num_classes, (args.batch,), generator=gen)
+            labels = torch.randint(0, config.num_classes, (args.batch,), generator=gen)
             dist.barrier()
             start = time.perf_counter()
             eng.train()
@@ -239,7 +246,7 @@ def worker(args) -> None:
         """Build one engine from fresh weights (``make(net) -> (engine, module, optimizer)``), run it, record."""
         reset_peak_rss()
         torch.manual_seed(0)
-        net = build_supernet(model_config)
+        net = build_supernet(config)
         net.channels_last = options.pop("channels_last", True)
         net.activation_checkpointing = options.pop("activation_checkpointing", False)
         engine, module, optimizer = make(net)
@@ -333,11 +340,11 @@ def report(args, results: dict[str, dict]) -> None:
 def activation_memory(args) -> None:
     """Print the peak RSS of one forward + backward of the largest sub-network at ``--batch`` in this fresh
     process (one thread), with its activations stored or recomputed (``--activations``)."""
-    from models import ModelConfig, build_supernet
+    from models import build_supernet
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    net = build_supernet(ModelConfig(search_space=args.space, num_classes=10 if args.space == "tiny" else 1000))
+    net = build_supernet(model_config(args.space))
     net.activation_checkpointing = args.activations == "recomputed"
     net.set_arch(net.space.largest())
     res = max(net.space.resolutions)
