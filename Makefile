@@ -10,7 +10,7 @@ PYTEST_ARGS ?= $(if $(filter true 1,$(CI)),,-m "not slow")
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml scripts/install_system_packages.sh
+$(STAMP): requirements.txt pyproject.toml data_pipeline/_jpeg_region.c scripts/install_system_packages.sh
 	scripts/install_system_packages.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	scripts/quietly.sh "pip install requirements" $(PY) -m pip install --disable-pip-version-check -r requirements.txt

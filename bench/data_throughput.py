@@ -12,6 +12,9 @@ and the same with ``persistent_workers=True``, which keeps them as our WebDatase
 epochs as short as the default 400 images (12 batches, under a second), starting workers is a good part
 of an epoch; ``--images 2000`` measures closer to the steady state of a long epoch.
 
+Both our paths draw the crop from the image size in the JPEG header (or the .beton's metadata) and decode
+only the crop's pixels (``data_pipeline.jpeg_region``); the baseline decodes every image whole.
+
 Our FFCV path is measured twice: on a ``.beton`` of JPEGs (the default of ``prepare``) and on one of raw
 pixels (``prepare --ffcv-images raw``), which skips the decode at the price of disk space (printed).
 
@@ -96,24 +99,29 @@ def per_image_ms(paths: dict, items, repeats: int = 5) -> dict[str, float]:
 def single_thread_costs(folder, refs, beton: Path, count: int) -> dict[str, float]:
     """ms per image on one thread of each path's decode + crop/resize + flip, as its workers run it, and of
     its decode alone (``name + " decode"``)."""
-    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.libffcv import resize_crop
     from ffcv.reader import Reader
     from numba import njit
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     from data_pipeline import DataConfig
     from data_pipeline.ffcv_backend import _hwc_to_chw, _seeded_crop_and_flip
+    from data_pipeline.jpeg_region import decode_region, decode_region_into, image_size
     from data_pipeline.shards import read_bytes
-    from data_pipeline.transforms import _seed_cpu_rngs, train_transform
+    from data_pipeline.transforms import _seed_cpu_rngs, train_decode_transform
 
     picks = list(range(0, len(folder), max(1, len(folder) // count)))[:count]
 
-    transform = train_transform(DataConfig(base_resolution=224, eval_resize=256))
+    transform = train_decode_transform(DataConfig(base_resolution=224, eval_resize=256))
     spans = {i: torch.frombuffer(bytearray(read_bytes(refs[i].shard, refs[i].image)), dtype=torch.uint8) for i in picks}
+    crops = {}  # each sample's crop, as its seeded transform draws it: what "decode" decodes
+    for i in picks:
+        _seed_cpu_rngs(i)
+        params = transform.transforms[0].crop.make_params([torch.empty(0, *image_size(spans[i]))])
+        crops[i] = (params["top"], params["left"], params["height"], params["width"])
 
     def ours(i):
-        _seed_cpu_rngs(i)  # what a worker does per sample (seeded)
-        return transform(decode_jpeg(spans[i], mode=ImageReadMode.RGB))
+        _seed_cpu_rngs(i)  # what a worker does per sample (seeded), then decode the crop, resize, flip
+        return transform(spans[i])
 
     reader = Reader(str(beton))
     fields = reader.metadata[f"f{list(reader.handlers).index('image')}"]
@@ -124,23 +132,28 @@ def single_thread_costs(folder, refs, beton: Path, count: int) -> dict[str, floa
         pointer = int(fields[i]["data_ptr"])
         size = int(table["size"][table["ptr"] == pointer][0])
         jpegs[i] = (int(fields[i]["height"]), int(fields[i]["width"]), raw[pointer : pointer + size])
-    crop, to_chw = njit(_seeded_crop_and_flip), njit(_hwc_to_chw)
+    crop, to_chw, region_into = njit(_seeded_crop_and_flip), njit(_hwc_to_chw), njit(decode_region_into)
     scratch, resized, out = (
         np.empty(512 * 512 * 3, np.uint8),
         np.empty((224, 224, 3), np.uint8),
         np.empty((3, 224, 224), np.uint8),
     )
+    ffcv_crops = {}
+    for i in picks:
+        height, width, _ = jpegs[i]
+        ffcv_crops[i] = crop(height, width, 0.08, 1.0, np.log(3 / 4), np.log(4 / 3), i)
+
+    def region(i, y, x, h, w):  # the crop's pixels, as the pipeline decodes them
+        region_into(jpegs[i][2], scratch, y, x, h, w)
+        return scratch[: h * w * 3].reshape(h, w, 3)
 
     def ffcv_decode(i):
-        height, width, jpeg = jpegs[i]
-        imdecode(jpeg, scratch, height, width, height, width, 0, 0, 1, 1, False, False)
-        return scratch[: height * width * 3].reshape(height, width, 3)
+        return region(i, *ffcv_crops[i][:4])
 
     def ffcv(i):
-        image = ffcv_decode(i)
-        height, width = image.shape[:2]
+        height, width, _ = jpegs[i]
         y, x, h, w, flip = crop(height, width, 0.08, 1.0, np.log(3 / 4), np.log(4 / 3), i)
-        resize_crop(image, y, y + h, x, x + w, resized)
+        resize_crop(region(i, y, x, h, w), 0, h, 0, w, resized)
         to_chw(resized, out, flip)
 
     paths = {
@@ -148,7 +161,7 @@ def single_thread_costs(folder, refs, beton: Path, count: int) -> dict[str, floa
         "alphanet-train webdataset": ours,
         "alphanet-train ffcv": ffcv,
         "torchvision ImageFolder decode": lambda i: folder.loader(folder.samples[i][0]),
-        "alphanet-train webdataset decode": lambda i: decode_jpeg(spans[i], mode=ImageReadMode.RGB),
+        "alphanet-train webdataset decode": lambda i: decode_region(spans[i], *crops[i]),
         "alphanet-train ffcv decode": ffcv_decode,
     }
     return per_image_ms(paths, picks)
@@ -250,7 +263,10 @@ def main() -> None:
         rate = rates[name]
         print(f"{name:44s} {rate:6.0f}   {rate / plain:5.2f}   {rate / kept:13.2f}   (first epoch {first:5.1f} s)")
     print("disk: " + ", ".join(f"{name} {size / 2**20:.0f} MB" for name, size in sizes.items()))
-    print(f"per image on one thread: decode + crop/resize + flip (of which decode); bound with {args.workers} cores")
+    print(
+        f"per image on one thread: decode + crop/resize + flip (of which decode; ours decode only the crop); "
+        f"bound with {args.workers} cores"
+    )
     for name in rates:
         name = name.removesuffix(" (baseline)").removesuffix(" + persistent_workers")
         if name in costs:

@@ -9,10 +9,11 @@ compiled once per loader, not once per epoch.
 
 The decoder writes CHW images itself, flipping while it changes the layout, in FFCV's decode threads:
 FFCV's ``ToTorchImage`` would permute and copy every batch in its one pipeline thread while the decode
-threads wait, and a flip was one more copy per image.  A crop is still decoded whole: FFCV can crop a JPEG
-before decoding only through a lossless transform (entropy-decode everything, re-encode the crop), which
-costs more than it saves; and DCT scaling only saves time at 1/2 or less, which needs crops of twice
-the output size (448 px for 224) or more.
+threads wait, and a flip was one more copy per image.  The crop is drawn from the image size in the
+metadata, and only its pixels are decoded (``data_pipeline.jpeg_region``, with the fast inverse DCT that
+FFCV's own decoder uses, so the pixels are those of FFCV's full decode); FFCV itself could crop a JPEG before
+decoding only through a lossless transform (entropy-decode everything, re-encode the crop), which costs
+more than it saves.
 
 One FFCV ``Loader`` is built per split and compiled once; each epoch (or resume) runs FFCV's epoch
 iterator over this rank's remaining indices, in order, reusing the previous epoch's buffers.  This uses
@@ -30,6 +31,7 @@ import torch
 
 from data_pipeline.batch import Batch
 from data_pipeline.config import DataConfig
+from data_pipeline.jpeg_region import region_decoder_for_numba
 from data_pipeline.manifest import DataError, ffcv_entry, split_entry
 from data_pipeline.plan import splitmix64
 from data_pipeline.transforms import seeded, train_transform
@@ -104,6 +106,7 @@ def _make_decoder(output_size, *, train: bool, scale=None, ratio=None, hflip=Fal
             mem_read = self.memory_read
             my_range = Compiler.get_iterator()
             imdecode_c = Compiler.compile(imdecode)
+            region_c = Compiler.compile(region_decoder_for_numba())
             resize_crop_c = Compiler.compile(resize_crop)
             crop_c = Compiler.compile(_seeded_crop_and_flip)
             centre_c = Compiler.compile(get_center_crop)
@@ -125,18 +128,21 @@ def _make_decoder(output_size, *, train: bool, scale=None, ratio=None, hflip=Fal
                     image_data = mem_read(field["data_ptr"], storage_state)
                     height = np.uint32(field["height"])
                     width = np.uint32(field["width"])
-                    if field["mode"] == jpg:
-                        temp = temp_storage[dst_ix]
-                        imdecode_c(image_data, temp, height, width, height, width, 0, 0, 1, 1, False, False)
-                        temp = temp.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
-                    else:
-                        temp = image_data.reshape(height, width, 3)
                     flip = False
                     if is_train:
                         seed = mix_c(batch_key ^ np.uint64(source_ix)) & _MASK32
                         i, j, h, w, flip = crop_c(height, width, scale_lo, scale_hi, log_lo, log_hi, seed)
                     else:
                         i, j, h, w = centre_c(height, width, 0, centre_ratio)
+                    if field["mode"] == jpg:
+                        scratch = temp_storage[dst_ix].reshape(-1)
+                        if region_c(image_data, scratch, i, j, h, w) == 0:  # the crop's pixels only
+                            temp, i, j = scratch[: 3 * h * w].reshape(h, w, 3), 0, 0
+                        else:  # a file the region decoder refuses: FFCV's full decode
+                            imdecode_c(image_data, scratch, height, width, height, width, 0, 0, 1, 1, False, False)
+                            temp = scratch[: 3 * height * width].reshape(height, width, 3)
+                    else:
+                        temp = image_data.reshape(height, width, 3)
                     resize_crop_c(temp, i, i + h, j, j + w, resized[dst_ix])
                     to_chw_c(resized[dst_ix], destination[dst_ix], do_flip and flip)
                 return destination[: len(batch_indices)]

@@ -12,6 +12,7 @@ from torch.utils.data import get_worker_info
 from torchvision.transforms import v2
 
 from data_pipeline.config import DataConfig
+from data_pipeline.jpeg_region import DecodeResizedCrop
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 
@@ -31,6 +32,13 @@ def train_transform(config: DataConfig, *, crop: bool = True) -> v2.Compose:
     elif config.auto_augment == "v0":
         steps.append(TFAutoAugmentV0(config))
     return v2.Compose(steps)
+
+
+def train_decode_transform(config: DataConfig) -> v2.Compose:
+    """``train_transform`` from JPEG bytes (1-D uint8): its RandomResizedCrop decodes only the crop's pixels
+    (``DecodeResizedCrop``), with the same random draws and the same output."""
+    crop, *rest = train_transform(config).transforms
+    return v2.Compose([DecodeResizedCrop(crop), *rest])
 
 
 def _posterize(image: Image.Image, bits: int, **_) -> Image.Image:

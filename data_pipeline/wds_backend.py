@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from data_pipeline.batch import Batch
 from data_pipeline.config import DataConfig
+from data_pipeline.jpeg_region import UndecodableImage, decode_rgb
 from data_pipeline.manifest import has_manifest, split_entry
 from data_pipeline.shards import index_shards, split_shards
-from data_pipeline.transforms import eval_transform, seeded, train_transform
+from data_pipeline.transforms import eval_transform, seeded, train_decode_transform
 
 _OPEN_SHARDS = 64
 """Shard descriptors a process keeps open (a split of 64 MB shards of ImageNet has about 2,200 shards)."""
@@ -84,10 +84,10 @@ class _Samples(Dataset):
         index, seed, valid = item
         ref = self.refs[index]
         try:
-            image = decode_jpeg(self._read(ref.shard, ref.image), mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError, OSError) as exc:
+            data = self._read(ref.shard, ref.image)
+            image = seeded(self.transform, data, seed) if self.train else self.transform(decode_rgb(data))
+        except (UndecodableImage, OSError) as exc:
             return ("skip", Path(ref.shard).name, ref.key, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-        image = seeded(self.transform, image, seed) if self.train else self.transform(image)
         return image, ref.label, valid, index
 
 
@@ -163,7 +163,8 @@ class WebDatasetBackend:
         self.refs, self.problems = index_shards(split_shards(config.root, split, verify=config.verify == "start"))
         entry = split_entry(config.root, split) if has_manifest(config.root) else {}
         self._skipped_at_prepare = entry.get("webdataset_skipped", [])
-        transform = train_transform(config) if train else eval_transform(config)
+        # Train: the crop is drawn before decoding, and only its pixels are decoded.
+        transform = train_decode_transform(config) if train else eval_transform(config)
         self.dataset = _Samples(self.refs, transform, train)
         self._idle: DataLoader | None = None
         """A DataLoader whose workers finished an epoch and wait for the next one."""

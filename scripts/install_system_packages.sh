@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Debian packages the Python requirements need (FFCV builds against libturbojpeg and OpenCV).
+# Debian packages the Python requirements need (FFCV builds against libturbojpeg and OpenCV; our JPEG
+# region decoder, data_pipeline/_jpeg_region.c, against libjpeg).
 # Idempotent: installs only what is missing; needs root (or sudo) only when something is missing.
 # With --test: the packages of a local SLURM cluster for tests/test_slurm.py, installed only as root
 # (elsewhere those tests skip and say why).
 set -euo pipefail
-packages=(pkg-config g++ libturbojpeg0-dev libopencv-dev numactl)
+packages=(pkg-config g++ libturbojpeg0-dev libjpeg-dev libopencv-dev numactl)
 if [ "${1:-}" = "--test" ]; then
   packages=(slurmctld slurmd slurm-client munge)
   if [ "$(id -u)" -ne 0 ]; then

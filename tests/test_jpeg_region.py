@@ -1,0 +1,147 @@
+"""The JPEG region decoder: the pixels of a full decode, for every layout of JPEG file; the train crop drawn
+before decoding gives the same tensors as torchvision's RandomResizedCrop of the decoded image."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as photos
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+
+from data_pipeline import DataConfig, jpeg_region
+from data_pipeline.jpeg_region import DecodeResizedCrop, UndecodableImage, decode_region, image_size
+from data_pipeline.transforms import seeded, train_decode_transform, train_transform
+
+# (PIL subsampling: 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0), progressive, greyscale
+LAYOUTS = {
+    "4:2:0": {"subsampling": 2},
+    "4:2:2": {"subsampling": 1},
+    "4:4:4": {"subsampling": 0},
+    "progressive 4:2:0": {"subsampling": 2, "progressive": True},
+    "greyscale": {"grey": True},
+}
+
+
+def encode(pixels: np.ndarray, grey: bool = False, **options) -> torch.Tensor:
+    image = Image.fromarray(pixels)
+    if grey:
+        image = image.convert("L")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, **options)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def photo(height: int, width: int, noise: bool) -> np.ndarray:
+    """A photograph's corner (smooth areas and edges), or noise, which makes any wrong pixel show."""
+    if noise:
+        return np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return np.ascontiguousarray(photos.astronaut()[:height, :width])
+
+
+def rectangles(height: int, width: int, count: int, seed: int):
+    """Random rectangles plus the corner cases: the whole image, single pixels at the corners, edge strips."""
+    yield from [(0, 0, height, width), (0, 0, 1, 1), (height - 1, width - 1, 1, 1), (0, width - 1, height, 1)]
+    yield from [(height - 1, 0, 1, width), (5, 17, height - 5, width - 17)]
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+        yield int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+
+
+def test_the_compiled_decoder_is_installed():
+    assert jpeg_region.available(), "data_pipeline._jpeg_region was not built: run `make setup`"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("noise", [False, True], ids=["photo", "noise"])
+def test_a_region_has_the_pixels_of_the_full_decode(layout, noise):
+    height, width = 203, 341  # not multiples of the 8/16-pixel blocks
+    jpeg = encode(photo(height, width, noise), **LAYOUTS[layout])
+    full = decode_jpeg(jpeg, mode=ImageReadMode.RGB)
+    assert image_size(jpeg) == (height, width)
+    for top, left, h, w in rectangles(height, width, count=40, seed=len(layout)):
+        region = decode_region(jpeg, top, left, h, w)
+        assert region is not None and region.shape == (3, h, w)
+        assert torch.equal(region, full[:, top : top + h, left : left + w]), (layout, top, left, h, w)
+
+
+def test_rectangles_outside_the_image_are_refused():
+    jpeg = encode(photo(40, 50, noise=False))
+    for top, left, h, w in [(-1, 0, 5, 5), (0, 0, 41, 5), (0, 46, 5, 5), (0, 0, 0, 5), (35, 45, 6, 5)]:
+        assert decode_region(jpeg, top, left, h, w) is None
+
+
+@pytest.mark.parametrize("layout", ["4:2:0", "greyscale"])
+def test_the_train_crop_is_torchvision_s_random_resized_crop_of_the_decoded_image(layout):
+    jpeg = encode(photo(375, 500, noise=False), **LAYOUTS[layout])
+    crop = v2.RandomResizedCrop(64, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    decoded = decode_jpeg(jpeg, mode=ImageReadMode.RGB)
+    compose = v2.Compose([crop])
+    for seed in range(30):
+        expected = seeded(compose, decoded, seed)
+        assert torch.equal(seeded(v2.Compose([DecodeResizedCrop(crop)]), jpeg, seed), expected), seed
+
+
+def test_the_train_transform_from_bytes_equals_the_one_on_decoded_images():
+    """Crop, flip and AutoAugment draw in the same order, so the whole transform gives the same tensors."""
+    config = DataConfig(base_resolution=48, eval_resize=56, auto_augment="v0")
+    jpeg = encode(photo(120, 160, noise=False))
+    decoded = decode_jpeg(jpeg, mode=ImageReadMode.RGB)
+    on_images, on_bytes = train_transform(config), train_decode_transform(config)
+    for seed in range(20):
+        expected = seeded(on_images, decoded, seed)
+        assert torch.equal(seeded(on_bytes, jpeg, seed), expected), seed
+
+
+def test_files_the_region_decoder_refuses_take_the_full_decoder_s_path():
+    """CMYK (libjpeg cannot convert it to RGB) and a file cut short (libjpeg would warn and fill in grey):
+    decode_jpeg decides what they give; bytes that are no JPEG raise UndecodableImage."""
+    crop = v2.RandomResizedCrop(32, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    pixels = photo(90, 120, noise=False)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert("CMYK").save(buffer, format="JPEG", quality=90)
+    cmyk = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    whole = encode(pixels)
+    cut = whole[: whole.numel() * 2 // 3].clone()
+    for jpeg in (cmyk, cut):
+        assert decode_region(jpeg, 0, 0, 90, 120) is None
+        try:
+            expected = seeded(v2.Compose([crop]), decode_jpeg(jpeg, mode=ImageReadMode.RGB), 7)
+        except RuntimeError:
+            with pytest.raises(UndecodableImage):
+                seeded(v2.Compose([DecodeResizedCrop(crop)]), jpeg, 7)
+        else:
+            assert torch.equal(seeded(v2.Compose([DecodeResizedCrop(crop)]), jpeg, 7), expected)
+    garbage = torch.frombuffer(bytearray(b"\xff\xd8\xff\xe0 this is not a jpeg" * 3), dtype=torch.uint8)
+    assert image_size(garbage) is None
+    with pytest.raises(UndecodableImage):
+        DecodeResizedCrop(crop)(garbage)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ffcv_s_region_decode_has_the_pixels_of_ffcv_s_full_decode(layout):
+    """The FFCV decoder (numba-compiled, fast inverse DCT) decodes only the crop; FFCV's own decoder decodes
+    everything: same pixels for the crop.  (tests/test_data_loader.py checks whole batches against FFCV's
+    primitives.)"""
+    from ffcv.libffcv import imdecode
+    from numba import njit
+
+    from data_pipeline.jpeg_region import decode_region_into, region_decoder_for_numba
+
+    assert region_decoder_for_numba() is decode_region_into
+    height, width = 203, 341
+    jpeg = encode(photo(height, width, noise=True), **LAYOUTS[layout]).numpy()
+    full = np.empty((height, width, 3), dtype=np.uint8)
+    assert imdecode(jpeg, full, height, width, height, width, 0, 0, 1, 1, False, False) == 0
+    region_into = njit(decode_region_into)
+    scratch = np.empty(height * width * 3, dtype=np.uint8)  # what FFCV's pipeline gives each sample
+    for top, left, h, w in rectangles(height, width, count=25, seed=7):
+        assert region_into(jpeg, scratch, top, left, h, w) == 0
+        region = scratch[: h * w * 3].reshape(h, w, 3)
+        assert np.array_equal(region, full[top : top + h, left : left + w]), (layout, top, left, h, w)
+    assert region_into(jpeg[: jpeg.size // 2].copy(), scratch, 0, 0, height, width) != 0  # cut: FFCV decodes it
