@@ -145,3 +145,37 @@ def test_ffcv_s_region_decode_has_the_pixels_of_ffcv_s_full_decode(layout):
         region = scratch[: h * w * 3].reshape(h, w, 3)
         assert np.array_equal(region, full[top : top + h, left : left + w]), (layout, top, left, h, w)
     assert region_into(jpeg[: jpeg.size // 2].copy(), scratch, 0, 0, height, width) != 0  # cut: FFCV decodes it
+
+
+def test_the_webdataset_loader_gives_the_batches_of_the_full_decode(digits_shards, monkeypatch):
+    """End to end, in the loader's worker processes: the same batches with the region decoder as without it
+    (the extension switched off: every image decoded whole, then torchvision's crop)."""
+    from data_pipeline import build_loader
+
+    config = DataConfig(
+        format="webdataset",
+        root=digits_shards,
+        base_resolution=24,
+        batch_size=16,
+        num_workers=2,
+        eval_resize=28,
+        crop_scale=(0.3, 1.0),
+        auto_augment="v0",
+    )
+
+    def first_batches(count=6):
+        loader = build_loader(config, "train", train=True, seed=11)
+        batches = []
+        for batch in loader:
+            batches.append((batch.images.clone(), batch.labels.clone()))
+            if len(batches) == count:
+                break
+        loader.close()
+        return batches
+
+    cropped_only = first_batches()
+    monkeypatch.setattr(jpeg_region, "_LIBRARY", None)
+    assert image_size(encode(photo(16, 16, noise=False))) is None
+    whole = first_batches()
+    for (images, labels), (expected_images, expected_labels) in zip(cropped_only, whole, strict=True):
+        assert torch.equal(labels, expected_labels) and torch.equal(images, expected_images)
