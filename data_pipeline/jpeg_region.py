@@ -1,8 +1,9 @@
 """Decode only the rectangle of a JPEG that a random-resized crop keeps (C: ``_jpeg_region.c``).
 
 A training crop covers about half of an image on average, and decoding is about half of a sample's cost;
-decoding the rectangle alone (skipping the inverse DCT of the rows above it, the rows below it and the
-columns beside it) gives the same pixels as decoding everything and slicing.  ``DecodeResizedCrop`` does
+decoding the rectangle alone (no inverse DCT for the rows above it and the columns beside it; the rows below
+it entropy-decoded only, to read the file to its end, so that damage anywhere fails as in a full decode)
+gives the same pixels as decoding everything and slicing.  ``DecodeResizedCrop`` does
 torchvision's RandomResizedCrop that way: the crop is drawn from the image size in the header, with the
 same random draws as ``v2.RandomResizedCrop`` on the decoded image, so the output is the same tensor.
 
