@@ -116,7 +116,7 @@ def single_thread_costs(folder, refs, beton: Path, count: int) -> dict[str, floa
     crops = {}  # each sample's crop, as its seeded transform draws it: what "decode" decodes
     for i in picks:
         _seed_cpu_rngs(i)
-        params = transform.transforms[0].crop.make_params([torch.empty(0, *image_size(spans[i]))])
+        params = transform.transforms[0].draw(image_size(spans[i]))
         crops[i] = (params["top"], params["left"], params["height"], params["width"])
 
     def ours(i):

@@ -52,6 +52,13 @@ static void guard(struct jpeg_decompress_struct *cinfo, struct guarded_error *er
     err->warned = 0;
 }
 
+/* Start decompressing `data` and read its header; a libjpeg error jumps to the caller's guard (its setjmp). */
+static void read_header(struct jpeg_decompress_struct *cinfo, const uint8_t *data, uint64_t length) {
+    jpeg_create_decompress(cinfo);
+    jpeg_mem_src(cinfo, data, (unsigned long)length);
+    jpeg_read_header(cinfo, TRUE);
+}
+
 /* The image's height and width (size_out[0], size_out[1]) from its header. */
 int jpeg_region_image_size(const uint8_t *data, uint64_t length, int32_t *size_out) {
     struct jpeg_decompress_struct cinfo;
@@ -61,9 +68,7 @@ int jpeg_region_image_size(const uint8_t *data, uint64_t length, int32_t *size_o
         jpeg_destroy_decompress(&cinfo);
         return REGION_LIBJPEG_ERROR;
     }
-    jpeg_create_decompress(&cinfo);
-    jpeg_mem_src(&cinfo, data, (unsigned long)length);
-    jpeg_read_header(&cinfo, TRUE);
+    read_header(&cinfo, data, length);
     size_out[0] = (int32_t)cinfo.image_height;
     size_out[1] = (int32_t)cinfo.image_width;
     jpeg_destroy_decompress(&cinfo);
@@ -91,9 +96,7 @@ int jpeg_region_decode(const uint8_t *data, uint64_t length, uint8_t *out, uint6
         jpeg_destroy_decompress(&cinfo);
         return REGION_LIBJPEG_ERROR;
     }
-    jpeg_create_decompress(&cinfo);
-    jpeg_mem_src(&cinfo, data, (unsigned long)length);
-    jpeg_read_header(&cinfo, TRUE);
+    read_header(&cinfo, data, length);
     cinfo.out_color_space = JCS_RGB;
     cinfo.dct_method = fast_dct ? JDCT_IFAST : JDCT_ISLOW;
     cinfo.do_fancy_upsampling = TRUE;

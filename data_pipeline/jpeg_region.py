@@ -112,12 +112,16 @@ class DecodeResizedCrop:
     def __init__(self, crop: v2.RandomResizedCrop):
         self.crop = crop
 
+    def draw(self, size: tuple[int, int]) -> dict:
+        """The crop's parameters as the transform draws them for an image of ``size`` (from torch's RNG; a
+        0-channel stand-in for the image, no pixels)."""
+        return self.crop.make_params([torch.empty(0, *size, dtype=torch.uint8)])
+
     def __call__(self, data: torch.Tensor) -> torch.Tensor:
         size = image_size(data)
         if size is None:
             return self.crop(decode_rgb(data))
-        # The crop drawn as the transform draws it for an image of this size (a 0-channel stand-in, no pixels).
-        params = self.crop.make_params([torch.empty(0, *size, dtype=torch.uint8)])
+        params = self.draw(size)
         top, left, height, width = params["top"], params["left"], params["height"], params["width"]
         region = decode_region(data, top, left, height, width)
         if region is None:
