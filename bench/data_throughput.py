@@ -99,12 +99,12 @@ def per_image_ms(paths: dict, items, repeats: int = 5) -> dict[str, float]:
 def single_thread_costs(folder, refs, beton: Path, count: int) -> dict[str, float]:
     """ms per image on one thread of each path's decode + crop/resize + flip, as its workers run it, and of
     its decode alone (``name + " decode"``)."""
-    from ffcv.libffcv import resize_crop
     from ffcv.reader import Reader
     from numba import njit
 
     from data_pipeline import DataConfig
-    from data_pipeline.ffcv_backend import _hwc_to_chw, _seeded_crop_and_flip
+    from data_pipeline.bicubic import resize_into_chw
+    from data_pipeline.ffcv_backend import _seeded_crop_and_flip
     from data_pipeline.jpeg_region import decode_region, decode_region_into, image_size
     from data_pipeline.shards import read_bytes
     from data_pipeline.transforms import _seed_cpu_rngs, train_decode_transform
@@ -132,12 +132,8 @@ def single_thread_costs(folder, refs, beton: Path, count: int) -> dict[str, floa
         pointer = int(fields[i]["data_ptr"])
         size = int(table["size"][table["ptr"] == pointer][0])
         jpegs[i] = (int(fields[i]["height"]), int(fields[i]["width"]), raw[pointer : pointer + size])
-    crop, to_chw, region_into = njit(_seeded_crop_and_flip), njit(_hwc_to_chw), njit(decode_region_into)
-    scratch, resized, out = (
-        np.empty(512 * 512 * 3, np.uint8),
-        np.empty((224, 224, 3), np.uint8),
-        np.empty((3, 224, 224), np.uint8),
-    )
+    crop, region_into = njit(_seeded_crop_and_flip), njit(decode_region_into)
+    scratch, out = np.empty(512 * 512 * 3, np.uint8), np.empty((3, 224, 224), np.uint8)
     ffcv_crops = {}
     for i in picks:
         height, width, _ = jpegs[i]
@@ -153,8 +149,7 @@ def single_thread_costs(folder, refs, beton: Path, count: int) -> dict[str, floa
     def ffcv(i):
         height, width, _ = jpegs[i]
         y, x, h, w, flip = crop(height, width, 0.08, 1.0, np.log(3 / 4), np.log(4 / 3), i)
-        resize_crop(region(i, y, x, h, w), 0, h, 0, w, resized)
-        to_chw(resized, out, flip)
+        resize_into_chw(region(i, y, x, h, w), 224, 224, 0, 0, out, flip)
 
     paths = {
         "torchvision ImageFolder": folder.__getitem__,

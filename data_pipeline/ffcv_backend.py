@@ -7,10 +7,13 @@ belongs to (its first sample index).  Batches are a pure function of (seed, epoc
 augmentation is reproducible on resume and still changes from epoch to epoch; and the pipeline is
 compiled once per loader, not once per epoch.
 
-The decoder writes CHW images itself, flipping while it changes the layout, in FFCV's decode threads:
-FFCV's ``ToTorchImage`` would permute and copy every batch in its one pipeline thread while the decode
-threads wait, and a flip was one more copy per image.  The crop is drawn from the image size in the
-metadata, and only its pixels are decoded (``data_pipeline.jpeg_region``, with the fast inverse DCT that
+The images are those our torchvision transforms make of the decoded image (the WebDataset path's): the
+crop is resized with torchvision's antialiased bicubic (``data_pipeline.bicubic``, the same integer
+arithmetic, compiled by numba), not FFCV's OpenCV ``INTER_AREA``; eval resizes the short side and takes the
+centre window, as ``Resize`` + ``CenterCrop`` do.  The resize writes CHW images itself, flipped as needed,
+in FFCV's decode threads: FFCV's ``ToTorchImage`` would permute and copy every batch in its one pipeline
+thread while the decode threads wait.  The crop is drawn from the image size in the metadata, and only its
+pixels are decoded (``data_pipeline.jpeg_region``, with the fast inverse DCT that
 FFCV's own decoder uses, so the pixels are those of FFCV's full decode); FFCV itself could crop a JPEG before
 decoding only through a lossless transform (entropy-decode everything, re-encode the crop), which costs
 more than it saves.
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 
 from data_pipeline.batch import Batch
+from data_pipeline.bicubic import centre_offset, resize_into_chw, resized_size
 from data_pipeline.config import DataConfig
 from data_pipeline.jpeg_region import region_decoder_for_numba
 from data_pipeline.manifest import DataError, ffcv_entry, split_entry
@@ -63,28 +67,14 @@ def _seeded_crop_and_flip(height, width, scale_lo, scale_hi, log_ratio_lo, log_r
     return (height - h) // 2, (width - w) // 2, h, w, np.random.random() < 0.5
 
 
-def _hwc_to_chw(source, destination, flip):
-    """``destination[c, y, x] = source[y, x, c]``, mirrored left-right when ``flip`` (runs in numba): the
-    layout change and the flip in one pass, instead of a flipped copy per image and a permuted copy of
-    every batch in FFCV's (single) pipeline thread."""
-    height, width = source.shape[0], source.shape[1]
-    for c in range(3):
-        for y in range(height):
-            if flip:
-                for x in range(width):
-                    destination[c, y, x] = source[y, width - 1 - x, c]
-            else:
-                for x in range(width):
-                    destination[c, y, x] = source[y, x, c]
-
-
-def _make_decoder(output_size, *, train: bool, scale=None, ratio=None, hflip=False, run_seed=0, eval_ratio=1.0):
-    """A decoder that writes uint8 CHW images: train, the seeded RandomResizedCrop + flip; eval, FFCV's
-    centre crop of ``eval_ratio`` of the short side.  Both resize with FFCV's ``resize_crop``, as before."""
+def _make_decoder(output_size, *, train: bool, scale=None, ratio=None, hflip=False, run_seed=0, eval_resize=None):
+    """A decoder that writes uint8 CHW images as our torchvision transforms make them from the decoded image:
+    train, the seeded RandomResizedCrop (bicubic, antialiased) + flip; eval, ``Resize(eval_resize)`` (bicubic,
+    antialiased) + ``CenterCrop``.  The resize (``data_pipeline.bicubic``) writes the CHW layout and the flip."""
     from dataclasses import replace
 
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_center_crop
-    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.libffcv import imdecode
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
 
@@ -96,10 +86,8 @@ def _make_decoder(output_size, *, train: bool, scale=None, ratio=None, hflip=Fal
         def declare_state_and_memory(self, previous_state):
             state, (_, temp) = super().declare_state_and_memory(previous_state)
             height, width = self.output_size
-            uint8 = np.dtype("<u1")
-            chw = AllocationQuery((3, height, width), uint8)
-            hwc = AllocationQuery((height, width, 3), uint8)  # the resized crop, before the layout change
-            return replace(state, shape=(3, height, width)), (chw, temp, hwc)
+            chw = AllocationQuery((3, height, width), np.dtype("<u1"))
+            return replace(state, shape=(3, height, width)), (chw, temp)
 
         def generate_code(self):
             jpg = IMAGE_MODES["jpg"]
@@ -107,20 +95,18 @@ def _make_decoder(output_size, *, train: bool, scale=None, ratio=None, hflip=Fal
             my_range = Compiler.get_iterator()
             imdecode_c = Compiler.compile(imdecode)
             region_c = Compiler.compile(region_decoder_for_numba())
-            resize_crop_c = Compiler.compile(resize_crop)
             crop_c = Compiler.compile(_seeded_crop_and_flip)
-            centre_c = Compiler.compile(get_center_crop)
-            to_chw_c = Compiler.compile(_hwc_to_chw)
             mix_c = Compiler.compile(splitmix64)
             is_train = train
             scale_lo, scale_hi = (float(scale[0]), float(scale[1])) if train else (0.0, 0.0)
             log_lo, log_hi = (float(np.log(ratio[0])), float(np.log(ratio[1]))) if train else (0.0, 0.0)
-            centre_ratio = float(eval_ratio)
+            short_side = int(eval_resize or 0)
+            side = int(output_size[0])
             do_flip = hflip
             base = np.uint64(run_seed)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
-                destination, temp_storage, resized = my_storage
+                destination, temp_storage = my_storage
                 batch_key = mix_c(base ^ mix_c(np.uint64(batch_indices[0])))
                 for dst_ix in my_range(len(batch_indices)):
                     source_ix = batch_indices[dst_ix]
@@ -132,19 +118,23 @@ def _make_decoder(output_size, *, train: bool, scale=None, ratio=None, hflip=Fal
                     if is_train:
                         seed = mix_c(batch_key ^ np.uint64(source_ix)) & _MASK32
                         i, j, h, w, flip = crop_c(height, width, scale_lo, scale_hi, log_lo, log_hi, seed)
-                    else:
-                        i, j, h, w = centre_c(height, width, 0, centre_ratio)
+                    else:  # the whole image, resized, then the centre window of that
+                        i, j, h, w = 0, 0, height, width
                     if field["mode"] == jpg:
                         scratch = temp_storage[dst_ix].reshape(-1)
                         if region_c(image_data, scratch, i, j, h, w) == 0:  # the crop's pixels only
-                            temp, i, j = scratch[: 3 * h * w].reshape(h, w, 3), 0, 0
+                            crop = scratch[: 3 * h * w].reshape(h, w, 3)
                         else:  # a file the region decoder refuses: FFCV's full decode
                             imdecode_c(image_data, scratch, height, width, height, width, 0, 0, 1, 1, False, False)
-                            temp = scratch[: 3 * height * width].reshape(height, width, 3)
+                            crop = scratch[: 3 * height * width].reshape(height, width, 3)[i : i + h, j : j + w]
                     else:
-                        temp = image_data.reshape(height, width, 3)
-                    resize_crop_c(temp, i, i + h, j, j + w, resized[dst_ix])
-                    to_chw_c(resized[dst_ix], destination[dst_ix], do_flip and flip)
+                        crop = image_data.reshape(height, width, 3)[i : i + h, j : j + w]
+                    if is_train:
+                        resize_into_chw(crop, side, side, 0, 0, destination[dst_ix], do_flip and flip)
+                    else:
+                        out_h, out_w = resized_size(height, width, short_side)
+                        top, left = centre_offset(out_h, side), centre_offset(out_w, side)
+                        resize_into_chw(crop, out_h, out_w, top, left, destination[dst_ix], False)
                 return destination[: len(batch_indices)]
 
             decode.is_parallel = True
@@ -209,7 +199,7 @@ class FFCVBackend:
                 size, train=True, scale=c.crop_scale, ratio=(3 / 4, 4 / 3), hflip=c.hflip, run_seed=self.seed
             )
         else:
-            decoder = _make_decoder(size, train=False, eval_ratio=c.base_resolution / c.eval_resize)
+            decoder = _make_decoder(size, train=False, eval_resize=c.eval_resize)
         threads = torch.get_num_threads()
         try:
             loader = Loader(

@@ -412,17 +412,19 @@ def test_a_process_with_idle_workers_exits(digits):
     assert out.stdout.strip() == "300"
 
 
-def test_ffcv_decoder_is_ffcvs_crop_resize_with_the_flip_folded_into_the_layout_change(tmp_path):
-    """What the CHW decoder writes is, per sample, FFCV's JPEG decode, the seeded crop, FFCV's resize, the
-    flip: computed here from those primitives one image at a time.  Eval: FFCV's centre crop."""
+def test_ffcv_images_are_our_torchvision_transforms_of_ffcvs_decode(tmp_path):
+    """What the FFCV decoder writes is, per sample, torchvision's transforms (the ones the WebDataset path
+    runs) of FFCV's JPEG decode: train, the seeded crop resized bicubic with antialias, then the flip; eval,
+    ``eval_transform`` (Resize + CenterCrop).  Computed here one image at a time, compared bit for bit."""
     from data_helpers import make_image_folder
-    from ffcv.fields.rgb_image import get_center_crop
-    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.libffcv import imdecode
     from ffcv.reader import Reader
     from numba import njit
+    from torchvision.transforms import v2
 
     from data_pipeline.ffcv_backend import _MASK32, _seeded_crop_and_flip
     from data_pipeline.plan import splitmix64
+    from data_pipeline.transforms import BICUBIC, eval_transform
 
     root = make_image_folder(tmp_path / "f", classes=2, per_class=12)
     out = tmp_path / "o"
@@ -431,18 +433,18 @@ def test_ffcv_decoder_is_ffcvs_crop_resize_with_the_flip_folded_into_the_layout_
     data = np.fromfile(out / "train.beton", dtype=np.uint8)
     crop = njit(_seeded_crop_and_flip)  # numba's generator, as in the pipeline
 
-    def decoded(index: int) -> np.ndarray:
+    def decoded(index: int) -> torch.Tensor:
         field = reader.metadata[f"f{list(reader.handlers).index('image')}"][index]
         height, width = int(field["height"]), int(field["width"])
         pointer = int(field["data_ptr"])
         size = int(reader.alloc_table["size"][reader.alloc_table["ptr"] == pointer][0])
         image = np.empty((height, width, 3), dtype=np.uint8)
         imdecode(data[pointer : pointer + size], image, height, width, height, width, 0, 0, 1, 1, False, False)
-        return image
+        return torch.from_numpy(image).permute(2, 0, 1)
 
     size, seed, flips = 16, 5, 0
     for train in (True, False):
-        cfg = config(out, "ffcv", batch_size=8, base_resolution=size, crop_scale=(0.3, 1.0), eval_resize=20)
+        cfg = config(out, "ffcv", batch_size=8, base_resolution=size, crop_scale=(0.3, 1.0), eval_resize=21)
         loader = build_loader(cfg, "train", train=train, seed=seed)
         for batch in loader:
             assert batch.images.is_contiguous() and batch.images.shape[1:] == (3, size, size)
@@ -450,19 +452,17 @@ def test_ffcv_decoder_is_ffcvs_crop_resize_with_the_flip_folded_into_the_layout_
                 key = splitmix64(np.uint64(seed) ^ splitmix64(np.uint64(int(batch.indices[0]))))
             for index, image in zip(batch.indices.tolist(), batch.images):
                 source = decoded(index)
-                height, width = source.shape[:2]
-                flip = False
                 if train:
                     with np.errstate(over="ignore"):
                         sample_seed = int(splitmix64(key ^ np.uint64(index)) & _MASK32)
+                    height, width = source.shape[1:]
                     i, j, h, w, flip = crop(height, width, 0.3, 1.0, np.log(3 / 4), np.log(4 / 3), sample_seed)
+                    expected = v2.functional.resized_crop(source, i, j, h, w, [size, size], BICUBIC, antialias=True)
+                    expected = v2.functional.horizontal_flip(expected) if flip else expected
+                    flips += bool(flip)
                 else:
-                    i, j, h, w = get_center_crop(height, width, 0, size / 20)
-                expected = np.empty((size, size, 3), dtype=np.uint8)
-                resize_crop(source, i, i + h, j, j + w, expected)
-                expected = expected[:, ::-1] if flip else expected
-                flips += bool(flip)
-                assert torch.equal(image, torch.from_numpy(np.ascontiguousarray(expected.transpose(2, 0, 1))))
+                    expected = eval_transform(cfg)(source)
+                assert torch.equal(image, expected)
     assert flips > 0
 
 
