@@ -99,11 +99,17 @@ def _collate(items, resolution: int):
     skipped = [tuple(it[1:]) for it in items if it[0] == "skip"]
     if good:
         first = good[0][0]
-        out = None
+        channels, height, width = first.shape
+        size = len(good) * first.numel()
         if get_worker_info() is not None:
-            storage = first.untyped_storage()._new_shared(len(good) * first.numel() * first.element_size())
-            out = first.new(storage).resize_(len(good), *first.shape)
-        images = torch.stack([it[0] for it in good], out=out)
+            storage = first.new(first.untyped_storage()._new_shared(size * first.element_size()))
+        else:
+            storage = torch.empty(size, dtype=first.dtype)
+        images = storage.as_strided(
+            (len(good), channels, height, width), (first.numel(), 1, width * channels, channels)
+        )
+        for k, it in enumerate(good):
+            images[k].copy_(it[0])
     else:
         images = torch.empty(0, 3, resolution, resolution, dtype=torch.uint8)
     labels = np.array([it[1] for it in good], dtype=np.int64)

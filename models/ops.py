@@ -61,10 +61,11 @@ def se_channels(channels: int, reduction: int = 4) -> int:
 def conv_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``x`` in the memory layout the network's convolutions run in: channels-last (NHWC in memory) made
     the largest AlphaNet sub-network's forward + backward 1.5–1.8× faster on a CPU than NCHW (oneDNN's
-    depthwise and 1×1 kernels; ``bench/step_throughput.py``); the logical shape stays NCHW either way."""
-    if channels_last and x.ndim == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+    depthwise and 1×1 kernels; ``bench/step_throughput.py``); the logical shape stays NCHW either way.
+    Without it, NCHW (contiguous), whatever layout the batch came in."""
+    if x.ndim != 4:
+        return x
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def pointwise_as_matmul(x: torch.Tensor, stride: int, kernel_size: int) -> bool:

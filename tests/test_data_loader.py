@@ -248,6 +248,19 @@ def test_normalize_uint8():
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_batches_come_channels_last_and_normalize_makes_them_nchw(digits, workers):
+    """Workers stack each image with a plain copy (their resized crops are channels-last in memory), so a
+    batch is NCHW channels-last; ``normalize`` returns contiguous NCHW, the same numbers either way."""
+    loader = build_loader(config(digits, "webdataset", batch_size=8, num_workers=workers), "train", train=True)
+    batch = next(iter(loader))
+    assert batch.images.shape[1] == 3 and batch.images.is_contiguous(memory_format=torch.channels_last)
+    out = normalize(batch.images, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    assert out.is_contiguous()
+    assert torch.equal(out, normalize(batch.images.contiguous(), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)))
+    loader.close()
+
+
 def test_ffcv_bad_input_is_reported_and_a_damaged_file_fails_at_start(tmp_path):
     from data_helpers import make_image_folder
 
