@@ -12,8 +12,9 @@ distilled from it) on the same batches, one torch thread per rank:
 - **plain PyTorch**: our math in a hand-written loop: the N backward passes accumulate locally, one flat
   all-reduce of all gradients at the last (averaging over ranks), clip by value, one Nesterov SGD step.
   Measured first and again last; the mean of the two is the baseline, so neither warm-up nor drift of
-  the machine favours one side.  Also run with the old NCHW layout, with activation checkpointing and
-  with bf16 autocast, to show each lever alone.  The bf16 row runs by default only on a CPU with bf16
+  the machine favours one side.  Also run with the old NCHW layout, with PyTorch's (oneDNN's) depthwise
+  convolutions instead of ours (``models.depthwise``), with activation checkpointing and with bf16
+  autocast, to show each lever alone.  The bf16 row runs by default only on a CPU with bf16
   instructions (AVX-512 BF16 or AMX): elsewhere PyTorch has no bf16 depthwise kernel and runs one
   convolution per channel, ~15× the fp32 step, and its profiled step would record millions of operator
   events (over 10 GB per rank at full size); ``--bf16 on`` measures it anyway, without the profile;
@@ -149,6 +150,7 @@ def worker(args) -> None:
 
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, build_supernet
+    from models.depthwise import pytorch_depthwise
     from trainer.distributed import init_distributed, resolve
     from trainer.engine import build_engine, build_optimizer
     from trainer.sandwich import SandwichStep, sample_sandwich
@@ -250,7 +252,8 @@ def worker(args) -> None:
         net.channels_last = options.pop("channels_last", True)
         net.activation_checkpointing = options.pop("activation_checkpointing", False)
         engine, module, optimizer = make(net)
-        result = run(engine, module, **options)
+        with pytorch_depthwise() if options.pop("onednn_depthwise", False) else contextlib.nullcontext():
+            result = run(engine, module, **options)
         result["state_bytes"] = optimizer_state_bytes(optimizer)
         peak = torch.tensor([peak_rss_bytes()], dtype=torch.float64)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -280,6 +283,7 @@ def worker(args) -> None:
     measure("plain PyTorch (first)", plain)
     measure("reference-style DDP, NCHW", reference, channels_last=False)
     measure("plain PyTorch, NCHW", plain, channels_last=False)
+    measure("plain, oneDNN depthwise", plain, onednn_depthwise=True)
     measure("plain + activation ckpt", plain, activation_checkpointing=True)
     native_bf16 = cpu_has_bf16()
     if args.bf16 == "on" or (args.bf16 == "auto" and native_bf16):

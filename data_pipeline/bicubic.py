@@ -96,13 +96,15 @@ def _resample_lines(source, first, count, weights, bits, start, destination):
 
 @njit(nogil=True, cache=True)
 def _axis(in_size, out_size, start, length):
-    """One axis: its weights, and the input span ``[lo, hi)`` that outputs ``[start, start + length)`` read
-    (themselves when the size does not change: that pass is a copy, as torchvision skips it)."""
-    first, count, weights, bits = bicubic_weights(in_size, out_size)
+    """One axis: whether it is resized, its weights, and the input span ``[lo, hi)`` that outputs
+    ``[start, start + length)`` read.  An axis whose size does not change is copied, as torchvision skips
+    that pass: it gets no weights and reads its outputs' own span."""
     if in_size == out_size:
-        return first, count, weights, bits, start, start + length
+        none = np.zeros(0, np.int64)
+        return False, none, none, np.zeros((0, 0), np.int32), 0, start, start + length
+    first, count, weights, bits = bicubic_weights(in_size, out_size)
     last = start + length - 1
-    return first, count, weights, bits, first[start], first[last] + count[last]
+    return True, first, count, weights, bits, first[start], first[last] + count[last]
 
 
 @njit(nogil=True, cache=True)
@@ -113,9 +115,8 @@ def resize_into_chw(source, out_height, out_width, top, left, destination, flip)
     and columns the window reads are touched."""
     in_height, in_width = source.shape[0], source.shape[1]
     height, width = destination.shape[1], destination.shape[2]
-    resize_rows, resize_cols = in_height != out_height, in_width != out_width
-    row_first, row_count, row_weights, row_bits, row_lo, row_hi = _axis(in_height, out_height, top, height)
-    col_first, col_count, col_weights, col_bits, col_lo, col_hi = _axis(in_width, out_width, left, width)
+    resize_rows, row_first, row_count, row_weights, row_bits, row_lo, row_hi = _axis(in_height, out_height, top, height)
+    resize_cols, col_first, col_count, col_weights, col_bits, col_lo, col_hi = _axis(in_width, out_width, left, width)
     rows = row_hi - row_lo
     # Horizontal pass, over the transposed image: line c holds column col_lo + c of the rows read.
     columns = np.empty((col_hi - col_lo, rows * 3), np.uint8)

@@ -102,12 +102,10 @@ def _collate(items, resolution: int):
         channels, height, width = first.shape
         size = len(good) * first.numel()
         if get_worker_info() is not None:
-            storage = first.new(first.untyped_storage()._new_shared(size * first.element_size()))
+            flat = first.new(first.untyped_storage()._new_shared(size * first.element_size()))
         else:
-            storage = torch.empty(size, dtype=first.dtype)
-        images = storage.as_strided(
-            (len(good), channels, height, width), (first.numel(), 1, width * channels, channels)
-        )
+            flat = torch.empty(size, dtype=first.dtype)
+        images = flat.as_strided((len(good), channels, height, width), (first.numel(), 1, width * channels, channels))
         for k, it in enumerate(good):
             images[k].copy_(it[0])
     else:

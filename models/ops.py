@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.depthwise import depthwise_conv
+
 _recompute = threading.local()
 
 
@@ -127,9 +129,7 @@ class DynamicDepthwiseConv2d(nn.Module):
         nn.init.kaiming_normal_(self.weight, mode="fan_out")
 
     def forward(self, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
-        channels = x.shape[1]
-        weight = centre_crop_kernel(self.weight[:channels], kernel_size)
-        return F.conv2d(x, weight, None, self.stride, kernel_size // 2, groups=channels)
+        return depthwise_conv(x, centre_crop_kernel(self.weight[: x.shape[1]], kernel_size), self.stride)
 
 
 class DynamicBatchNorm2d(nn.BatchNorm2d):

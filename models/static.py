@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.depthwise import depthwise_conv
 from models.ops import conv_layout, pointwise_as_matmul, pointwise_conv, se_channels
 from models.search_space import ArchConfig, SearchSpace
 from models.subnet_plan import BlockPlan, plan_subnet
@@ -18,12 +19,28 @@ from models.subnet_plan import BlockPlan, plan_subnet
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and state dict) whose 1×1 convolutions of channels-last CPU tensors run
-    as a matrix product (:func:`models.ops.pointwise_conv`), like the supernet's."""
+    as a matrix product (:func:`models.ops.pointwise_conv`) and whose depthwise ones run
+    :func:`models.depthwise.depthwise_conv`, like the supernet's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.groups == 1 and pointwise_as_matmul(x, self.stride[0], self.kernel_size[0]):
             return pointwise_conv(x, self.weight, self.bias)
+        if self.groups == self.in_channels == self.out_channels > 1 and self._plain_depthwise():
+            return depthwise_conv(x, self.weight, self.stride[0])
         return super().forward(x)
+
+    def _plain_depthwise(self) -> bool:
+        """Square kernel, same stride both ways, padding k // 2, no dilation or bias: what
+        :func:`models.depthwise.depthwise_conv` computes."""
+        k = self.kernel_size[0]
+        return (
+            self.bias is None
+            and self.kernel_size == (k, k)
+            and self.stride[0] == self.stride[1]
+            and self.padding == (k // 2, k // 2)
+            and self.dilation == (1, 1)
+            and self.padding_mode == "zeros"
+        )
 
 
 def _conv(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1, bias: bool = False) -> nn.Conv2d:

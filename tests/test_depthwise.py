@@ -1,0 +1,127 @@
+"""The compiled depthwise convolution against PyTorch's, in float64 as the independent reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import depthwise
+from models.depthwise import depthwise_conv, pytorch_depthwise, runs_compiled
+from models.ops import DynamicDepthwiseConv2d
+from models.static import Conv2d
+
+CL = torch.channels_last
+
+
+def _reference(x: torch.Tensor, weight: torch.Tensor, stride: int, grad: torch.Tensor):
+    """Output and gradients of ``F.conv2d`` computed in float64 (NCHW)."""
+    x64 = x.detach().double().contiguous().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    y = F.conv2d(x64, w64, None, stride, weight.shape[-1] // 2, 1, x.shape[1])
+    gx, gw = torch.autograd.grad(y, (x64, w64), grad.double())
+    return y, gx, gw
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert ours.dtype == torch.float32
+    assert ours.shape == ref.shape
+    scale = ref.abs().max().item()
+    assert (ours.double() - ref).abs().max().item() <= 2e-6 * scale
+
+
+@pytest.mark.parametrize(
+    ("batch", "channels", "height", "width", "size", "stride"),
+    [
+        (2, 96, 20, 20, 3, 1),
+        (3, 100, 19, 23, 3, 2),  # odd sizes, channels not a multiple of 8
+        (1, 64, 9, 12, 5, 1),
+        (2, 72, 17, 10, 5, 2),
+        (2, 64, 8, 7, 7, 2),  # kernel larger than half the image: padding on every side
+    ],
+)
+def test_forward_and_gradients_match_pytorch_in_float64(batch, channels, height, width, size, stride):
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, height, width).contiguous(memory_format=CL).requires_grad_()
+    weight = torch.randn(channels, 1, size, size, requires_grad=True)
+    y = depthwise._DepthwiseConv2d.apply(x, weight, stride)
+    assert y.is_contiguous(memory_format=CL)
+    grad = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, weight), grad)
+    ref_y, ref_gx, ref_gw = _reference(x, weight, stride, grad)
+    _close(y, ref_y)
+    _close(gx, ref_gx)
+    _close(gw, ref_gw)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    torch.manual_seed(1)
+    x = torch.randn(3, 128, 21, 21).contiguous(memory_format=CL).requires_grad_()
+    weight = torch.randn(128, 1, 5, 5, requires_grad=True)
+    grad = torch.randn(3, 128, 11, 11).contiguous(memory_format=CL)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            y = depthwise_conv(x, weight, 2)
+            results.append((y, *torch.autograd.grad(y, (x, weight), grad)))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_which_inputs_run_compiled():
+    x = torch.randn(2, 128, 24, 24).contiguous(memory_format=CL)
+    w5, w3 = torch.randn(128, 1, 5, 5), torch.randn(128, 1, 3, 3)
+    assert runs_compiled(x, w5, 1)
+    assert runs_compiled(x, w3, 1)  # 24×24 outputs
+    assert not runs_compiled(x, w3, 2)  # 12×12 outputs: oneDNN's 3×3 kernel
+    assert not runs_compiled(x.contiguous(), w5, 1)  # NCHW
+    assert not runs_compiled(x[:, :32].contiguous(memory_format=CL), w5[:32], 1)  # few channels
+    assert not runs_compiled(x.double(), w5.double(), 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not runs_compiled(x, w5, 1)
+    with pytorch_depthwise():
+        assert not runs_compiled(x, w5, 1)
+    assert runs_compiled(x, w5, 1)
+    with FlopCounterMode(display=False) as counter:  # counts the convolution PyTorch runs instead
+        depthwise_conv(x, w5, 1)
+    assert counter.get_total_flops() == 2 * 2 * 128 * 24 * 24 * 25
+
+
+def test_other_inputs_fall_back_to_pytorch():
+    x = torch.randn(2, 16, 10, 10)
+    weight = torch.randn(16, 1, 3, 3)
+    assert torch.equal(depthwise_conv(x, weight, 2), F.conv2d(x, weight, None, 2, 1, 1, 16))
+
+
+def test_dynamic_layer_grads_land_in_the_slice_and_crop_of_its_weight():
+    """A sub-network's layer uses the first channels and the centre 3×3 of a 5×5 weight: its gradient is
+    that of the slice, zero elsewhere, as with PyTorch's convolution."""
+    torch.manual_seed(2)
+    layer = DynamicDepthwiseConv2d(160, 5, stride=1)
+    x = torch.randn(2, 120, 20, 20).contiguous(memory_format=CL)
+    assert runs_compiled(x, layer.weight[:120, :, 1:4, 1:4], 1)
+    out = layer(x, 3)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_y, _, ref_gw = _reference(x, layer.weight[:120, :, 1:4, 1:4], 1, grad)
+    _close(out, ref_y)
+    expected = torch.zeros(160, 1, 5, 5, dtype=torch.float64)
+    expected[:120, :, 1:4, 1:4] = ref_gw
+    _close(layer.weight.grad, expected)
+    assert not layer.weight.grad[120:].any() and not layer.weight.grad[:, :, 0].any()
+
+
+def test_static_depthwise_layer_matches_nn_conv2d():
+    torch.manual_seed(3)
+    layer = Conv2d(96, 96, 5, 2, 2, groups=96, bias=False)
+    x = torch.randn(2, 96, 15, 15).contiguous(memory_format=CL)
+    assert runs_compiled(x, layer.weight, 2)
+    _close(layer(x), _reference(x, layer.weight, 2, torch.zeros(2, 96, 8, 8))[0])
+    dilated = Conv2d(96, 96, 5, 2, 4, dilation=2, groups=96, bias=False)  # not what the loops compute
+    assert torch.allclose(dilated(x), F.conv2d(x, dilated.weight, None, 2, 4, 2, 96), atol=1e-6)
