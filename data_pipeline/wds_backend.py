@@ -95,8 +95,9 @@ def _collate(items, resolution: int):
     """A worker's batch: the images stacked into shared memory (sending them then copies nothing), the
     small per-sample fields as NumPy arrays, which travel inside the message; as tensors each would be one
     more shared-memory file whose descriptor the rank must fetch from the worker (~2 ms each)."""
-    good = [it for it in items if it[0] != "skip"]
-    skipped = [tuple(it[1:]) for it in items if it[0] == "skip"]
+    # ``isinstance``, not ``it[0] == "skip"``: comparing a tensor with a string costs ~16 µs in torch.
+    good = [it for it in items if not isinstance(it[0], str)]
+    skipped = [tuple(it[1:]) for it in items if isinstance(it[0], str)]
     if good:
         first = good[0][0]
         channels, height, width = first.shape
