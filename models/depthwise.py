@@ -144,9 +144,11 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
 
-def _run_blocks(work: Callable[[int, int, int], None], rows: int, blocks: int) -> None:
-    """``work(block, first, last)`` for ``blocks`` even splits of ``rows``, on ``torch.get_num_threads()``
-    threads at most (the caller's thread is one of them)."""
+def _run_blocks(work: Callable[[int, int, int], None], rows: int, blocks: int | None = None) -> None:
+    """``work(block, first, last)`` for ``blocks`` even splits of ``rows`` (default: one per thread, at most
+    one per row), on ``torch.get_num_threads()`` threads at most (the caller's thread is one of them)."""
+    if blocks is None:
+        blocks = max(1, min(torch.get_num_threads(), rows))
     bounds = [rows * b // blocks for b in range(blocks + 1)]
     threads = min(torch.get_num_threads(), blocks)
     if threads <= 1:
@@ -185,35 +187,29 @@ class _DepthwiseConv2d(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
         n, channels, height, width = x.shape
         size = weight.shape[-1]
-        kernel = weight.detach()[:, 0].permute(1, 2, 0).contiguous().numpy()
+        kernel = weight.detach()[:, 0].permute(1, 2, 0).contiguous()  # (k, k, C): a tap's channels contiguous
         out = x.new_empty(n, output_size(height, size, stride), output_size(width, size, stride), channels)
-        src, dst = _nhwc(x.detach()), out.numpy()
-        threads = max(1, min(torch.get_num_threads(), n * out.shape[1]))
+        src, taps, dst = _nhwc(x.detach()), kernel.numpy(), out.numpy()
         _run_blocks(
-            lambda _b, first, last: _forward_rows(src, kernel, stride, size // 2, dst, first, last),
-            n * out.shape[1],
-            threads,
+            lambda _b, first, last: _forward_rows(src, taps, stride, size // 2, dst, first, last), n * out.shape[1]
         )
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, kernel)
         ctx.stride = stride
         return out.permute(0, 3, 1, 2)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, weight = ctx.saved_tensors
-        stride, size = ctx.stride, weight.shape[-1]
+        x, kernel = ctx.saved_tensors
+        stride, size = ctx.stride, kernel.shape[0]
         grad = _nhwc(grad_out)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             n, channels, height, width = x.shape
             out = x.new_empty(n, height, width, channels)
-            kernel = weight.detach()[:, 0].permute(1, 2, 0).contiguous().numpy()
-            dst = out.numpy()
+            taps, dst = kernel.numpy(), out.numpy()
             _run_blocks(
-                lambda _b, first, last: _grad_input_rows(grad, kernel, stride, size // 2, dst, first, last),
-                n * height,
-                max(1, min(torch.get_num_threads(), n * height)),
+                lambda _b, first, last: _grad_input_rows(grad, taps, stride, size // 2, dst, first, last), n * height
             )
             grad_x = out.permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
@@ -227,7 +223,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
             total = partial[0].copy()
             for b in range(1, GRAD_WEIGHT_BLOCKS):
                 total += partial[b]
-            grad_w = torch.from_numpy(total).permute(2, 0, 1).unsqueeze(1).to(weight.dtype)
+            grad_w = torch.from_numpy(total).permute(2, 0, 1).unsqueeze(1)
         return grad_x, grad_w, None
 
 
