@@ -20,6 +20,7 @@ threads (the kernels release the GIL), so a process keeps the thread count it wa
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,9 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 MIN_CHANNELS = 64
 MIN_CHANNELS_3X3 = 96
 MIN_PIXELS_3X3 = 18 * 18
+# On a CPU with AVX-512, oneDNN's float32 3×3 kernel beat these loops on every supernet shape measured
+# (ours 0.40–0.89× its speed; their 5×5 stayed 1.2–2.0× faster from 64 channels): 3×3 layers keep oneDNN there.
+COMPILED_3X3 = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 # The weight gradient is summed in this many row blocks whatever the thread count (see the module docstring).
 GRAD_WEIGHT_BLOCKS = 8
@@ -125,6 +129,12 @@ def _grad_weight_rows(x, grad, stride, pad, out, first, last):
 
 
 _disabled = threading.local()
+
+
+@functools.cache
+def _native_bf16() -> bool:
+    """Whether oneDNN has native bf16 arithmetic on this CPU (AVX-512 BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @contextmanager
@@ -227,22 +237,29 @@ class _DepthwiseConv2d(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-def runs_compiled(x: torch.Tensor, weight: torch.Tensor, stride: int) -> bool:
-    """Whether :func:`depthwise_conv` runs these loops rather than ``F.conv2d``: a float32, channels-last
-    CPU input and weight of a shape where they were measured faster (``MIN_CHANNELS``...), outside autocast
-    (its lower precision is ``F.conv2d``'s to choose), an export trace (an ONNX graph keeps its Conv node)
-    and any dispatch mode (``torch.utils.flop_counter.FlopCounterMode`` counts the convolution it sees)."""
-    if not (
+def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A 4-d CPU input and weight, not traced for export, in no dispatch mode, outside :func:`pytorch_depthwise`."""
+    return (
         x.device.type == "cpu"
         and x.ndim == 4
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
         and weight.device.type == "cpu"
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and not torch.is_autocast_enabled("cpu")
         and not torch.jit.is_tracing()
         and not is_in_torch_dispatch_mode()
         and not getattr(_disabled, "active", False)
+    )
+
+
+def runs_compiled(x: torch.Tensor, weight: torch.Tensor, stride: int) -> bool:
+    """Whether :func:`depthwise_conv` runs these loops rather than ``F.conv2d``: a float32, channels-last
+    CPU input and weight of a shape where they were measured faster (``MIN_CHANNELS``...), outside autocast
+    (:func:`depthwise_conv` casts to float32 first), an export trace (an ONNX graph keeps its Conv node)
+    and any dispatch mode (``torch.utils.flop_counter.FlopCounterMode`` counts the convolution it sees)."""
+    if not (
+        _eligible(x, weight)
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not torch.is_autocast_enabled("cpu")
     ):
         return False
     channels, size = x.shape[1], weight.shape[-1]
@@ -250,14 +267,41 @@ def runs_compiled(x: torch.Tensor, weight: torch.Tensor, stride: int) -> bool:
         return False
     if size >= 5:
         return True
+    if not COMPILED_3X3:
+        return False
     pixels = output_size(x.shape[2], size, stride) * output_size(x.shape[3], size, stride)
     return channels >= MIN_CHANNELS_3X3 and pixels >= MIN_PIXELS_3X3
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def runs_in_float32(x: torch.Tensor, weight: torch.Tensor, stride: int) -> bool:
+    """Whether :func:`depthwise_conv` computes this bf16 / fp16 layer (a low-precision input or weight, or
+    CPU autocast) in float32: these loops where :func:`runs_compiled`, oneDNN's float32 kernel otherwise.
+    oneDNN's bf16 depthwise kernels were 2.5–10× slower than float32 for 5×5 and stride-2 layers even on a
+    CPU with AVX-512 BF16, and without native bf16 they run one convolution per channel; only its 3×3
+    stride-1 bf16 kernel on a CPU with native bf16 beat float32 (1.5–2.4×), and those layers stay bf16."""
+    if torch.is_autocast_enabled("cpu"):
+        low = torch.get_autocast_dtype("cpu") if x.dtype != torch.float64 else x.dtype
+    else:
+        low = x.dtype if x.dtype in _LOW_PRECISION else weight.dtype
+    if not (low in _LOW_PRECISION and _eligible(x, weight)):
+        return False
+    return not (low == torch.bfloat16 and weight.shape[-1] == 3 and stride == 1 and _native_bf16())
+
+
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
     """A depthwise convolution of ``x`` (N, C, H, W) by ``weight`` (C, 1, k, k), odd k, padding k // 2,
-    no bias: these loops where :func:`runs_compiled`, ``F.conv2d`` otherwise."""
+    no bias: these loops where :func:`runs_compiled`, ``F.conv2d`` otherwise; in float32 where
+    :func:`runs_in_float32`.  Under autocast that float32 result is returned as is (the next matrix product
+    casts it down; returning it cast back was slower); a bf16 / fp16 model gets its own dtype back."""
     if runs_compiled(x, weight, stride):
         return _DepthwiseConv2d.apply(x, weight, stride)
+    if runs_in_float32(x, weight, stride):
+        autocast = torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", enabled=False):
+            out = depthwise_conv(x.float(), weight.float(), stride)
+        return out if autocast else out.to(x.dtype)
     size = weight.shape[-1]
     return torch.nn.functional.conv2d(x, weight, None, stride, size // 2, 1, x.shape[1])

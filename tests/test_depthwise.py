@@ -74,12 +74,15 @@ def test_results_do_not_depend_on_the_thread_count():
             assert torch.equal(a, b)
 
 
-def test_which_inputs_run_compiled():
+def test_which_inputs_run_compiled(monkeypatch):
     x = torch.randn(2, 128, 24, 24).contiguous(memory_format=CL)
     w5, w3 = torch.randn(128, 1, 5, 5), torch.randn(128, 1, 3, 3)
     assert runs_compiled(x, w5, 1)
+    monkeypatch.setattr(depthwise, "COMPILED_3X3", True)  # a CPU without AVX-512
     assert runs_compiled(x, w3, 1)  # 24×24 outputs
     assert not runs_compiled(x, w3, 2)  # 12×12 outputs: oneDNN's 3×3 kernel
+    monkeypatch.setattr(depthwise, "COMPILED_3X3", False)  # AVX-512: oneDNN's 3×3 kernel everywhere
+    assert not runs_compiled(x, w3, 1)
     assert not runs_compiled(x.contiguous(), w5, 1)  # NCHW
     assert not runs_compiled(x[:, :32].contiguous(memory_format=CL), w5[:32], 1)  # few channels
     assert not runs_compiled(x.double(), w5.double(), 1)
@@ -99,9 +102,10 @@ def test_other_inputs_fall_back_to_pytorch():
     assert torch.equal(depthwise_conv(x, weight, 2), F.conv2d(x, weight, None, 2, 1, 1, 16))
 
 
-def test_dynamic_layer_grads_land_in_the_slice_and_crop_of_its_weight():
+def test_dynamic_layer_grads_land_in_the_slice_and_crop_of_its_weight(monkeypatch):
     """A sub-network's layer uses the first channels and the centre 3×3 of a 5×5 weight: its gradient is
     that of the slice, zero elsewhere, as with PyTorch's convolution."""
+    monkeypatch.setattr(depthwise, "COMPILED_3X3", True)
     torch.manual_seed(2)
     layer = DynamicDepthwiseConv2d(160, 5, stride=1)
     x = torch.randn(2, 120, 20, 20).contiguous(memory_format=CL)
@@ -125,3 +129,39 @@ def test_static_depthwise_layer_matches_nn_conv2d():
     _close(layer(x), _reference(x, layer.weight, 2, torch.zeros(2, 96, 8, 8))[0])
     dilated = Conv2d(96, 96, 5, 2, 4, dilation=2, groups=96, bias=False)  # not what the loops compute
     assert torch.allclose(dilated(x), F.conv2d(x, dilated.weight, None, 2, 4, 2, 96), atol=1e-6)
+
+
+def test_low_precision_layers_run_in_float32(monkeypatch):
+    """Under bf16 autocast a 5×5 layer leaves autocast: our loops on the float32 cast of its input, the float32
+    result handed on, the input's gradient in its own dtype; a bf16 model gets bf16 back.  Only a 3×3 stride-1
+    layer on a CPU with native bf16 keeps oneDNN's bf16 kernel."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 64, 12, 12).contiguous(memory_format=CL).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(64, 1, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert depthwise.runs_in_float32(x, weight, 1)
+        y = depthwise_conv(x, weight, 1)
+    assert y.dtype == torch.float32
+    grad = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, weight), grad)
+    assert gx.dtype == torch.bfloat16 and gw.dtype == torch.float32
+    ref_y, ref_gx, ref_gw = _reference(x.float(), weight, 1, grad)
+    _close(y, ref_y)
+    _close(gw, ref_gw)
+    torch.testing.assert_close(gx.double(), ref_gx, rtol=1e-2, atol=1e-2 * ref_gx.abs().max().item())
+
+    bf16_y = depthwise_conv(x, weight.to(torch.bfloat16), 1)  # a bf16 model, outside autocast
+    assert bf16_y.dtype == torch.bfloat16
+    expected = F.conv2d(x.double(), weight.bfloat16().double(), None, 1, 2, 1, 64)
+    torch.testing.assert_close(bf16_y, expected.to(torch.bfloat16))  # bf16's tolerance: one rounding
+
+    w3 = torch.randn(64, 1, 3, 3)
+    for native in (True, False):
+        monkeypatch.setattr(depthwise, "_native_bf16", lambda native=native: native)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert depthwise.runs_in_float32(x, w3, 1) is not native
+            assert depthwise.runs_in_float32(x, w3, 2)
+            assert (depthwise_conv(x, w3, 1).dtype == torch.bfloat16) is native
+    assert not depthwise.runs_in_float32(x.float(), weight, 1)  # float32, no autocast
+    with pytorch_depthwise(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not depthwise.runs_in_float32(x, weight, 1)

@@ -9,6 +9,8 @@ import torch
 
 from losses import LossConfig, build_kd_loss, build_label_loss
 from models import ArchSampler, ModelConfig, build_supernet
+from models.depthwise import runs_in_float32
+from models.ops import DynamicDepthwiseConv2d, centre_crop_kernel
 from models.static import extract_subnet
 from trainer.sandwich import SandwichStep, sample_sandwich
 from trainer.trainer_config import TrainerConfig
@@ -31,11 +33,19 @@ class PlainEngine:
 
 
 def conv_inputs(net) -> list[tuple[bool, torch.dtype]]:
-    """Record (channels-last?, dtype) of the input and output of every convolution the next forward runs."""
+    """Record (channels-last?, dtype) of the input and output of every convolution the next forward runs; also
+    the output dtypes of the depthwise ones, with whether :func:`runs_in_float32` said so, in
+    ``conv_inputs.depthwise``, and of the others in ``conv_inputs.others``."""
     seen: list[tuple[bool, torch.dtype]] = []
+    conv_inputs.depthwise, conv_inputs.others = [], []
 
     def hook(module, args, output):
         x = args[0]
+        if isinstance(module, DynamicDepthwiseConv2d):  # the hook runs inside the forward's autocast
+            kernel = centre_crop_kernel(module.weight[: x.shape[1]], args[1])
+            conv_inputs.depthwise.append((output.dtype, runs_in_float32(x, kernel, module.stride)))
+        else:
+            conv_inputs.others.append(output.dtype)
         if x.ndim == 4 and x.shape[-1] > 1:  # a 1x1 map is both layouts at once
             seen.append((x.is_contiguous(memory_format=torch.channels_last), output.dtype))
 
@@ -90,8 +100,12 @@ def test_extracted_subnets_and_slimmable_networks_run_channels_last():
 
 def test_bf16_autocast_runs_convolutions_in_bf16_and_keeps_fp32_gradients():
     fp32_metrics, fp32_grads, _, _ = sandwich_gradients(channels_last=True)
-    metrics, grads, seen, net = sandwich_gradients(channels_last=True, bf16_autocast=True)
-    assert seen and all(dtype == torch.bfloat16 for _, dtype in seen)
+    metrics, grads, _, net = sandwich_gradients(channels_last=True, bf16_autocast=True)
+    depthwise = conv_inputs.depthwise
+    # depthwise layers run in float32 and hand it on, except oneDNN's 3×3 stride-1 kernel on a CPU with bf16
+    assert depthwise and all(dtype == (torch.float32 if fp32 else torch.bfloat16) for dtype, fp32 in depthwise)
+    assert any(fp32 for _, fp32 in depthwise)
+    assert conv_inputs.others and all(dtype == torch.bfloat16 for dtype in conv_inputs.others)
     assert all(p.dtype == torch.float32 for p in net.parameters())
     assert all(g.dtype == torch.float32 for g in grads.values())
     assert all(v.dtype == torch.float32 for v in metrics.values())
