@@ -15,9 +15,10 @@ distilled from it) on the same batches, one torch thread per rank:
   the machine favours one side.  Also run with the old NCHW layout, with PyTorch's (oneDNN's) depthwise
   convolutions instead of ours (``models.depthwise``), with activation checkpointing and with bf16
   autocast, to show each lever alone.  The bf16 row runs by default only on a CPU with bf16
-  instructions (AVX-512 BF16 or AMX): elsewhere PyTorch has no bf16 depthwise kernel and runs one
-  convolution per channel, ~15× the fp32 step, and its profiled step would record millions of operator
-  events (over 10 GB per rank at full size); ``--bf16 on`` measures it anyway, without the profile;
+  instructions (AVX-512 BF16 or AMX), which bf16 autocast is for; on a CPU without them, before depthwise
+  layers left autocast (``models.depthwise.runs_in_float32``), PyTorch ran their bf16 convolutions one
+  channel at a time, ~15× the fp32 step, and a profiled step recorded over 10 GB of operator events per
+  rank; ``--bf16 on`` measures it there anyway, without the profile;
 - **DeepSpeed ZeRO-0..3**: the engine ``trainer/run.py`` trains with (``trainer.engine.build_engine``).
 
 Ratios are samples/s against the plain loop and against the reference-style step, median of the timed
@@ -334,7 +335,9 @@ def report(args, results: dict[str, dict]) -> None:
             f"{name:27s} {p['total']:7.0f} {p['forward']:8.0f} {p['backward']:9.0f} {p['step']:7.0f} "
             f"{p['optimizer']:10.0f} {p['collectives']:12.0f}"
         )
-    for name in ("reference-style DDP, NCHW", "plain PyTorch (first)", "DeepSpeed ZeRO-1"):
+    for name in ("reference-style DDP, NCHW", "plain PyTorch (first)", "plain + bf16 autocast", "DeepSpeed ZeRO-1"):
+        if results.get(name, {}).get("phases") is None:
+            continue
         print()
         print(f"top operators by self CPU time, {name} (ms, calls):")
         for op, ms, calls in results[name]["top"]:

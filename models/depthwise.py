@@ -279,9 +279,9 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 def runs_in_float32(x: torch.Tensor, weight: torch.Tensor, stride: int) -> bool:
     """Whether :func:`depthwise_conv` computes this bf16 / fp16 layer (a low-precision input or weight, or
     CPU autocast) in float32: these loops where :func:`runs_compiled`, oneDNN's float32 kernel otherwise.
-    oneDNN's bf16 depthwise kernels were 2.5–10× slower than float32 for 5×5 and stride-2 layers even on a
+    oneDNN's bf16 depthwise kernels took 2.2–6× the time of float32 for 5×5 and stride-2 layers even on a
     CPU with AVX-512 BF16, and without native bf16 they run one convolution per channel; only its 3×3
-    stride-1 bf16 kernel on a CPU with native bf16 beat float32 (1.5–2.4×), and those layers stay bf16."""
+    stride-1 bf16 kernel on a CPU with native bf16 matched or beat float32 (1.0–2.4×), and those layers stay bf16."""
     if torch.is_autocast_enabled("cpu"):
         low = torch.get_autocast_dtype("cpu") if x.dtype != torch.float64 else x.dtype
     else:
