@@ -13,8 +13,13 @@ the channels, which are contiguous in a channels-last tensor:
   row blocks into separate partials that are then added in order, so the result does not depend on how
   many threads ran them.
 
-Every sum runs in a fixed order: two runs (and a resumed run) compute the same bits.  The results equal
-oneDNN's within float rounding (the tests compare them).  The work is split over ``torch.get_num_threads()``
+On a CPU with AVX-512, oneDNN's forward and input gradient are the faster ones and only its 5×5 weight
+gradient is slow: there a 5×5 layer runs oneDNN's forward and input gradient and our weight gradient.
+Low-precision layers (bf16 autocast, a bf16 model) are computed in float32 (:func:`runs_in_float32`).
+
+Every sum runs in a fixed order: two runs (and a resumed run) compute the same bits (oneDNN's depthwise
+forward and input gradient too, whatever the thread count: tested).  The results equal oneDNN's within
+float rounding (the tests compare them).  The work is split over ``torch.get_num_threads()``
 threads (the kernels release the GIL), so a process keeps the thread count it was given.
 """
 
@@ -39,9 +44,13 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 MIN_CHANNELS = 64
 MIN_CHANNELS_3X3 = 96
 MIN_PIXELS_3X3 = 18 * 18
-# On a CPU with AVX-512, oneDNN's float32 3×3 kernel beat these loops on every supernet shape measured
-# (ours 0.40–0.89× its speed; their 5×5 stayed 1.2–2.0× faster from 64 channels): 3×3 layers keep oneDNN there.
-COMPILED_3X3 = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+# On a CPU with AVX-512 (same measurement, 2-core AVX-512 CPU), oneDNN's forward and input gradient beat these
+# loops on every supernet shape (2–14×), and so did its whole 3×3 kernel; but its 5×5 weight gradient took
+# 1.3–8× as long as ours, from 16 channels up.  There a 5×5 layer runs oneDNN's forward and input gradient
+# and our weight gradient (``HYBRID``), at any channel count, and 3×3 layers keep oneDNN.
+AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+HYBRID = AVX512
+COMPILED_3X3 = not AVX512
 
 # The weight gradient is summed in this many row blocks whatever the thread count (see the module docstring).
 GRAD_WEIGHT_BLOCKS = 8
@@ -192,11 +201,24 @@ def _nhwc(x: torch.Tensor) -> np.ndarray:
     return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).numpy()
 
 
+def _onednn_grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """oneDNN's input gradient of ``F.conv2d(x, weight, None, stride, k // 2, 1, C)`` (what its backward
+    computes, without the weight gradient)."""
+    pad = weight.shape[-1] // 2
+    mask = [True, False, False]
+    args = ([stride] * 2, [pad] * 2, [1, 1], False, [0, 0], x.shape[1], mask)
+    return torch.ops.aten.convolution_backward(grad_out, x, weight, None, *args)[0]
+
+
 class _DepthwiseConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
         n, channels, height, width = x.shape
         size = weight.shape[-1]
+        ctx.stride, ctx.hybrid = stride, HYBRID
+        if ctx.hybrid:  # oneDNN's forward (a channels-last result), our weight gradient in the backward
+            ctx.save_for_backward(x, weight)
+            return torch.nn.functional.conv2d(x, weight, None, stride, size // 2, 1, channels)
         kernel = weight.detach()[:, 0].permute(1, 2, 0).contiguous()  # (k, k, C): a tap's channels contiguous
         out = x.new_empty(n, output_size(height, size, stride), output_size(width, size, stride), channels)
         src, taps, dst = _nhwc(x.detach()), kernel.numpy(), out.numpy()
@@ -204,20 +226,21 @@ class _DepthwiseConv2d(torch.autograd.Function):
             lambda _b, first, last: _forward_rows(src, taps, stride, size // 2, dst, first, last), n * out.shape[1]
         )
         ctx.save_for_backward(x, kernel)
-        ctx.stride = stride
         return out.permute(0, 3, 1, 2)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, kernel = ctx.saved_tensors
-        stride, size = ctx.stride, kernel.shape[0]
+        x, saved = ctx.saved_tensors  # saved: the weight (hybrid) or the (k, k, C) kernel
+        stride, size = ctx.stride, saved.shape[-1] if ctx.hybrid else saved.shape[0]
         grad = _nhwc(grad_out)
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.hybrid:
+            grad_x = _onednn_grad_input(grad_out, x, saved, stride)
+        elif ctx.needs_input_grad[0]:
             n, channels, height, width = x.shape
             out = x.new_empty(n, height, width, channels)
-            taps, dst = kernel.numpy(), out.numpy()
+            taps, dst = saved.numpy(), out.numpy()
             _run_blocks(
                 lambda _b, first, last: _grad_input_rows(grad, taps, stride, size // 2, dst, first, last), n * height
             )
@@ -263,7 +286,11 @@ def runs_compiled(x: torch.Tensor, weight: torch.Tensor, stride: int) -> bool:
     ):
         return False
     channels, size = x.shape[1], weight.shape[-1]
-    if size % 2 == 0 or channels < MIN_CHANNELS:
+    if size % 2 == 0:
+        return False
+    if HYBRID:
+        return size >= 5
+    if channels < MIN_CHANNELS:
         return False
     if size >= 5:
         return True

@@ -24,6 +24,17 @@ def _reference(x: torch.Tensor, weight: torch.Tensor, stride: int, grad: torch.T
     return y, gx, gw
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def cpu_rules(request, monkeypatch) -> str:
+    """Run a test under the dispatch rules of either kind of CPU, whichever this one is: without AVX-512 our
+    loops do forward and backward (3×3 layers too); with it, 5×5 layers run oneDNN's forward and input gradient
+    and our weight gradient (``HYBRID``), 3×3 layers oneDNN alone."""
+    avx512 = request.param == "avx512"
+    monkeypatch.setattr(depthwise, "HYBRID", avx512)
+    monkeypatch.setattr(depthwise, "COMPILED_3X3", not avx512)
+    return request.param
+
+
 def _close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert ours.dtype == torch.float32
     assert ours.shape == ref.shape
@@ -41,7 +52,7 @@ def _close(ours: torch.Tensor, ref: torch.Tensor) -> None:
         (2, 64, 8, 7, 7, 2),  # kernel larger than half the image: padding on every side
     ],
 )
-def test_forward_and_gradients_match_pytorch_in_float64(batch, channels, height, width, size, stride):
+def test_forward_and_gradients_match_pytorch_in_float64(cpu_rules, batch, channels, height, width, size, stride):
     torch.manual_seed(0)
     x = torch.randn(batch, channels, height, width).contiguous(memory_format=CL).requires_grad_()
     weight = torch.randn(channels, 1, size, size, requires_grad=True)
@@ -55,7 +66,7 @@ def test_forward_and_gradients_match_pytorch_in_float64(batch, channels, height,
     _close(gw, ref_gw)
 
 
-def test_results_do_not_depend_on_the_thread_count():
+def test_results_do_not_depend_on_the_thread_count(cpu_rules):
     torch.manual_seed(1)
     x = torch.randn(3, 128, 21, 21).contiguous(memory_format=CL).requires_grad_()
     weight = torch.randn(128, 1, 5, 5, requires_grad=True)
@@ -74,17 +85,19 @@ def test_results_do_not_depend_on_the_thread_count():
             assert torch.equal(a, b)
 
 
-def test_which_inputs_run_compiled(monkeypatch):
+def test_which_inputs_run_compiled(cpu_rules):
     x = torch.randn(2, 128, 24, 24).contiguous(memory_format=CL)
     w5, w3 = torch.randn(128, 1, 5, 5), torch.randn(128, 1, 3, 3)
+    few = x[:, :32].contiguous(memory_format=CL)
     assert runs_compiled(x, w5, 1)
-    monkeypatch.setattr(depthwise, "COMPILED_3X3", True)  # a CPU without AVX-512
-    assert runs_compiled(x, w3, 1)  # 24×24 outputs
-    assert not runs_compiled(x, w3, 2)  # 12×12 outputs: oneDNN's 3×3 kernel
-    monkeypatch.setattr(depthwise, "COMPILED_3X3", False)  # AVX-512: oneDNN's 3×3 kernel everywhere
-    assert not runs_compiled(x, w3, 1)
+    if cpu_rules == "avx2":
+        assert runs_compiled(x, w3, 1)  # 24×24 outputs
+        assert not runs_compiled(x, w3, 2)  # 12×12 outputs: oneDNN's 3×3 kernel
+        assert not runs_compiled(few, w5[:32], 1)  # few channels
+    else:
+        assert not runs_compiled(x, w3, 1)  # oneDNN's 3×3 kernel everywhere
+        assert runs_compiled(few, w5[:32], 1)  # our 5×5 weight gradient at any channel count
     assert not runs_compiled(x.contiguous(), w5, 1)  # NCHW
-    assert not runs_compiled(x[:, :32].contiguous(memory_format=CL), w5[:32], 1)  # few channels
     assert not runs_compiled(x.double(), w5.double(), 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not runs_compiled(x, w5, 1)
@@ -105,6 +118,7 @@ def test_other_inputs_fall_back_to_pytorch():
 def test_dynamic_layer_grads_land_in_the_slice_and_crop_of_its_weight(monkeypatch):
     """A sub-network's layer uses the first channels and the centre 3×3 of a 5×5 weight: its gradient is
     that of the slice, zero elsewhere, as with PyTorch's convolution."""
+    monkeypatch.setattr(depthwise, "HYBRID", False)
     monkeypatch.setattr(depthwise, "COMPILED_3X3", True)
     torch.manual_seed(2)
     layer = DynamicDepthwiseConv2d(160, 5, stride=1)
