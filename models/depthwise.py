@@ -45,7 +45,7 @@ MIN_CHANNELS = 64
 MIN_CHANNELS_3X3 = 96
 MIN_PIXELS_3X3 = 18 * 18
 # On a CPU with AVX-512 (same measurement, 2-core AVX-512 CPU), oneDNN's forward and input gradient beat these
-# loops on every supernet shape (2–14×), and so did its whole 3×3 kernel; but its 5×5 weight gradient took
+# loops on every supernet shape (1.5–14× for 5×5 layers), and so did its whole 3×3 kernel; but its 5×5 weight gradient took
 # 1.3–8× as long as ours, from 16 channels up.  There a 5×5 layer runs oneDNN's forward and input gradient
 # and our weight gradient (``HYBRID``), at any channel count, and 3×3 layers keep oneDNN.
 AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
