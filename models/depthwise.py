@@ -37,6 +37,8 @@ from numba import njit
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from models.thread_flag import ThreadFlag
+
 # Where these loops beat oneDNN's on a 2-core AVX2 CPU (forward + backward of each depthwise layer of the
 # largest, the smallest and a random AlphaNet sub-network at batch 4, one thread): 5×5 layers from 64
 # channels (1.7–2.7× faster; 0.46–0.64× at 16–24 channels), 3×3 layers from 96 channels on outputs of
@@ -137,7 +139,7 @@ def _grad_weight_rows(x, grad, stride, pad, out, first, last):
                         acc[c] += g[c] * pixel[c]
 
 
-_disabled = threading.local()
+_disabled = ThreadFlag()
 
 
 @functools.cache
@@ -150,12 +152,8 @@ def _native_bf16() -> bool:
 def pytorch_depthwise() -> Iterator[None]:
     """Within this block, on this thread, :func:`depthwise_conv` runs ``F.conv2d`` (oneDNN) whatever the
     input: the comparison ``bench/step_throughput.py`` prints, and a way out should these loops misbehave."""
-    before = getattr(_disabled, "active", False)
-    _disabled.active = True
-    try:
+    with _disabled.on():
         yield
-    finally:
-        _disabled.active = before
 
 
 _pool_lock = threading.Lock()
@@ -268,7 +266,7 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.device.type == "cpu"
         and not torch.jit.is_tracing()
         and not is_in_torch_dispatch_mode()
-        and not getattr(_disabled, "active", False)
+        and not _disabled
     )
 
 

@@ -7,7 +7,6 @@ defined by the output widths, kernel sizes and expansion ratios set on its block
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -17,8 +16,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.depthwise import depthwise_conv
+from models.thread_flag import ThreadFlag
 
-_recompute = threading.local()
+_recompute = ThreadFlag()
 
 
 @contextmanager
@@ -26,12 +26,8 @@ def recomputing() -> Iterator[None]:
     """The backward pass's recompute of a checkpointed segment (see :func:`checkpointed`): meanwhile
     :class:`DynamicBatchNorm2d` normalises with batch statistics as in the forward but leaves its running
     statistics alone, since the forward already updated them."""
-    previous = getattr(_recompute, "active", False)
-    _recompute.active = True
-    try:
+    with _recompute.on():
         yield
-    finally:
-        _recompute.active = previous
 
 
 def checkpointed(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
@@ -144,7 +140,7 @@ class DynamicBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
-        recompute = self.training and getattr(_recompute, "active", False)
+        recompute = self.training and bool(_recompute)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None and not recompute:
             self.num_batches_tracked.add_(1)
