@@ -17,7 +17,8 @@ distilled from it) on the same batches, one torch thread per rank:
   instructions (AVX-512 BF16 or AMX), which bf16 autocast is for; on a CPU without them, before depthwise
   layers left autocast (``models.depthwise.runs_in_float32``), PyTorch ran their bf16 convolutions one
   channel at a time, ~15× the fp32 step, and a profiled step recorded over 10 GB of operator events per
-  rank; ``--bf16 on`` measures it there anyway, without the profile;
+  rank; ``--bf16 on`` measures it there anyway, without the profile.  DeepSpeed ZeRO-1 (the ImageNet
+  recipe's engine) is also run with bf16 autocast, on the same condition;
 - **DeepSpeed ZeRO-0..3**: the engine ``trainer/run.py`` trains with (``trainer.engine.build_engine``).
 
 Every engine is measured twice, all of them in order and then all in reverse order, and the mean of its two
@@ -301,11 +302,14 @@ def worker(args) -> None:
         ("plain + activation ckpt", plain, {"activation_checkpointing": True}),
     ]
     native_bf16 = cpu_has_bf16()
-    if args.bf16 == "on" or (args.bf16 == "auto" and native_bf16):
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16)
+    if bf16:
         engines.append(("plain + bf16 autocast", plain, {"bf16_autocast": True, "profile": native_bf16}))
     elif env.rank == 0:
-        print("  skipped plain + bf16 autocast: no bf16 instructions on this CPU (--bf16 on to run it)", flush=True)
+        print("  skipped the bf16-autocast rows: no bf16 instructions on this CPU (--bf16 on to run them)", flush=True)
     engines += [(f"DeepSpeed ZeRO-{stage}", deepspeed_stage(stage), {}) for stage in (0, 1, 2, 3)]
+    if bf16:  # the engine of the ImageNet recipe, as a user would switch bf16 on
+        engines.append(("ZeRO-1 + bf16 autocast", deepspeed_stage(1), {"bf16_autocast": True, "profile": native_bf16}))
     # Every engine twice, in this order and then in reverse: a drift of the machine's speed over the run
     # (linear in time) moves both measurements of an engine in opposite directions, and their mean cancels it.
     for name, make, options in engines:
