@@ -50,9 +50,7 @@ MIN_PIXELS_3X3 = 18 * 18
 # loops on every supernet shape (1.5–14× for 5×5 layers), and so did its whole 3×3 kernel; but its 5×5 weight gradient took
 # 1.3–8× as long as ours, from 16 channels up.  There a 5×5 layer runs oneDNN's forward and input gradient
 # and our weight gradient (``HYBRID``), at any channel count, and 3×3 layers keep oneDNN.
-AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-HYBRID = AVX512
-COMPILED_3X3 = not AVX512
+HYBRID = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 # The weight gradient is summed in this many row blocks whatever the thread count (see the module docstring).
 GRAD_WEIGHT_BLOCKS = 8
@@ -292,8 +290,6 @@ def runs_compiled(x: torch.Tensor, weight: torch.Tensor, stride: int) -> bool:
         return False
     if size >= 5:
         return True
-    if not COMPILED_3X3:
-        return False
     pixels = output_size(x.shape[2], size, stride) * output_size(x.shape[3], size, stride)
     return channels >= MIN_CHANNELS_3X3 and pixels >= MIN_PIXELS_3X3
 

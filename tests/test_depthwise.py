@@ -31,7 +31,6 @@ def cpu_rules(request, monkeypatch) -> str:
     and our weight gradient (``HYBRID``), 3×3 layers oneDNN alone."""
     avx512 = request.param == "avx512"
     monkeypatch.setattr(depthwise, "HYBRID", avx512)
-    monkeypatch.setattr(depthwise, "COMPILED_3X3", not avx512)
     return request.param
 
 
@@ -118,8 +117,7 @@ def test_other_inputs_fall_back_to_pytorch():
 def test_dynamic_layer_grads_land_in_the_slice_and_crop_of_its_weight(monkeypatch):
     """A sub-network's layer uses the first channels and the centre 3×3 of a 5×5 weight: its gradient is
     that of the slice, zero elsewhere, as with PyTorch's convolution."""
-    monkeypatch.setattr(depthwise, "HYBRID", False)
-    monkeypatch.setattr(depthwise, "COMPILED_3X3", True)
+    monkeypatch.setattr(depthwise, "HYBRID", False)  # the rules without AVX-512, where 3×3 layers run ours
     torch.manual_seed(2)
     layer = DynamicDepthwiseConv2d(160, 5, stride=1)
     x = torch.randn(2, 120, 20, 20).contiguous(memory_format=CL)
