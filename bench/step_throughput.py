@@ -149,12 +149,65 @@ def top_ops(prof, count: int) -> list[tuple[str, float, int]]:
     return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in rows[:count]]
 
 
+class PlainEngine:
+    """Engine interface over a plain module: one flat all-reduce of every gradient at the last backward
+    (averaged over the process group's ranks), clip by value, one optimizer step."""
+
+    def __init__(self, net, optimizer):
+        self.net, self.optimizer, self.boundary = net, optimizer, False
+
+    def __call__(self, x):
+        return self.net(x)
+
+    def set_gradient_accumulation_boundary(self, boundary):
+        self.boundary = boundary
+
+    def backward(self, loss):
+        loss.backward()
+        if self.boundary:
+            import torch.distributed as dist
+            from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+            from trainer.collectives import all_reduce_
+
+            params = list(self.net.parameters())
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            flat = all_reduce_(_flatten_dense_tensors(grads))
+            flat /= dist.get_world_size()
+            for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
+
+    def step(self):
+        from trainer.trainer_config import TrainerConfig
+
+        torch.nn.utils.clip_grad_value_(self.net.parameters(), TrainerConfig().grad_clip_value)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train(self):
+        self.net.train()
+
+
+class ReferenceDDPEngine(PlainEngine):
+    """The reference's pattern: DDP with ``find_unused_parameters``, so every backward all-reduces."""
+
+    def __init__(self, net, optimizer):
+        super().__init__(torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True), optimizer)
+
+    def backward(self, loss):
+        loss.backward()  # DDP's hooks all-reduce (average) this backward's gradients
+
+
 def worker(args) -> None:
     import torch.distributed as dist
 
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, build_supernet
     from models.depthwise import pytorch_depthwise
+    from trainer.collectives import all_reduce_
     from trainer.distributed import init_distributed, resolve
     from trainer.engine import build_engine, build_optimizer
     from trainer.sandwich import SandwichStep, sample_sandwich
@@ -166,51 +219,6 @@ def worker(args) -> None:
     config = model_config(args.space)
     label_loss, kd_loss = build_label_loss(LossConfig()), build_kd_loss(LossConfig())
     world = dist.get_world_size()
-
-    class PlainEngine:
-        """Engine interface over a plain module: one flat all-reduce of every gradient at the last backward."""
-
-        def __init__(self, net, optimizer):
-            self.net, self.optimizer, self.boundary = net, optimizer, False
-
-        def __call__(self, x):
-            return self.net(x)
-
-        def set_gradient_accumulation_boundary(self, boundary):
-            self.boundary = boundary
-
-        def backward(self, loss):
-            loss.backward()
-            if self.boundary:
-                from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-                params = list(self.net.parameters())
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                grads = [p.grad for p in params]
-                flat = _flatten_dense_tensors(grads)
-                dist.all_reduce(flat)
-                flat /= world
-                for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-                    g.copy_(synced)
-
-        def step(self):
-            torch.nn.utils.clip_grad_value_(self.net.parameters(), TrainerConfig().grad_clip_value)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-        def train(self):
-            self.net.train()
-
-    class ReferenceDDPEngine(PlainEngine):
-        """The reference's pattern: DDP with ``find_unused_parameters``, so every backward all-reduces."""
-
-        def __init__(self, net, optimizer):
-            super().__init__(torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True), optimizer)
-
-        def backward(self, loss):
-            loss.backward()  # DDP's hooks all-reduce (average) this backward's gradients
 
     def run(engine, module, *, bf16_autocast: bool = False, profile: bool = True) -> dict:
         """Timed steps, then one profiled step (``profile``)."""
@@ -261,7 +269,7 @@ def worker(args) -> None:
             result = run(engine, module, profile=profile, **options)
         result["state_bytes"] = optimizer_state_bytes(optimizer)
         peak = torch.tensor([peak_rss_bytes()], dtype=torch.float64)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        all_reduce_(peak, dist.ReduceOp.MAX)
         result["peak_rss"] = float(peak)
         result["rates"] = [result["rate"]]
         if name in results:  # the second pass: the mean of both measurements, the larger peak
@@ -319,6 +327,7 @@ def worker(args) -> None:
     if env.rank == 0:
         report(args, results)
     dist.barrier()
+    dist.destroy_process_group()  # as the trainer does (an open gloo group can abort the exit)
 
 
 def report(args, results: dict[str, dict]) -> None:

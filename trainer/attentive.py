@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from models.search_space import ArchSampler
+from trainer.collectives import all_reduce_
 from typedconfig import Range, check_ranges
 
 SamplerName = Literal["uniform", "attentive"]
@@ -79,8 +80,7 @@ class AttentiveSampler:
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """``values`` averaged over every rank (one all-reduce), so that every rank takes the same decision."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
+        values = all_reduce_(values.clone())
         values /= dist.get_world_size()
     return values
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from fileops import atomic_output, atomic_write_text
+from trainer.collectives import all_reduce_
 from trainer.safe_checkpoint import CheckpointFileError, GuardedCheckpointEngine, safe_load
 
 LATEST = "latest"
@@ -41,10 +42,14 @@ def tag_for(step: int) -> str:
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states as tuples, numbers, strings and tensors (loadable with
-    ``weights_only``)."""
+    ``weights_only``); on a GPU also the current GPU's generator, which draws dropout and drop-path masks
+    of tensors on it."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     numpy_state = (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
-    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -53,6 +58,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():  # a checkpoint written on a CPU has none: left as seeded
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def latest_tag(checkpoint_dir: Path) -> str | None:
@@ -99,7 +106,7 @@ def _failed_ranks(failed: bool, rank: int, world_size: int) -> list[int]:
         return [rank] if failed else []
     flags = torch.zeros(world_size)
     flags[rank] = float(failed)
-    dist.all_reduce(flags)
+    all_reduce_(flags)
     return [r for r, f in enumerate(flags.tolist()) if f]
 
 

@@ -23,6 +23,7 @@ from data_pipeline.device_transforms import normalize, rescale
 from data_pipeline.loader import ResumableLoader
 from models.search_space import ArchConfig
 from models.static import StaticSubnet, extract_subnet
+from trainer.collectives import all_reduce_
 
 
 def gathered(module: nn.Module, zero_stage: int):
@@ -49,7 +50,7 @@ def collect_calibration(
 def _reduce_mean(tensors: Iterable[torch.Tensor]) -> None:
     world = dist.get_world_size()
     for tensor in tensors:
-        dist.all_reduce(tensor)
+        all_reduce_(tensor)
         tensor /= world
 
 
@@ -89,8 +90,8 @@ def accuracy_counts(
         totals[0] += (hit[:, 0] & valid).sum().item()
         totals[1] += (hit.any(dim=1) & valid).sum().item()
         totals[2] += valid.sum().item()
-    if across_ranks and dist.is_initialized():
-        dist.all_reduce(totals)
+    if across_ranks:
+        all_reduce_(totals)
     return totals
 
 

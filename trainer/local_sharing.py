@@ -44,6 +44,7 @@ from models.local_sharing import (
     operator_at,
     stage_operators,
 )
+from trainer.collectives import all_reduce_
 from trainer.sandwich import Subnet
 from typedconfig import ConfigError
 
@@ -278,8 +279,7 @@ class LocalSharing:
         loss = self.lookahead(layer, a, b, images, labels, lr, difference)(meta_net)
         grads = torch.autograd.grad(loss, list(meta_net.parameters()))
         if dist.is_initialized() and self.world > 1:
-            flat = torch.cat([g.flatten() for g in grads])
-            dist.all_reduce(flat)
+            flat = all_reduce_(torch.cat([g.flatten() for g in grads]))
             flat /= self.world
             grads = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
         self.meta_optimizer.zero_grad(set_to_none=True)

@@ -27,6 +27,7 @@ from losses import build_kd_loss, build_label_loss
 from models import ArchSampler, build_supernet
 from trainer.attentive import AttentiveSampler, attentive_middle
 from trainer.checkpoint import Checkpointer, rng_state, set_rng_state
+from trainer.collectives import all_reduce_
 from trainer.config import RunConfig, config_hash, write_resolved
 from trainer.distributed import configure_threads, init_distributed, local_world_size, resolve
 from trainer.ds_config import global_batch_size
@@ -361,11 +362,8 @@ class Trainer:
 
     def _agree(self, *flags: bool) -> list[bool]:
         """For each flag: true on every rank when it is true on any rank (one all-reduce)."""
-        if not dist.is_initialized() or self.world == 1:
-            return list(flags)
         values = torch.tensor([1.0 if flag else 0.0 for flag in flags])
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in values.tolist()]
+        return [bool(v) for v in all_reduce_(values, dist.ReduceOp.MAX).tolist()]
 
     def _stop_for_bad_data(self, problem: str | None) -> None:
         """Every rank raises the same DataError naming the rank(s) that found the problem (all ranks are here,
@@ -471,8 +469,8 @@ class Trainer:
         keys = sorted(k for k, v in values.items() if isinstance(v, torch.Tensor))
         if keys:
             stacked = torch.stack([values[k].float().cpu() for k in keys])
-            if dist.is_initialized() and self.world > 1:
-                dist.all_reduce(stacked)
+            if dist.is_initialized():
+                all_reduce_(stacked)
                 stacked /= self.world
             values = {**values, **dict(zip(keys, stacked.tolist()))}
         return {k: float(v) for k, v in values.items()}

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.collectives import all_reduce_
+
 
 class ClippedSGD(torch.optim.SGD):
     def __init__(self, params, *, lr: float, momentum: float, nesterov: bool, clip_value: float | None):
@@ -21,13 +23,11 @@ class ClippedSGD(torch.optim.SGD):
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        bad = torch.zeros(1)
-        for g in grads:
-            if not torch.isfinite(g).all():
-                bad.fill_(1.0)
-                break
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        # One flag computed where the gradients are, read once: a per-tensor test in Python would wait for the
+        # GPU once per parameter.
+        finite = [torch.isfinite(g).all() for g in grads]
+        bad = (~torch.stack(finite)).any().float().reshape(1) if finite else torch.zeros(1)
+        all_reduce_(bad, dist.ReduceOp.MAX)
         self.last_step_skipped = bool(bad.item())
         if self.last_step_skipped:
             return None

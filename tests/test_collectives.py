@@ -1,0 +1,82 @@
+"""Every all-reduce goes through ``trainer.collectives.all_reduce_``, which moves a tensor the backend cannot
+take (a CPU tensor under NCCL) to a device it can: the first GPU run stopped at its first optimizer step
+without it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from trainer.collectives import all_reduce_, collective_device
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("trainer", "search", "models", "losses", "data_pipeline", "bench")
+
+
+def test_no_module_all_reduces_around_the_helper():
+    raw = re.compile(r"\bdist\.all_reduce\(|\btorch\.distributed\.all_reduce\(")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if path != ROOT / "trainer" / "collectives.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if raw.search(line)
+    ]
+    assert offenders == []
+
+
+def test_without_a_process_group_the_tensor_is_returned_unchanged(monkeypatch):
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # an in-process run before may have left one
+    values = torch.tensor([1.0, 2.0])
+    assert all_reduce_(values) is values
+    assert values.tolist() == [1.0, 2.0]
+
+
+@pytest.fixture
+def one_rank_gloo_group(tmp_path):
+    """A one-rank gloo group: the default group an in-process training run earlier in the session left (the
+    trainer's, also one gloo rank), or a new one."""
+    if dist.is_initialized():
+        assert dist.get_world_size() == 1 and dist.get_backend() == "gloo"
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_one_rank_group_reduces_in_place(one_rank_gloo_group):
+    values = torch.tensor([3.0, -1.0])
+    assert all_reduce_(values, dist.ReduceOp.MAX) is values
+    assert values.tolist() == [3.0, -1.0]
+    assert collective_device(values) == values.device  # gloo takes CPU tensors where they are
+
+
+def test_under_nccl_a_cpu_tensor_is_reduced_on_the_current_gpu(monkeypatch, one_rank_gloo_group):
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert collective_device(torch.zeros(1)) == torch.device("cuda", 3)
+
+
+def test_the_gpu_bench_runs_its_engines_on_the_cpu(tmp_path):
+    """``bench/gpu_step.py --cpu``: the script the GPU runs, end to end on the tiny space, through the same
+    all-reduce path (the plain loop's gradients and DeepSpeed's optimizer step)."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(ROOT / "bench" / "gpu_step.py"), "--cpu", "--space", "tiny", "--batch", "2"]
+    command += ["--steps", "1", "--only", "plain PyTorch", "DeepSpeed ZeRO-1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = done.stdout[done.stdout.index("batch 2 on one CPU process:") :].splitlines()[2:4]
+    assert [row[:30].strip() for row in table] == ["plain PyTorch", "DeepSpeed ZeRO-1"]
+    for row in table:
+        first_ms, ms, img_s = (float(x) for x in row[30:].split()[:3])
+        assert first_ms > 0 and ms > 0 and abs(img_s - 2000 / ms) <= 0.5 + 0.01 * img_s
