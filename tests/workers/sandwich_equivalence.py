@@ -58,6 +58,7 @@ def main() -> None:
     if env.rank == 0:
         torch.save(state, out)
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # as the trainer does (an open gloo group can abort the exit)
 
 
 if __name__ == "__main__":

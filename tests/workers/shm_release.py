@@ -30,6 +30,9 @@ def main() -> None:
         "sum": total.item(),
     }
     Path(sys.argv[1], f"rank{env.rank}.json").write_text(json.dumps(report))
+    # Close the group as the trainer does: a process that exits with gloo's group still open sometimes
+    # aborts in its teardown ("terminate called without an active exception", SIGABRT) after its work is done.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
