@@ -1,13 +1,17 @@
 """A paper model of the ImageNet recipe's step time on 16–64 GPUs, per ZeRO stage (not a measurement).
 
-    .venv/bin/python bench/scaling_model.py [--space alphanet] [--batch 32] [--tflops 5] [--nvlink-gbs 300]
-                                            [--ib-gbs 100] [--gpus-per-node 8] [--grad-bytes 4]
+    .venv/bin/python bench/scaling_model.py [--space alphanet] [--batch 32] [--tflops 2.8] [--zero3-overhead 3.2]
+                                            [--nvlink-gbs 300] [--ib-gbs 100] [--gpus-per-node 8] [--grad-bytes 4]
 
 Compute per image comes from our exact FLOPs counter: one sandwich step runs the largest sub-network, the
 smallest and ``num_subnets - 2`` random ones (their mean FLOPs over 2,000 draws), forward + backward ≈ 3 ×
 forward, 2 FLOPs per multiply-add.  ``--tflops`` is the *effective* rate a GPU sustains on these small
-depthwise-heavy networks (an assumption: far below the peak; measure yours with the trainer's
-``time/step_ms`` and adjust).  Communication per step, with ``P`` the supernet's parameters and ``b`` bytes per
+depthwise-heavy networks: its default, 2.8, is what ``bench/gpu_step.py`` measured for the DeepSpeed ZeRO-0
+engine on one H200 in fp32 at 32 images (one run, 2026-11-30; far below the chip's peak: the step is bound
+by its thousands of small kernels and the Python that launches them).  ``--zero3-overhead`` is ZeRO-3's step
+time over ZeRO-0's on one GPU, where no byte crosses a link (the same run: 3.2, its per-module gather and
+release hooks); it multiplies ZeRO-3's compute.  Measure yours with ``bench/gpu_step.py`` or the trainer's
+``time/step_ms`` and set both.  Communication per step, with ``P`` the supernet's parameters and ``b`` bytes per
 gradient element:
 
 - ZeRO-0 / 1 / 2: one reduction of the accumulated gradients per optimizer step (an all-reduce, or a
@@ -48,7 +52,12 @@ def main() -> None:
     parser.add_argument("--space", default="alphanet")
     parser.add_argument("--batch", type=int, default=32, help="images per GPU per step (the recipe: 32)")
     parser.add_argument("--num-subnets", type=int, default=4)
-    parser.add_argument("--tflops", type=float, default=5.0, help="effective TFLOP/s per GPU (assumption)")
+    parser.add_argument(
+        "--tflops", type=float, default=2.8, help="effective TFLOP/s per GPU (bench/gpu_step.py, ZeRO-0, one H200)"
+    )
+    parser.add_argument(
+        "--zero3-overhead", type=float, default=3.2, help="ZeRO-3 step time / ZeRO-0 step time on one GPU"
+    )
     parser.add_argument("--nvlink-gbs", type=float, default=300.0, help="NVLink bandwidth per GPU, GB/s")
     parser.add_argument("--ib-gbs", type=float, default=100.0, help="InfiniBand bandwidth per node, GB/s")
     parser.add_argument("--gpus-per-node", type=int, default=8)
@@ -67,7 +76,8 @@ def main() -> None:
     print(
         f"{args.space}: {flops_per_image / 1e9:.1f} GFLOP per image per step (fwd+bwd of {args.num_subnets} "
         f"sub-networks), supernet {params / 1e6:.1f} M parameters ({params * args.grad_bytes / 1e6:.0f} MB of "
-        f"gradients); {args.batch} images/GPU at {args.tflops:g} effective TFLOP/s = {1e3 * compute_s:.0f} ms compute"
+        f"gradients); {args.batch} images/GPU at {args.tflops:g} effective TFLOP/s = {1e3 * compute_s:.0f} ms compute "
+        f"(ZeRO-3: x{args.zero3_overhead:g})"
     )
     print(
         f"links: NVLink {args.nvlink_gbs:g} GB/s per GPU, InfiniBand {args.ib_gbs:g} GB/s per node, "
@@ -79,8 +89,12 @@ def main() -> None:
         allreduce = ring_seconds(params * args.grad_bytes, gpus, args.gpus_per_node, args.nvlink_gbs, args.ib_gbs)
         # ZeRO-3: reduce-scatter of the gradients + an all-gather of the parameters in every forward and
         # every backward of each sub-network (each half an all-reduce).
-        for stage, comm in (("0/1/2", allreduce), ("3", allreduce / 2 * (1 + 2 * args.num_subnets))):
-            step = compute_s + comm
+        zero3_comm = allreduce / 2 * (1 + 2 * args.num_subnets)
+        for stage, comm, compute in (
+            ("0/1/2", allreduce, compute_s),
+            ("3", zero3_comm, compute_s * args.zero3_overhead),
+        ):
+            step = compute + comm
             print(
                 f"{gpus:5d} {stage:>7} {1e3 * comm:8.1f} {1e3 * step:8.0f} {gpus * args.batch / step:9.0f} "
                 f"{compute_s / step:10.0%}"
