@@ -264,20 +264,23 @@ def test_bf16_accumulates_in_fp32_and_needs_zero_1():
             TrainerConfig(bf16=True, zero_stage=stage)
 
 
-def test_a_cpu_run_leaves_no_shared_memory_behind(tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_cpu_run_leaves_no_shared_memory_behind(tmp_path, ranks):
     """DeepSpeed's CPU all-reduce maps a 66 MB segment per rank in /dev/shm when the launcher sets LOCAL_SIZE,
     and never removes it; the process group is started so that each rank removes its name once every peer
-    has mapped it, and the collectives still work."""
+    has mapped it, and the collectives still work.  One rank too: ``deepspeed --num_gpus 1`` on a CPU left
+    its segment behind."""
 
     port = free_port()
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "LOCAL_SIZE": "2"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "LOCAL_SIZE": str(ranks)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
+    command += ["--master_port", str(port)]
     command += ["tests/workers/shm_release.py", str(tmp_path)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(ranks)]
     for report in reports:
         assert report["shm_op_loaded"]  # else DeepSpeed made no segment and this test would prove nothing
         assert not report["own_buffer_listed"]
-        assert report["sum"] == 3.0
+        assert report["sum"] == sum(range(1, ranks + 1))
     assert not list(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

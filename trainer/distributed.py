@@ -154,7 +154,7 @@ def init_distributed(env: DistEnv, timeout_s: float) -> torch.device:
     deepspeed.init_distributed(
         dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
     )
-    if not use_cuda and env.world_size > 1:
+    if not use_cuda:  # one rank too: the deepspeed launcher's --num_gpus 1 sets LOCAL_SIZE=1, and a segment is made
         _release_shared_allreduce_buffer(env)
     return local_device(env)
 
