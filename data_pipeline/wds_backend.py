@@ -30,6 +30,7 @@ from data_pipeline.jpeg_region import UndecodableImage, decode_rgb
 from data_pipeline.manifest import has_manifest, split_entry
 from data_pipeline.shards import index_shards, split_shards
 from data_pipeline.transforms import eval_transform, seeded, train_decode_transform
+from data_pipeline.worker_start import worker_context
 
 _OPEN_SHARDS = 64
 """Shard descriptors a process keeps open (a split of 64 MB shards of ImageNet has about 2,200 shards)."""
@@ -194,6 +195,7 @@ class WebDatasetBackend:
             # does not depend on it: every sample is seeded from the plan.)
             generator=torch.Generator().manual_seed(0),
             worker_init_fn=_init_worker,
+            multiprocessing_context=worker_context() if workers else None,
         )
 
     def iterate(self, batches: list[list[tuple[int, int, bool]]], epoch: int) -> Iterator[Batch]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -519,3 +520,29 @@ def test_ffcv_raw_pixels_give_the_jpeg_path_s_batches_without_its_compression(di
         assert jpeg.shape == pixels.shape
         error = (jpeg - pixels).abs().mean().item()
         assert 0 < error < 4, error  # measured ~1 level: JPEG at quality 90 (another seed's batches: ~80)
+
+
+def test_webdataset_workers_are_forked_by_the_fork_server(digits):
+    """Workers are not forked by the training process, which runs other threads: a fork there can hang the
+    child (CPython before 3.11.8, gh-112275; seen in CI). Their parent is the fork server, which ignores the
+    signals SLURM sends to the whole step, as the workers do."""
+    import threading
+
+    loader = build_loader(config(digits, "webdataset", num_workers=2), "val", train=False)
+    feeder = threading.Thread(target=lambda: [threading.Event().wait(0.001) for _ in range(2000)])
+    feeder.start()  # a thread running while the workers start, as a rank's are
+    assert sum(len(b) for b in loader) == 300
+    feeder.join()
+    workers = loader.backend._idle._iterator._workers
+    parents = {int(Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for w in workers}
+    assert len(workers) == 2 and os.getpid() not in parents and len(parents) == 1
+    (server,) = parents
+    ignored = int(
+        next(
+            line for line in Path(f"/proc/{server}/status").read_text().splitlines() if line.startswith("SigIgn:")
+        ).split()[1],
+        16,
+    )
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        assert ignored >> (sig - 1) & 1, f"the fork server does not ignore {sig.name}"
+    loader.close()
