@@ -21,6 +21,7 @@ from trainer.distributed import (
     DistributedEnvError,
     configure_threads,
     first_host,
+    init_distributed,
     local_world_size,
     parse_first_host,
     port_for_job,
@@ -284,3 +285,25 @@ def test_a_cpu_run_leaves_no_shared_memory_behind(tmp_path, ranks):
         assert not report["own_buffer_listed"]
         assert report["sum"] == sum(range(1, ranks + 1))
     assert not list(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_zero_1_accumulates_in_grad_without_per_parameter_hooks_unless_asked(single_rank, contiguous):
+    """``trainer.contiguous_gradients`` off (the default): DeepSpeed's ZeRO-1 installs no hook on any parameter,
+    so the N backward passes of a step accumulate in ``.grad`` as in plain PyTorch (1.09–1.14× the step with
+    it on); on, it hooks every parameter. The setting reaches ZeRO-2's optimizer too; ZeRO-3 keeps DeepSpeed's."""
+    from models import ModelConfig, build_supernet
+    from trainer.engine import build_engine
+
+    init_distributed(resolve(), 60.0)  # the session's one in-process group (DeepSpeed cannot make a second)
+    torch.manual_seed(0)
+    net = build_supernet(ModelConfig(search_space="tiny", num_classes=10))
+    tc = TrainerConfig(zero_stage=1, contiguous_gradients=contiguous)
+    built = build_engine(net, tc, micro_batch=2, world_size=1, lr=0.1)
+    zero = built.engine.optimizer
+    assert zero.contiguous_gradients is contiguous
+    trainable = sum(p.requires_grad for p in net.parameters())
+    assert len(zero._grad_acc_hooks) == (trainable if contiguous else 0)
+    for stage in (2, 3):
+        zero_config = build_ds_config(TrainerConfig(zero_stage=stage), micro_batch=2, world_size=1)["zero_optimization"]
+        assert zero_config.get("contiguous_gradients", "default") == (False if stage == 2 else "default")

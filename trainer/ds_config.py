@@ -26,6 +26,8 @@ def build_ds_config(trainer: TrainerConfig, *, micro_batch: int, world_size: int
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if trainer.zero_stage in (1, 2):
+        config["zero_optimization"]["contiguous_gradients"] = trainer.contiguous_gradients
     if trainer.bf16:
         # bf16 weights and activations, but the N backward passes accumulate and reduce in fp32: DeepSpeed's
         # BF16 optimizer (ZeRO-1) keeps fp32 gradients and fp32 master weights.

@@ -46,6 +46,13 @@ class TrainerConfig:
     voted: VotedConfig = field(default_factory=VotedConfig)
     zero_stage: Annotated[int, Range(ge=0, le=3)] = 0
     """DeepSpeed ZeRO stage 0–3."""
+    contiguous_gradients: bool = False
+    """ZeRO-1/2: DeepSpeed's ``contiguous_gradients``, copying each gradient into a reduction buffer as the
+    backward pass produces it (against memory fragmentation on large models).  Off by default: under ZeRO-1
+    it also installs a hook on every parameter that runs in each of a step's N backward passes, and the
+    copies repeat in each of them under ZeRO-2; off, ZeRO-1 accumulates in ``.grad`` as the plain loop does.
+    Off was 1.09–1.14× faster than on for ZeRO-1 and 1.08–1.13× for ZeRO-2 (2 CPU ranks, full AlphaNet
+    space, the same sandwiches alternately); no change for ZeRO-3, where it stays DeepSpeed's default."""
     bf16: bool = False
     """bfloat16 weights and activations with fp32 master weights and fp32 gradient accumulation and reduction
     (DeepSpeed's BF16 optimizer, ZeRO stage 1 only)."""
