@@ -27,6 +27,7 @@ last; the two figures show the run's spread.  Exits with a message on a machine 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -69,7 +70,7 @@ def main() -> None:
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, build_supernet
     from trainer.distributed import configure_threads, init_distributed, resolve
-    from trainer.engine import build_engine, build_optimizer
+    from trainer.engine import build_engine, build_optimizer, one_reduction
     from trainer.sandwich import SandwichStep, sample_sandwich
     from trainer.trainer_config import TrainerConfig
 
@@ -89,12 +90,13 @@ def main() -> None:
 
     def plain(net, batch):
         net = net.to(device)
-        return PlainEngine(net, build_optimizer(net, TrainerConfig(), lr=0.01)), net
+        return PlainEngine(net, build_optimizer(net, TrainerConfig(), lr=0.01)), net, contextlib.nullcontext
 
     def deepspeed_engine(**trainer_options):
         def make(net, batch):
-            built = build_engine(net, TrainerConfig(**trainer_options), micro_batch=batch, world_size=1, lr=0.01)
-            return built.engine, built.module
+            tc = TrainerConfig(**trainer_options)
+            built = build_engine(net, tc, micro_batch=batch, world_size=1, lr=0.01)
+            return built.engine, built.module, lambda: one_reduction(built.engine, tc)
 
         return make
 
@@ -119,7 +121,7 @@ def main() -> None:
         torch.manual_seed(0)
         net = build_supernet(config)
         net.channels_last = channels_last
-        engine, module = make(net, batch)
+        engine, module, reduction = make(net, batch)  # reduction(): around a step's backward passes
         sandwich = SandwichStep(label_loss, kd_loss, bf16_autocast=bf16_autocast)
         sampler = ArchSampler(module.space, seed=0)
         gen = torch.Generator(device=device).manual_seed(0)
@@ -142,7 +144,8 @@ def main() -> None:
                 synchronize()
                 start = time.perf_counter()
                 engine.train()
-                sandwich(engine, module, subnets, images, labels)
+                with reduction():
+                    sandwich(engine, module, subnets, images, labels)
                 engine.step()
                 synchronize()
                 times.append(time.perf_counter() - start)

@@ -209,7 +209,7 @@ def worker(args) -> None:
     from models.depthwise import pytorch_depthwise
     from trainer.collectives import all_reduce_
     from trainer.distributed import init_distributed, resolve
-    from trainer.engine import build_engine, build_optimizer
+    from trainer.engine import build_engine, build_optimizer, one_reduction
     from trainer.sandwich import SandwichStep, sample_sandwich
     from trainer.trainer_config import TrainerConfig
 
@@ -220,8 +220,9 @@ def worker(args) -> None:
     label_loss, kd_loss = build_label_loss(LossConfig()), build_kd_loss(LossConfig())
     world = dist.get_world_size()
 
-    def run(engine, module, *, bf16_autocast: bool = False, profile: bool = True) -> dict:
-        """Timed steps, then one profiled step (``profile``)."""
+    def run(engine, module, reduction, *, bf16_autocast: bool = False, profile: bool = True) -> dict:
+        """Timed steps, then one profiled step (``profile``); ``reduction()`` is the context of a step's backward
+        passes (``trainer.engine.one_reduction`` for DeepSpeed, as the trainer steps)."""
         sandwich = SandwichStep(label_loss, kd_loss, bf16_autocast=bf16_autocast)
         sampler = ArchSampler(module.space, seed=0)
         gen = torch.Generator().manual_seed(env.rank)
@@ -233,7 +234,8 @@ def worker(args) -> None:
             dist.barrier()
             start = time.perf_counter()
             eng.train()
-            sandwich(eng, module, sample_sandwich(module.space, sampler, 4), images, labels)
+            with reduction():
+                sandwich(eng, module, sample_sandwich(module.space, sampler, 4), images, labels)
             middle = time.perf_counter()
             eng.step()
             dist.barrier()
@@ -264,9 +266,9 @@ def worker(args) -> None:
         net = build_supernet(config)
         net.channels_last = options.pop("channels_last", True)
         net.activation_checkpointing = options.pop("activation_checkpointing", False)
-        engine, module, optimizer = make(net)
+        engine, module, optimizer, reduction = make(net)
         with pytorch_depthwise() if options.pop("onednn_depthwise", False) else contextlib.nullcontext():
-            result = run(engine, module, profile=profile, **options)
+            result = run(engine, module, reduction, profile=profile, **options)
         result["state_bytes"] = optimizer_state_bytes(optimizer)
         peak = torch.tensor([peak_rss_bytes()], dtype=torch.float64)
         all_reduce_(peak, dist.ReduceOp.MAX)
@@ -286,18 +288,17 @@ def worker(args) -> None:
 
     def plain(net):
         opt = build_optimizer(net, TrainerConfig(), lr=0.01)
-        return PlainEngine(net, opt), net, opt
+        return PlainEngine(net, opt), net, opt, contextlib.nullcontext
 
     def reference(net):
         opt = build_optimizer(net, TrainerConfig(), lr=0.01)
-        return ReferenceDDPEngine(net, opt), net, opt
+        return ReferenceDDPEngine(net, opt), net, opt, contextlib.nullcontext
 
     def deepspeed_stage(stage):
         def make(net):
-            built = build_engine(
-                net, TrainerConfig(zero_stage=stage), micro_batch=args.batch, world_size=env.world_size, lr=0.01
-            )
-            return built.engine, built.module, built.engine.optimizer
+            tc = TrainerConfig(zero_stage=stage)
+            built = build_engine(net, tc, micro_batch=args.batch, world_size=env.world_size, lr=0.01)
+            return built.engine, built.module, built.engine.optimizer, lambda: one_reduction(built.engine, tc)
 
         return make
 

@@ -307,3 +307,34 @@ def test_zero_1_accumulates_in_grad_without_per_parameter_hooks_unless_asked(sin
     for stage in (2, 3):
         zero_config = build_ds_config(TrainerConfig(zero_stage=stage), micro_batch=2, world_size=1)["zero_optimization"]
         assert zero_config.get("contiguous_gradients", "default") == (False if stage == 2 else "default")
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_zero_2_reduces_a_step_once_when_coalescing(single_rank, monkeypatch, coalesce):
+    """``trainer.engine.one_reduction`` around a step's 4 backward passes: ZeRO-2 reduces its gradient bucket
+    once, at the block's end (``trainer.coalesce_grad_reduction``, the default), instead of after every backward
+    pass; the optimizer step then applies (the engine is at its accumulation boundary)."""
+    from losses import LossConfig, build_kd_loss, build_label_loss
+    from models import ArchSampler, ModelConfig, build_supernet
+    from trainer.engine import build_engine, one_reduction
+    from trainer.sandwich import SandwichStep, sample_sandwich
+
+    init_distributed(resolve(), 60.0)  # the session's one in-process group (DeepSpeed cannot make a second)
+    torch.manual_seed(0)
+    net = build_supernet(ModelConfig(search_space="tiny", num_classes=10))
+    tc = TrainerConfig(zero_stage=2, coalesce_grad_reduction=coalesce)
+    built = build_engine(net, tc, micro_batch=4, world_size=1, lr=0.1)
+    engine, zero = built.engine, built.engine.optimizer
+    reductions = []
+    original = zero.reduce_ipg_grads
+    monkeypatch.setattr(zero, "reduce_ipg_grads", lambda *a, **k: reductions.append(1) or original(*a, **k))
+    subnets = sample_sandwich(net.space, ArchSampler(net.space, seed=0), 4)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    engine.train()
+    with one_reduction(engine, tc):
+        SandwichStep(build_label_loss(LossConfig()), build_kd_loss(LossConfig()))(
+            engine, net, subnets, torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+        )
+    engine.step()
+    assert len(reductions) == (1 if coalesce else 4)
+    assert sum(not torch.equal(before[k], v) for k, v in net.state_dict().items() if k.endswith("weight")) > 10

@@ -6,6 +6,8 @@ measured and tested is what trains.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,3 +69,18 @@ def build_engine(model: nn.Module, tc: TrainerConfig, *, micro_batch: int, world
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     install_guarded_engine(engine)  # checkpoints: safe loads, atomic writes, failures reported not raised
     return Engine(engine, engine.module, optimizer)
+
+
+@contextmanager
+def one_reduction(engine: Any, tc: TrainerConfig) -> Iterator[None]:
+    """Around the backward passes of one optimizer step: under ZeRO-2/3 with ``tc.coalesce_grad_reduction``, they
+    accumulate on each rank and DeepSpeed reduces them once when the block ends, rather than after each one
+    (``DeepSpeedEngine.coalesce_grad_reduction``); the optimizer step follows the block.  Other stages reduce
+    once at the step's last backward anyway (ZeRO-0/1, the gradient accumulation boundary the trainer sets),
+    and for them, or any other engine, this does nothing."""
+    if not (tc.coalesce_grad_reduction and tc.zero_stage in (2, 3)):
+        yield
+        return
+    with engine.coalesce_grad_reduction():
+        yield
+    engine.set_gradient_accumulation_boundary(True)  # the block restores the flag it found; the step comes next

@@ -31,7 +31,7 @@ from trainer.collectives import all_reduce_
 from trainer.config import RunConfig, config_hash, write_resolved
 from trainer.distributed import configure_threads, init_distributed, local_world_size, resolve
 from trainer.ds_config import global_batch_size
-from trainer.engine import build_engine
+from trainer.engine import build_engine, one_reduction
 from trainer.evaluate import accuracy_counts, collect_calibration, evaluate_arch, gathered, percentages
 from trainer.local_sharing import LocalSharing
 from trainer.metrics import MetricsLogger
@@ -421,26 +421,27 @@ class Trainer:
             first = batches[0].to(self.device)
             first_images = normalize(first.images, data.mean, data.std)
             subnets, sums = self.local.prepare(self.global_step, subnets, first_images, first.labels, lr)
-        for i, batch in enumerate(batches):
-            batch = batch.to(self.device)
-            images = normalize(batch.images, data.mean, data.std)
-            last_micro_batch = i == len(batches) - 1
-            if self.student is not None:
-                teacher_logits = self.teacher(images, batch.indices) if self.teacher else None
-                values = self.single_step(
-                    self.engine,
-                    self.student.resolution,
-                    images,
-                    batch.labels,
-                    teacher_logits,
-                    last_micro_batch=last_micro_batch,
-                )
-            else:
-                values = self.sandwich(
-                    self.engine, self.module, subnets, images, batch.labels, last_micro_batch=last_micro_batch
-                )
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0) + value / len(batches)
+        with one_reduction(self.engine, self.config.trainer):  # ZeRO-2/3: the step's gradients reduced once
+            for i, batch in enumerate(batches):
+                batch = batch.to(self.device)
+                images = normalize(batch.images, data.mean, data.std)
+                last_micro_batch = i == len(batches) - 1
+                if self.student is not None:
+                    teacher_logits = self.teacher(images, batch.indices) if self.teacher else None
+                    values = self.single_step(
+                        self.engine,
+                        self.student.resolution,
+                        images,
+                        batch.labels,
+                        teacher_logits,
+                        last_micro_batch=last_micro_batch,
+                    )
+                else:
+                    values = self.sandwich(
+                        self.engine, self.module, subnets, images, batch.labels, last_micro_batch=last_micro_batch
+                    )
+                for key, value in values.items():
+                    sums[key] = sums.get(key, 0) + value / len(batches)
         self.engine.step()
         skipped = self.optimizer.last_step_skipped
         self.global_step += 1

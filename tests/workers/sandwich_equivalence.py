@@ -23,7 +23,7 @@ def main() -> None:
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, ModelConfig, build_supernet
     from trainer.distributed import init_distributed, resolve
-    from trainer.engine import build_engine
+    from trainer.engine import build_engine, one_reduction
     from trainer.evaluate import gathered
     from trainer.sandwich import SandwichStep, sample_sandwich
     from trainer.trainer_config import TrainerConfig
@@ -47,7 +47,8 @@ def main() -> None:
         images, labels = batches_for(env.rank, step)
         subnets = sample_sandwich(engine.module.space, sampler, 4)
         engine.train()
-        step_fn(engine, engine.module, subnets, images, labels)
+        with one_reduction(engine, tc):  # as the trainer steps (ZeRO-2/3: one reduction per step)
+            step_fn(engine, engine.module, subnets, images, labels)
         engine.step()
     with gathered(engine.module, stage):
         state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
