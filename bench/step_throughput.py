@@ -30,6 +30,10 @@ forward, backward (with whatever hooks the engine runs in it), the optimizer-ste
 its reductions and bookkeeping) and, inside those, the time collectives were in flight and the time of
 the optimizer's own update.  Peak RSS is the rank's high-water mark while that engine ran (reset with
 ``/proc/self/clear_refs`` before each engine; Linux).
+
+``--paired "plain PyTorch" "DeepSpeed ZeRO-1" ...`` measures the named engines side by side instead: all built
+at once, every step's sandwich and batch run by each in turn, for ratios that the machine's drift cannot
+move (no profile, no memory figures).
 """
 
 from __future__ import annotations
@@ -319,6 +323,11 @@ def worker(args) -> None:
     engines += [(f"DeepSpeed ZeRO-{stage}", deepspeed_stage(stage), {}) for stage in (0, 1, 2, 3)]
     if bf16:  # the engine of the ImageNet recipe, as a user would switch bf16 on
         engines.append(("ZeRO-1 + bf16 autocast", deepspeed_stage(1), {"bf16_autocast": True, "profile": native_bf16}))
+    if args.paired:
+        paired(args, env, engines, config, label_loss, kd_loss)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     # Every engine twice, in this order and then in reverse: a drift of the machine's speed over the run
     # (linear in time) moves both measurements of an engine in opposite directions, and their mean cancels it.
     for name, make, options in engines:
@@ -329,6 +338,64 @@ def worker(args) -> None:
         report(args, results)
     dist.barrier()
     dist.destroy_process_group()  # as the trainer does (an open gloo group can abort the exit)
+
+
+def paired(args, env, engines, config, label_loss, kd_loss) -> None:
+    """``--paired``: the named engines built side by side, and every sandwich and batch run by each of them in
+    turn (in the listed order, then reversed for the next step), so that a change of the machine's speed hits
+    them alike; prints each engine's mean step time over the timed steps and its ratio to the first engine
+    named.  No profile and no memory figures (the engines share the process)."""
+    import torch.distributed as dist
+
+    from models import ArchSampler, build_supernet
+    from models.depthwise import pytorch_depthwise
+    from trainer.sandwich import SandwichStep, sample_sandwich
+
+    table = {name: (make, options) for name, make, options in engines}
+    names = args.paired
+    unknown = [name for name in names if name not in table]
+    if unknown:
+        raise SystemExit(f"--paired: unknown engine(s) {unknown}; engines: {list(table)}")
+    built = {}
+    for name in names:
+        make, options = table[name]
+        torch.manual_seed(0)
+        net = build_supernet(config)
+        net.channels_last = options.get("channels_last", True)
+        net.activation_checkpointing = options.get("activation_checkpointing", False)
+        engine, module, _, reduction = make(net)
+        sandwich = SandwichStep(label_loss, kd_loss, bf16_autocast=options.get("bf16_autocast", False))
+        built[name] = (engine, module, reduction, sandwich, options.get("onednn_depthwise", False))
+    space = built[names[0]][1].space
+    sampler, gen = ArchSampler(space, seed=0), torch.Generator().manual_seed(env.rank)
+    res = max(space.resolutions)
+    totals = dict.fromkeys(names, 0.0)
+    for step in range(args.steps + 1):  # the first step is a warm-up
+        images = torch.randn(args.batch, 3, res, res, generator=gen)
+        labels = torch.randint(0, config.num_classes, (args.batch,), generator=gen)
+        subnets = sample_sandwich(space, sampler, 4)
+        for name in names if step % 2 == 0 else names[::-1]:
+            engine, module, reduction, sandwich, onednn = built[name]
+            dist.barrier()
+            start = time.perf_counter()
+            with pytorch_depthwise() if onednn else contextlib.nullcontext():
+                engine.train()
+                with reduction():
+                    sandwich(engine, module, subnets, images, labels)
+                engine.step()
+            dist.barrier()
+            if step:
+                totals[name] += time.perf_counter() - start
+    if env.rank == 0:
+        print(
+            f"\nspace {args.space}, 2 ranks x {args.batch} images x 1 thread, 4 sub-networks per step; {args.steps} "
+            "timed steps after a warm-up, each sandwich and batch run by every engine in turn (order alternating)"
+        )
+        print(f"{'engine':27s} {'ms/step':>8s} {'samples/s':>9s} {'x ' + names[0]:>s}")
+        for name in names:
+            ms = 1e3 * totals[name] / args.steps
+            rate = args.batch * dist.get_world_size() / (ms / 1e3)
+            print(f"{name:27s} {ms:8.0f} {rate:9.2f} {totals[names[0]] / totals[name]:.3f}")
 
 
 def report(args, results: dict[str, dict]) -> None:
@@ -423,6 +490,12 @@ def main() -> None:
         default="auto",
         help="the bf16-autocast engine: auto = only on a CPU with bf16 instructions (AVX-512 BF16 / AMX)",
     )
+    parser.add_argument(
+        "--paired",
+        nargs="+",
+        metavar="ENGINE",
+        help="engine names (as printed, each quoted), run side by side on the same steps; ratios to the first",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--activations", choices=("stored", "recomputed"), help=argparse.SUPPRESS)
@@ -436,9 +509,9 @@ def main() -> None:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).resolve())]
     command += ["--worker", "--steps", str(args.steps), "--batch", str(args.batch), "--space", args.space]
-    command += ["--top", str(args.top), "--bf16", args.bf16]
+    command += ["--top", str(args.top), "--bf16", args.bf16] + (["--paired", *args.paired] if args.paired else [])
     returncode = subprocess.run(command, env=env).returncode
-    if returncode == 0:
+    if returncode == 0 and not args.paired:
         report_activation_memory(args)
     sys.exit(returncode)
 

@@ -80,3 +80,26 @@ def test_the_gpu_bench_runs_its_engines_on_the_cpu(tmp_path):
     for row in table:
         first_ms, ms, img_s = (float(x) for x in row[30:].split()[:3])
         assert first_ms > 0 and ms > 0 and abs(img_s - 2000 / ms) <= 0.5 + 0.01 * img_s
+
+
+def test_the_paired_step_bench_runs_engines_side_by_side(tmp_path):
+    """``bench/step_throughput.py --paired``: the named engines (the trainer's ZeRO-2, stepping as the trainer
+    does, beside the plain loop) on the same 2-rank steps; each row's samples/s agrees with its ms per step and
+    the ratio is the first engine's time over its own."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(ROOT / "bench" / "step_throughput.py"), "--space", "tiny", "--batch", "2"]
+    command += ["--steps", "1", "--paired", "plain PyTorch", "DeepSpeed ZeRO-2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    table = lines[lines.index(next(x for x in lines if x.startswith("engine"))) + 1 :][:2]
+    assert [row[:27].strip() for row in table] == ["plain PyTorch", "DeepSpeed ZeRO-2"]
+    (base_ms, base_rate, one), (ms, rate, ratio) = ([float(x) for x in row[27:].split()] for row in table)
+    assert one == 1.0 and ms > 0  # ms are printed rounded to a millisecond: the tolerances allow for it
+    assert abs(ratio - base_ms / ms) <= ratio * (0.5 / base_ms + 0.5 / ms) + 0.001
+    for row_ms, row_rate in ((base_ms, base_rate), (ms, rate)):
+        assert abs(row_rate - 2 * 2 / (row_ms / 1e3)) <= row_rate * 0.5 / row_ms + 0.01
