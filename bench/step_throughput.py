@@ -33,7 +33,9 @@ the optimizer's own update.  Peak RSS is the rank's high-water mark while that e
 
 ``--paired "plain PyTorch" "DeepSpeed ZeRO-1" ...`` measures the named engines side by side instead: all built
 at once, every step's sandwich and batch run by each in turn, for ratios that the machine's drift cannot
-move (no profile, no memory figures).
+move (no profile, no memory figures).  It can also name ``ZeRO-1, DeepSpeed defaults`` (and 2, 3): the stage
+with DeepSpeed's own ``contiguous_gradients`` and a reduction after every backward pass, which the trainer
+changes (``trainer.contiguous_gradients``, ``trainer.coalesce_grad_reduction``).
 """
 
 from __future__ import annotations
@@ -298,9 +300,9 @@ def worker(args) -> None:
         opt = build_optimizer(net, TrainerConfig(), lr=0.01)
         return ReferenceDDPEngine(net, opt), net, opt, contextlib.nullcontext
 
-    def deepspeed_stage(stage):
+    def deepspeed_stage(stage, **trainer_options):
         def make(net):
-            tc = TrainerConfig(zero_stage=stage)
+            tc = TrainerConfig(zero_stage=stage, **trainer_options)
             built = build_engine(net, tc, micro_batch=args.batch, world_size=env.world_size, lr=0.01)
             return built.engine, built.module, built.engine.optimizer, lambda: one_reduction(built.engine, tc)
 
@@ -323,7 +325,9 @@ def worker(args) -> None:
     engines += [(f"DeepSpeed ZeRO-{stage}", deepspeed_stage(stage), {}) for stage in (0, 1, 2, 3)]
     if bf16:  # the engine of the ImageNet recipe, as a user would switch bf16 on
         engines.append(("ZeRO-1 + bf16 autocast", deepspeed_stage(1), {"bf16_autocast": True, "profile": native_bf16}))
-    if args.paired:
+    if args.paired:  # also DeepSpeed's own defaults, which the trainer changes (``trainer.contiguous_gradients``...)
+        defaults = {"contiguous_gradients": True, "coalesce_grad_reduction": False}
+        engines += [(f"ZeRO-{s}, DeepSpeed defaults", deepspeed_stage(s, **defaults), {}) for s in (1, 2, 3)]
         paired(args, env, engines, config, label_loss, kd_loss)
         dist.barrier()
         dist.destroy_process_group()

@@ -290,8 +290,8 @@ def test_a_cpu_run_leaves_no_shared_memory_behind(tmp_path, ranks):
 @pytest.mark.parametrize("contiguous", [False, True])
 def test_zero_1_accumulates_in_grad_without_per_parameter_hooks_unless_asked(single_rank, contiguous):
     """``trainer.contiguous_gradients`` off (the default): DeepSpeed's ZeRO-1 installs no hook on any parameter,
-    so the N backward passes of a step accumulate in ``.grad`` as in plain PyTorch (1.09–1.14× the step with
-    it on); on, it hooks every parameter. The setting reaches ZeRO-2's optimizer too; ZeRO-3 keeps DeepSpeed's."""
+    so the N backward passes of a step accumulate in ``.grad`` as in plain PyTorch; on, it hooks every
+    parameter. The setting reaches ZeRO-2's optimizer too; ZeRO-3 keeps DeepSpeed's."""
     from models import ModelConfig, build_supernet
     from trainer.engine import build_engine
 

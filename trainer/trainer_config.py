@@ -51,15 +51,17 @@ class TrainerConfig:
     backward pass produces it (against memory fragmentation on large models).  Off by default: under ZeRO-1
     it also installs a hook on every parameter that runs in each of a step's N backward passes, and the
     copies repeat in each of them under ZeRO-2; off, ZeRO-1 accumulates in ``.grad`` as the plain loop does.
-    Off was 1.09–1.14× faster than on for ZeRO-1 and 1.08–1.13× for ZeRO-2 (2 CPU ranks, full AlphaNet
-    space, the same sandwiches alternately); no change for ZeRO-3, where it stays DeepSpeed's default."""
+    With it off and ``coalesce_grad_reduction`` on, ``bench/step_throughput.py --paired`` measured ZeRO-1 at
+    0.97× the plain loop against 0.93× with DeepSpeed's defaults, ZeRO-2 at 0.95× against 0.82× (2 CPU ranks,
+    full AlphaNet space); ZeRO-3 showed no change and keeps DeepSpeed's default."""
     coalesce_grad_reduction: bool = True
     """ZeRO-2/3: reduce the gradients of a step's backward passes (N sub-networks × the mini-batches) once, at
     the step's end (DeepSpeed's ``coalesce_grad_reduction``), instead of reduce-scattering them after every
     backward pass.  The price is ZeRO-2/3's saving on gradient memory: until the step's end each rank holds
-    every gradient, as ZeRO-0/1 do (96 MB for the AlphaNet supernet in fp32).  Measured on 2 CPU ranks at full
-    size, the same sandwiches alternately: ZeRO-2 0.89× → 0.98× the plain loop, ZeRO-3 0.51× → 0.57×.  Turn it
-    off for a model whose gradients do not fit beside its activations."""
+    every gradient, as ZeRO-0/1 do (96 MB for the AlphaNet supernet in fp32).  With ``contiguous_gradients``
+    off, ``bench/step_throughput.py --paired`` measured ZeRO-2 at 0.95× the plain loop against 0.82× with
+    DeepSpeed's defaults, ZeRO-3 at 0.54× against 0.52× (2 CPU ranks, full AlphaNet space).  Turn it off for a
+    model whose gradients do not fit beside its activations."""
     bf16: bool = False
     """bfloat16 weights and activations with fp32 master weights and fp32 gradient accumulation and reduction
     (DeepSpeed's BF16 optimizer, ZeRO stage 1 only)."""
