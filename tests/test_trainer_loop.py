@@ -103,3 +103,31 @@ def test_log_reports_time_waiting_for_data(repo, digits_shards, tmp_path, single
     assert len(steps_logged) == 3
     for r in steps_logged:
         assert 200 <= r["time/data_wait_ms"] < 200 + r["time/step_ms"] + 1000 and r["time/step_ms"] > 0
+
+
+def test_zero_2_steps_reduce_once_with_the_updates_of_per_backward_reduction(
+    repo, digits_shards, tmp_path, single_rank, monkeypatch
+):
+    """The loop runs a step's backward passes (2 mini-batches × 4 sub-networks) inside ``one_reduction``: under
+    ZeRO-2 one bucket reduction per step (``trainer.coalesce_grad_reduction``, the default) instead of one per
+    backward pass, and the same losses step after step as with DeepSpeed's per-backward reduction."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    calls = []
+    original = DeepSpeedZeroOptimizer.reduce_ipg_grads
+    monkeypatch.setattr(
+        DeepSpeedZeroOptimizer, "reduce_ipg_grads", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    args = {"trainer.zero_stage": 2, "trainer.gradient_accumulation_steps": 2, "trainer.max_steps": 3}
+    losses, reductions = {}, {}
+    for coalesce in (True, False):
+        run = tmp_path / f"coalesce_{coalesce}"
+        calls.clear()
+        run_in_process(repo, overrides(run, digits_shards, **args, **{"trainer.coalesce_grad_reduction": coalesce}))
+        reductions[coalesce] = len(calls)
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[coalesce] = [[r[k] for k in sorted(r) if k.startswith("loss/")] for r in records if "loss/largest" in r]
+    assert reductions == {True: 3, False: 3 * 2 * 4}
+    assert len(losses[True]) == 3 and len(losses[True][0]) == 4
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-6)
+    assert losses[True][0] != losses[True][-1]  # the weights did change between the steps compared
