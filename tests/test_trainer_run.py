@@ -161,6 +161,7 @@ def test_kill_9_and_rerun_resumes_exactly(repo, digits, tmp_path):
     assert proc.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
 
     kill_after = random.Random(7).randint(5, 11)  # a step after the first checkpoint (step 4)
+    semaphores_before = set(Path("/dev/shm").glob("sem.mp-*"))
     proc = launch(repo, [f"run_dir={interrupted}", *args], tmp_path / "interrupted.log")
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -173,6 +174,10 @@ def test_kill_9_and_rerun_resumes_exactly(repo, digits, tmp_path):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # The data workers' multiprocessing semaphores, which the killed group's resource tracker would have removed
+    # (CHANGELOG): the test removes what the run left in /dev/shm.
+    for semaphore in set(Path("/dev/shm").glob("sem.mp-*")) - semaphores_before:
+        semaphore.unlink(missing_ok=True)
     assert latest_tag(interrupted / "checkpoints") is not None
     resumed_at = int(latest_tag(interrupted / "checkpoints")[4:])
     assert 4 <= resumed_at < 14
