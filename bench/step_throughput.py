@@ -211,7 +211,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from losses import LossConfig, build_kd_loss, build_label_loss
-    from models import ArchSampler, build_supernet
+    from models import ArchSampler
     from models.depthwise import pytorch_depthwise
     from trainer.collectives import all_reduce_
     from trainer.distributed import init_distributed, resolve
@@ -265,14 +265,10 @@ def worker(args) -> None:
         return result
 
     def measure(name: str, make, *, profile: bool = True, **options) -> None:
-        """Build one engine from fresh weights (``make(net) -> (engine, module, optimizer)``), run it, record;
-        a second measurement of the same engine is added to the first one's."""
+        """Build one engine from fresh weights (:func:`fresh_engine`), run it, record; a second measurement of
+        the same engine is added to the first one's."""
         reset_peak_rss()
-        torch.manual_seed(0)
-        net = build_supernet(config)
-        net.channels_last = options.pop("channels_last", True)
-        net.activation_checkpointing = options.pop("activation_checkpointing", False)
-        engine, module, optimizer, reduction = make(net)
+        engine, module, optimizer, reduction = fresh_engine(make, config, options)
         with pytorch_depthwise() if options.pop("onednn_depthwise", False) else contextlib.nullcontext():
             result = run(engine, module, reduction, profile=profile, **options)
         result["state_bytes"] = optimizer_state_bytes(optimizer)
@@ -344,6 +340,19 @@ def worker(args) -> None:
     dist.destroy_process_group()  # as the trainer does (an open gloo group can abort the exit)
 
 
+def fresh_engine(make, config, options: dict) -> tuple:
+    """``make(net) -> (engine, module, optimizer, reduction)`` on a supernet of ``config`` with fresh weights
+    (seed 0), laid out as ``options`` says: its ``channels_last`` and ``activation_checkpointing`` are taken
+    out of it.  ``reduction()`` is the context of a step's backward passes (``trainer.engine.one_reduction``)."""
+    from models import build_supernet
+
+    torch.manual_seed(0)
+    net = build_supernet(config)
+    net.channels_last = options.pop("channels_last", True)
+    net.activation_checkpointing = options.pop("activation_checkpointing", False)
+    return make(net)
+
+
 def paired(args, env, engines, config, label_loss, kd_loss) -> None:
     """``--paired``: the named engines built side by side, and every sandwich and batch run by each of them in
     turn (in the listed order, then reversed for the next step), so that a change of the machine's speed hits
@@ -351,7 +360,7 @@ def paired(args, env, engines, config, label_loss, kd_loss) -> None:
     named.  No profile and no memory figures (the engines share the process)."""
     import torch.distributed as dist
 
-    from models import ArchSampler, build_supernet
+    from models import ArchSampler
     from models.depthwise import pytorch_depthwise
     from trainer.sandwich import SandwichStep, sample_sandwich
 
@@ -362,12 +371,8 @@ def paired(args, env, engines, config, label_loss, kd_loss) -> None:
         raise SystemExit(f"--paired: unknown engine(s) {unknown}; engines: {list(table)}")
     built = {}
     for name in names:
-        make, options = table[name]
-        torch.manual_seed(0)
-        net = build_supernet(config)
-        net.channels_last = options.get("channels_last", True)
-        net.activation_checkpointing = options.get("activation_checkpointing", False)
-        engine, module, _, reduction = make(net)
+        make, options = table[name][0], dict(table[name][1])
+        engine, module, _, reduction = fresh_engine(make, config, options)
         sandwich = SandwichStep(label_loss, kd_loss, bf16_autocast=options.get("bf16_autocast", False))
         built[name] = (engine, module, reduction, sandwich, options.get("onednn_depthwise", False))
     space = built[names[0]][1].space
