@@ -35,7 +35,13 @@ the optimizer's own update.  Peak RSS is the rank's high-water mark while that e
 at once, every step's sandwich and batch run by each in turn, for ratios that the machine's drift cannot
 move (no profile, no memory figures).  It can also name ``ZeRO-1, DeepSpeed defaults`` (and 2, 3): the stage
 with DeepSpeed's own ``contiguous_gradients`` and a reduction after every backward pass, which the trainer
-changes (``trainer.contiguous_gradients``, ``trainer.coalesce_grad_reduction``).
+changes (``trainer.contiguous_gradients``, ``trainer.coalesce_grad_reduction``).  It also prints the kernel
+time and minor page faults of each engine's steps on rank 0.
+
+``--allocator kept`` (the default) sets each rank's ``malloc`` as the trainer does
+(``trainer.keep_freed_host_memory``: freed memory kept for the next step); ``--allocator glibc-default`` leaves
+glibc's defaults, under which the large tensors of every step are mapped afresh and faulted in again.  It is
+process-wide, so every engine of a run (the reference-style step too) runs under the same allocator.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -216,9 +223,12 @@ def worker(args) -> None:
     from trainer.collectives import all_reduce_
     from trainer.distributed import init_distributed, resolve
     from trainer.engine import build_engine, build_optimizer, one_reduction
+    from trainer.host_allocator import keep_freed_memory
     from trainer.sandwich import SandwichStep, sample_sandwich
     from trainer.trainer_config import TrainerConfig
 
+    if args.allocator == "kept" and not keep_freed_memory():  # before the process group starts its threads
+        args.allocator = "glibc-default (no glibc here)"
     env = resolve()
     init_distributed(env, TrainerConfig().dist_timeout_s)
     torch.set_num_threads(1)
@@ -378,7 +388,7 @@ def paired(args, env, engines, config, label_loss, kd_loss) -> None:
     space = built[names[0]][1].space
     sampler, gen = ArchSampler(space, seed=0), torch.Generator().manual_seed(env.rank)
     res = max(space.resolutions)
-    totals = dict.fromkeys(names, 0.0)
+    totals, kernel, faults = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
     for step in range(args.steps + 1):  # the first step is a warm-up
         images = torch.randn(args.batch, 3, res, res, generator=gen)
         labels = torch.randint(0, config.num_classes, (args.batch,), generator=gen)
@@ -386,7 +396,7 @@ def paired(args, env, engines, config, label_loss, kd_loss) -> None:
         for name in names if step % 2 == 0 else names[::-1]:
             engine, module, reduction, sandwich, onednn = built[name]
             dist.barrier()
-            start = time.perf_counter()
+            usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             with pytorch_depthwise() if onednn else contextlib.nullcontext():
                 engine.train()
                 with reduction():
@@ -395,16 +405,23 @@ def paired(args, env, engines, config, label_loss, kd_loss) -> None:
             dist.barrier()
             if step:
                 totals[name] += time.perf_counter() - start
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                kernel[name] += after.ru_stime - usage.ru_stime
+                faults[name] += after.ru_minflt - usage.ru_minflt
     if env.rank == 0:
         print(
             f"\nspace {args.space}, 2 ranks x {args.batch} images x 1 thread, 4 sub-networks per step; {args.steps} "
-            "timed steps after a warm-up, each sandwich and batch run by every engine in turn (order alternating)"
+            "timed steps after a warm-up, each sandwich and batch run by every engine in turn (order alternating); "
+            f"allocator: {args.allocator}; kernel time and minor page faults per step on rank 0"
         )
-        print(f"{'engine':27s} {'ms/step':>8s} {'samples/s':>9s} {'x ' + names[0]:>s}")
+        print(f"{'engine':27s} {'ms/step':>8s} {'samples/s':>9s} {'kernel ms':>9s} {'faults':>7s} {'x ' + names[0]:>s}")
         for name in names:
             ms = 1e3 * totals[name] / args.steps
             rate = args.batch * dist.get_world_size() / (ms / 1e3)
-            print(f"{name:27s} {ms:8.0f} {rate:9.2f} {totals[names[0]] / totals[name]:.3f}")
+            print(
+                f"{name:27s} {ms:8.0f} {rate:9.2f} {1e3 * kernel[name] / args.steps:9.0f} "
+                f"{faults[name] // args.steps:7d} {totals[names[0]] / totals[name]:.3f}"
+            )
 
 
 def report(args, results: dict[str, dict]) -> None:
@@ -415,7 +432,7 @@ def report(args, results: dict[str, dict]) -> None:
     print(
         f"space {args.space}, 2 ranks x {args.batch} images x 1 thread, 4 sub-networks per step, median of "
         f"{args.steps} steps; channels-last unless marked NCHW; every engine measured twice, in order and then in "
-        "reverse order (the two samples/s in brackets), and their mean used"
+        f"reverse order (the two samples/s in brackets), and their mean used; allocator: {args.allocator}"
     )
     header = (
         f"{'engine':27s} {'samples/s':>9s} {'(1st, 2nd)':>16s} {'x plain':>7s} {'x ref':>6s} {'fwd+bwd ms':>10s} "
@@ -505,6 +522,12 @@ def main() -> None:
         metavar="ENGINE",
         help="engine names (as printed, each quoted), run side by side on the same steps; ratios to the first",
     )
+    parser.add_argument(
+        "--allocator",
+        choices=("kept", "glibc-default"),
+        default="kept",
+        help="each rank's malloc: kept = trainer.keep_freed_host_memory, as the trainer runs (default)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--activations", choices=("stored", "recomputed"), help=argparse.SUPPRESS)
@@ -518,7 +541,7 @@ def main() -> None:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).resolve())]
     command += ["--worker", "--steps", str(args.steps), "--batch", str(args.batch), "--space", args.space]
-    command += ["--top", str(args.top), "--bf16", args.bf16] + (["--paired", *args.paired] if args.paired else [])
+    command += ["--top", str(args.top), "--bf16", args.bf16, "--allocator", args.allocator] + (["--paired", *args.paired] if args.paired else [])
     returncode = subprocess.run(command, env=env).returncode
     if returncode == 0 and not args.paired:
         report_activation_memory(args)

@@ -98,8 +98,12 @@ def test_the_paired_step_bench_runs_engines_side_by_side(tmp_path):
     lines = done.stdout.splitlines()
     table = lines[lines.index(next(x for x in lines if x.startswith("engine"))) + 1 :][:2]
     assert [row[:27].strip() for row in table] == ["plain PyTorch", "DeepSpeed ZeRO-2"]
-    (base_ms, base_rate, one), (ms, rate, ratio) = ([float(x) for x in row[27:].split()] for row in table)
+    (base_ms, base_rate, _, _, one), (ms, rate, kernel_ms, faults, ratio) = (
+        [float(x) for x in row[27:].split()] for row in table
+    )
     assert one == 1.0 and ms > 0  # ms are printed rounded to a millisecond: the tolerances allow for it
+    assert 0 <= kernel_ms <= ms and faults >= 0
+    assert "allocator: kept" in done.stdout  # the trainer's setting, the default
     assert abs(ratio - base_ms / ms) <= ratio * (0.5 / base_ms + 0.5 / ms) + 0.001
     for row_ms, row_rate in ((base_ms, base_rate), (ms, rate)):
         assert abs(row_rate - 2 * 2 / (row_ms / 1e3)) <= row_rate * 0.5 / row_ms + 0.01

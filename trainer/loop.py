@@ -30,6 +30,7 @@ from trainer.checkpoint import Checkpointer, rng_state, set_rng_state
 from trainer.collectives import all_reduce_
 from trainer.config import RunConfig, config_hash, write_resolved
 from trainer.distributed import configure_threads, init_distributed, local_world_size, resolve
+from trainer.host_allocator import keep_freed_memory
 from trainer.ds_config import global_batch_size
 from trainer.engine import build_engine, one_reduction
 from trainer.evaluate import accuracy_counts, collect_calibration, evaluate_arch, gathered, percentages
@@ -106,6 +107,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ build
     def _build_distributed(self, local_rank_arg: int | None) -> None:
         self.env = resolve(local_rank_arg=local_rank_arg)
+        # before the process group starts its threads, which then share the main arena
+        self.kept_freed_memory = self.config.trainer.keep_freed_host_memory and keep_freed_memory()
         self.device = init_distributed(self.env, self.config.trainer.dist_timeout_s)
         self.rank, self.world = self.env.rank, self.env.world_size
         if self.env.is_main:  # before any collective: a second run on this folder stops here, at once
@@ -525,6 +528,7 @@ class Trainer:
             f"training {self.what}: {self.world} rank(s), global batch {self.global_batch}, "
             f"{self.steps_per_epoch} steps/epoch, {self.final_step} steps, lr {self.base_lr:.4f}, "
             f"{self.threads} thread(s) per rank, {self.config.data.num_workers} data worker(s) per rank"
+            + (", freed host memory kept" if self.kept_freed_memory else "")
         )
         results: dict[str, Any] = {"global_step": self.global_step, "skipped_steps": self.skipped_total}
         if self.global_step >= self.final_step:  # rerunning a finished run: only validate

@@ -40,6 +40,7 @@ OPERATIONAL_KEYS = frozenset(
         "trainer.checkpoint_every_steps",
         "trainer.keep_checkpoints",
         "trainer.threads_per_rank",
+        "trainer.keep_freed_host_memory",
         "trainer.activation_checkpointing",
         "trainer.dist_timeout_s",
         "trainer.max_consecutive_bad_steps",
