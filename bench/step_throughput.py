@@ -541,7 +541,9 @@ def main() -> None:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).resolve())]
     command += ["--worker", "--steps", str(args.steps), "--batch", str(args.batch), "--space", args.space]
-    command += ["--top", str(args.top), "--bf16", args.bf16, "--allocator", args.allocator] + (["--paired", *args.paired] if args.paired else [])
+    command += ["--top", str(args.top), "--bf16", args.bf16, "--allocator", args.allocator] + (
+        ["--paired", *args.paired] if args.paired else []
+    )
     returncode = subprocess.run(command, env=env).returncode
     if returncode == 0 and not args.paired:
         report_activation_memory(args)

@@ -6,13 +6,14 @@ most) with a fresh ``mmap`` and unmaps it on free, and gives the top of its heap
 threshold; every page of such memory is then faulted in, zeroed by the kernel, on its next use.  Threads
 other than the main one (gloo's workers, which allocate a collective's flat buffers) get arenas of at most
 64 MiB, so their larger buffers are always mmapped.  Measured on 2 gloo ranks at full size
-(``bench/step_throughput.py --allocator``): 60,000–100,000 page faults and 0.15–0.28 s of kernel time per
-2.4 s step, against about 1,500 faults and 0.06 s with the settings below.
+(``bench/step_throughput.py --paired ... --allocator glibc-default``): 50,000–100,000 page faults and
+0.15–0.24 s of kernel time per 2.5 s step, against 0–4,500 faults and 0.05–0.11 s with the settings below.
 
 :func:`keep_freed_memory` sets, through ``mallopt``: no mmapped chunks (every allocation comes from the
 heap), no trimming of the heap, and one arena for all threads (so the workers' buffers come from the same
-heap).  Freed memory is then reused by the next step.  The price is a higher resident set: the heap keeps
-what the largest step needed (3 % more peak RSS per rank over 100 ZeRO-1 steps, flat after the first 40).
+heap).  Freed memory is then reused by the next step: 3–10 % less time per step.  The heap keeps what the
+largest step needed, so the resident set is higher in the first steps, and level with glibc's defaults once
+the sub-networks have reached their largest shapes (``bench/host_allocator.py``: the same peak at step 50).
 Only glibc has these knobs; elsewhere (macOS, musl) nothing changes.
 """
 

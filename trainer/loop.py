@@ -30,10 +30,10 @@ from trainer.checkpoint import Checkpointer, rng_state, set_rng_state
 from trainer.collectives import all_reduce_
 from trainer.config import RunConfig, config_hash, write_resolved
 from trainer.distributed import configure_threads, init_distributed, local_world_size, resolve
-from trainer.host_allocator import keep_freed_memory
 from trainer.ds_config import global_batch_size
 from trainer.engine import build_engine, one_reduction
 from trainer.evaluate import accuracy_counts, collect_calibration, evaluate_arch, gathered, percentages
+from trainer.host_allocator import keep_freed_memory
 from trainer.local_sharing import LocalSharing
 from trainer.metrics import MetricsLogger
 from trainer.networks import FINAL_DIR, build_student_and_teacher, save_network

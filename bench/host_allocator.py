@@ -1,0 +1,125 @@
+"""The trainer's engine under glibc's default ``malloc`` and under the trainer's (``trainer.keep_freed_host_memory``):
+time per step, kernel time and page faults per step, and the peak resident memory as the steps go on.
+
+    .venv/bin/python bench/host_allocator.py [--space alphanet] [--batch 4] [--steps 60] [--stage 1] [--rounds 1]
+
+The allocator is a setting of the whole process, so each one runs in its own 2-rank process group (gloo, one
+torch thread per rank), glibc's defaults first, then the kept memory, ``--rounds`` times in turn; the same
+supernet, sandwiches and batches in each.  The engine is DeepSpeed at ``--stage`` (1: the ImageNet recipe's),
+stepping as the trainer does (``trainer.engine.one_reduction``).  Figures are rank 0's: the mean over the
+steps after the first, and the high-water mark of its resident memory after each fifth of the steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+ALLOCATORS = ("glibc-default", "kept")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--space", default="alphanet")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--stage", type=int, default=1, choices=(0, 1, 2, 3))
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--worker", choices=ALLOCATORS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    rows = []
+    for _ in range(args.rounds):
+        for allocator in ALLOCATORS:
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__]
+            command += ["--worker", allocator, "--space", args.space, "--batch", str(args.batch)]
+            command += ["--steps", str(args.steps), "--stage", str(args.stage)]
+            done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+            if done.returncode:
+                sys.exit(done.returncode)
+            rows.append(json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1]))
+    marks = rows[0]["marks"]
+    print(
+        f"space {args.space}, DeepSpeed ZeRO-{args.stage}, 2 ranks x {args.batch} images x 1 thread, 4 sub-networks "
+        f"per step, {args.steps} steps per run; per step on rank 0 (mean after the first); peak RSS of rank 0 "
+        f"after steps {', '.join(map(str, marks))}"
+    )
+    print(f"{'allocator':14s} {'ms/step':>8s} {'kernel ms':>9s} {'faults':>7s}  peak RSS MiB")
+    for row in rows:
+        print(
+            f"{row['allocator']:14s} {row['ms']:8.0f} {row['kernel_ms']:9.0f} {row['faults']:7d}  "
+            + " ".join(f"{mib:5d}" for mib in row["peak_mib"])
+        )
+    mean = {a: sum(r["ms"] for r in rows if r["allocator"] == a) / args.rounds for a in ALLOCATORS}
+    print(f"time per step, kept / glibc-default: {mean['kept'] / mean['glibc-default']:.3f}")
+
+
+def worker(args) -> None:
+    from trainer.host_allocator import keep_freed_memory
+
+    if args.worker == "kept" and not keep_freed_memory():  # before the process group starts its threads
+        raise SystemExit("kept: not glibc, nothing to compare")
+    import torch.distributed as dist
+    from step_throughput import fresh_engine, model_config, peak_rss_bytes
+
+    from losses import LossConfig, build_kd_loss, build_label_loss
+    from models import ArchSampler
+    from trainer.distributed import init_distributed, resolve
+    from trainer.engine import build_engine, one_reduction
+    from trainer.sandwich import SandwichStep, sample_sandwich
+    from trainer.trainer_config import TrainerConfig
+
+    env = resolve()
+    init_distributed(env, TrainerConfig().dist_timeout_s)
+    torch.set_num_threads(1)
+    config, tc = model_config(args.space), TrainerConfig(zero_stage=args.stage)
+
+    def make(net):
+        built = build_engine(net, tc, micro_batch=args.batch, world_size=env.world_size, lr=0.01)
+        return built.engine, built.module, built.engine.optimizer, lambda: one_reduction(built.engine, tc)
+
+    engine, module, _, reduction = fresh_engine(make, config, {})
+    sandwich = SandwichStep(build_label_loss(LossConfig()), build_kd_loss(LossConfig()))
+    sampler, gen = ArchSampler(module.space, seed=0), torch.Generator().manual_seed(env.rank)
+    res = max(module.space.resolutions)
+    marks = sorted({max(1, round(args.steps * k / 5)) for k in range(1, 6)})
+    wall = kernel = 0.0
+    faults, peaks = 0, []
+    for step in range(1, args.steps + 1):
+        images = torch.randn(args.batch, 3, res, res, generator=gen)
+        labels = torch.randint(0, config.num_classes, (args.batch,), generator=gen)
+        subnets = sample_sandwich(module.space, sampler, 4)
+        dist.barrier()
+        usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        engine.train()
+        with reduction():
+            sandwich(engine, module, subnets, images, labels)
+        engine.step()
+        dist.barrier()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        if step > 1:  # the first step is a warm-up
+            wall += time.perf_counter() - start
+            kernel += after.ru_stime - usage.ru_stime
+            faults += after.ru_minflt - usage.ru_minflt
+        if step in marks:
+            peaks.append(peak_rss_bytes() // 2**20)
+    timed = max(1, args.steps - 1)
+    if env.rank == 0:
+        row = {"allocator": args.worker, "ms": 1e3 * wall / timed, "kernel_ms": 1e3 * kernel / timed}
+        print(json.dumps({**row, "faults": faults // timed, "marks": marks, "peak_mib": peaks}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
