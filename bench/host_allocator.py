@@ -65,10 +65,11 @@ def main() -> None:
 
 
 def worker(args) -> None:
-    from trainer.host_allocator import keep_freed_memory
+    from trainer.host_allocator import keep_freed_memory, share_one_arena
 
-    if args.worker == "kept" and not keep_freed_memory():  # before the process group starts its threads
-        raise SystemExit("kept: not glibc, nothing to compare")
+    # before the process group starts its threads (the launcher's OMP_NUM_THREADS=1 spares numpy's BLAS thread)
+    if args.worker == "kept" and not (share_one_arena() and keep_freed_memory()):
+        raise SystemExit("kept: not glibc, or a thread had its own malloc arena already")
     import torch.distributed as dist
     from step_throughput import fresh_engine, model_config, peak_rss_bytes
 

@@ -223,12 +223,17 @@ def worker(args) -> None:
     from trainer.collectives import all_reduce_
     from trainer.distributed import init_distributed, resolve
     from trainer.engine import build_engine, build_optimizer, one_reduction
-    from trainer.host_allocator import keep_freed_memory
+    from trainer.host_allocator import keep_freed_memory, share_one_arena
     from trainer.sandwich import SandwichStep, sample_sandwich
     from trainer.trainer_config import TrainerConfig
 
-    if args.allocator == "kept" and not keep_freed_memory():  # before the process group starts its threads
-        args.allocator = "glibc-default (no glibc here)"
+    # before the process group starts its threads (the launcher's OMP_NUM_THREADS=1 spares numpy's BLAS thread)
+    if args.allocator == "kept":
+        shared = share_one_arena()
+        if not keep_freed_memory():
+            args.allocator = "glibc-default (no glibc here)"
+        elif not shared:
+            args.allocator = "kept, but threads in arenas of their own"
     env = resolve()
     init_distributed(env, TrainerConfig().dist_timeout_s)
     torch.set_num_threads(1)

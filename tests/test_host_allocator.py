@@ -1,5 +1,6 @@
-"""``trainer.host_allocator.keep_freed_memory``: freed memory is reused without new page faults, also when a
-thread other than the main one allocates (gloo's workers do); glibc's defaults fault every page in again."""
+"""``trainer.host_allocator``: with the trainer's settings freed memory is reused without new page faults, also
+when a thread other than the main one allocates (gloo's workers do); glibc's defaults fault every page in again.
+One arena takes only before a second thread has allocated, and says so."""
 
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's"
 )
 
-# Allocates, fills and frees a 96 MiB tensor (the supernet's gradients) six times on the main thread and six times
-# on a new thread; prints the minor page faults of the last round on each.  (Kept, glibc's aligned allocation of a
-# block this size settles after three rounds: the first ones leave the freed block just too small for the next.)
-# In a fresh process, since the settings are process-wide and cannot be undone.
+# As trainer/run.py does: one arena before torch (and numpy, whose BLAS starts a thread) is imported, then the
+# rest.  Then allocates, fills and frees a 96 MiB tensor (the supernet's gradients) six times on the main thread
+# and six times on a new thread, and prints the minor page faults of the last round on each.  (Kept, glibc's
+# aligned allocation of a block this size settles after three rounds: the first ones leave the freed block just
+# too small for the next.)  In a fresh process, since the settings are process-wide and cannot be undone.
 SCRIPT = r"""
 import json, resource, sys, threading
+from trainer.host_allocator import keep_freed_memory, share_one_arena
+shared = share_one_arena() if sys.argv[1] == "kept" else None
 import torch
-from trainer.host_allocator import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "kept" else None
 
 def faults_of_last_round(out, key):
@@ -30,7 +33,7 @@ def faults_of_last_round(out, key):
         torch.ones(24 * 2**20).sum()
         out[key] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-out = {"kept": kept}
+out = {"shared": shared, "kept": kept}
 faults_of_last_round(out, "main")
 worker = threading.Thread(target=faults_of_last_round, args=(out, "thread"))
 worker.start()
@@ -41,17 +44,32 @@ print(json.dumps(out))
 PAGES = 96 * 2**20 // 4096
 
 
-def faults(mode: str, repo) -> dict:
+def run(script: str, *args: str, repo) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode], cwd=repo, capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", script, *args], cwd=repo, capture_output=True, text=True, timeout=120, check=True
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_freed_memory_is_reused_without_page_faults(repo):
-    default, kept = faults("default", repo), faults("kept", repo)
-    assert kept["kept"] is True
+    default, kept = run(SCRIPT, "default", repo=repo), run(SCRIPT, "kept", repo=repo)
+    assert kept["shared"] is True and kept["kept"] is True
     # glibc's defaults: the tensor is mmapped afresh each time, every page faulted in again
     assert default["main"] > PAGES // 2 and default["thread"] > PAGES // 2, default
     # kept: the last round reuses the heap's pages
     assert kept["main"] < PAGES // 20 and kept["thread"] < PAGES // 20, kept
+
+
+def test_one_arena_is_refused_once_a_thread_has_its_own(repo):
+    script = r"""
+import json, threading
+from trainer import host_allocator
+before = host_allocator.arena_count()
+worker = threading.Thread(target=lambda: bytearray(1 << 20))
+worker.start()
+worker.join()
+print(json.dumps({"before": before, "after": host_allocator.arena_count(), "shared": host_allocator.share_one_arena(),
+                  "flag": host_allocator.one_arena}))
+"""
+    out = run(script, repo=repo)
+    assert out == {"before": 1, "after": 2, "shared": False, "flag": False}

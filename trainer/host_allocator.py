@@ -10,8 +10,8 @@ other than the main one (gloo's workers, which allocate a collective's flat buff
 0.15–0.24 s of kernel time per 2.5 s step, against 0–4,500 faults and 0.05–0.11 s with the settings below.
 
 :func:`keep_freed_memory` sets, through ``mallopt``: no mmapped chunks (every allocation comes from the
-heap), no trimming of the heap, and one arena for all threads (so the workers' buffers come from the same
-heap).  Freed memory is then reused by the next step: 3–10 % less time per step.  The heap keeps what the
+heap) and no trimming of the heap; :func:`share_one_arena`, called by the entry point before any other thread
+exists, gives all threads the main arena (so the workers' buffers come from the same heap).  Freed memory is then reused by the next step: 3–10 % less time per step.  The heap keeps what the
 largest step needed, so the resident set is higher in the first steps, and level with glibc's defaults once
 the sub-networks have reached their largest shapes (``bench/host_allocator.py``: the same peak at step 50).
 Only glibc has these knobs; elsewhere (macOS, musl) nothing changes.
@@ -29,6 +29,9 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int; the largest one means "never"
 
+one_arena = False
+"""Whether :func:`share_one_arena` took in this process."""
+
 
 def _glibc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -39,12 +42,41 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
+def arena_count() -> int:
+    """How many malloc arenas this process has (``malloc_info``); 0 where that cannot be told (not glibc)."""
+    libc = _glibc()
+    if libc is None:
+        return 0
+    buffer, size = ctypes.c_char_p(), ctypes.c_size_t()
+    libc.open_memstream.restype = ctypes.c_void_p
+    stream = libc.open_memstream(ctypes.byref(buffer), ctypes.byref(size))
+    if not stream:
+        return 0
+    libc.malloc_info(0, ctypes.c_void_p(stream))
+    libc.fclose(ctypes.c_void_p(stream))
+    report = ctypes.string_at(buffer, size.value).decode(errors="replace")
+    libc.free(buffer)
+    return report.count("<heap nr=")
+
+
+def share_one_arena() -> bool:
+    """Give every thread of this process the main malloc arena.  glibc fixes its arena limit when a thread other
+    than the main one first allocates, so this takes only before that: entry points call it before importing
+    numpy or torch (numpy's OpenBLAS starts a thread at import).  Returns whether it took (only the main arena
+    exists and ``mallopt`` accepted the limit)."""
+    global one_arena
+    libc = _glibc()
+    took = libc is not None and arena_count() == 1 and libc.mallopt(ctypes.c_int(M_ARENA_MAX), ctypes.c_int(1)) == 1
+    one_arena = one_arena or took
+    return took
+
+
 def keep_freed_memory() -> bool:
-    """Make this process's ``malloc`` keep and reuse freed memory (module docstring).  Call it early, before the
-    process starts its threads (the process group).  Returns whether the settings took (False: not glibc, or
-    ``mallopt`` refused one)."""
+    """Make this process's ``malloc`` keep and reuse freed memory (module docstring): no mmapped chunks, no trimming;
+    threads share the main arena if :func:`share_one_arena` took.  Returns whether the settings took (False: not
+    glibc, or ``mallopt`` refused one)."""
     libc = _glibc()
     if libc is None:
         return False
-    settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _NEVER_TRIM))
+    settings = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _NEVER_TRIM))
     return all(libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) == 1 for param, value in settings)

@@ -25,6 +25,7 @@ from data_pipeline.integrity import DataWatch, split_files
 from data_pipeline.manifest import has_manifest, read_manifest
 from losses import build_kd_loss, build_label_loss
 from models import ArchSampler, build_supernet
+from trainer import host_allocator
 from trainer.attentive import AttentiveSampler, attentive_middle
 from trainer.checkpoint import Checkpointer, rng_state, set_rng_state
 from trainer.collectives import all_reduce_
@@ -107,7 +108,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ build
     def _build_distributed(self, local_rank_arg: int | None) -> None:
         self.env = resolve(local_rank_arg=local_rank_arg)
-        # before the process group starts its threads, which then share the main arena
+        # before the process group starts its threads (trainer/run.py has given them one arena already)
         self.kept_freed_memory = self.config.trainer.keep_freed_host_memory and keep_freed_memory()
         self.device = init_distributed(self.env, self.config.trainer.dist_timeout_s)
         self.rank, self.world = self.env.rank, self.env.world_size
@@ -529,6 +530,7 @@ class Trainer:
             f"{self.steps_per_epoch} steps/epoch, {self.final_step} steps, lr {self.base_lr:.4f}, "
             f"{self.threads} thread(s) per rank, {self.config.data.num_workers} data worker(s) per rank"
             + (", freed host memory kept" if self.kept_freed_memory else "")
+            + (" (one malloc arena)" if self.kept_freed_memory and host_allocator.one_arena else "")
         )
         results: dict[str, Any] = {"global_step": self.global_step, "skipped_steps": self.skipped_total}
         if self.global_step >= self.final_step:  # rerunning a finished run: only validate

@@ -93,7 +93,8 @@ class TrainerConfig:
     keep_freed_host_memory: bool = True
     """Each rank's ``malloc`` keeps freed memory for the next step instead of returning it to the kernel
     (``trainer.host_allocator``, glibc only): 3–10 % faster steps on 2 CPU ranks at full size, the same peak
-    resident memory after the first steps.  Off: glibc's defaults."""
+    resident memory after the first steps.  Off: glibc's defaults, except that ``trainer/run.py`` has given the
+    rank's threads one arena before it read the config."""
     channels_last: bool = True
     """Run the network's convolutions on channels-last (NHWC) tensors: 1.5–1.8× faster forward + backward than
     NCHW on a CPU (measured; ``bench/step_throughput.py``).  Same numbers up to float rounding; on GPUs the
