@@ -27,7 +27,7 @@ import platform
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
-_NEVER_TRIM = 2**31 - 1  # mallopt takes an int; the largest one means "never"
+_NEVER_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
 
 one_arena = False
 """Whether :func:`share_one_arena` took in this process."""
