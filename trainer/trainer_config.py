@@ -92,8 +92,8 @@ class TrainerConfig:
     """torch threads of each rank; null: the cores the process may use ÷ the ranks on its node."""
     keep_freed_host_memory: bool = True
     """Each rank's ``malloc`` keeps freed memory for the next step instead of returning it to the kernel
-    (``trainer.host_allocator``, glibc only): 3–10 % faster steps on 2 CPU ranks at full size, the same peak
-    resident memory after the first steps.  Off: glibc's defaults, except that ``trainer/run.py`` has given the
+    (``trainer.host_allocator``, glibc only): 3–14 % faster steps on 2 CPU ranks at full size, 0–5 % more
+    peak resident memory.  Off: glibc's defaults, except that ``trainer/run.py`` has given the
     rank's threads one arena before it read the config."""
     channels_last: bool = True
     """Run the network's convolutions on channels-last (NHWC) tensors: 1.5–1.8× faster forward + backward than
