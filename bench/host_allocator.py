@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -71,7 +69,7 @@ def worker(args) -> None:
     if args.worker == "kept" and not (share_one_arena() and keep_freed_memory()):
         raise SystemExit("kept: not glibc, or a thread had its own malloc arena already")
     import torch.distributed as dist
-    from step_throughput import fresh_engine, model_config, peak_rss_bytes
+    from step_throughput import fresh_engine, model_config, peak_rss_bytes, timed_step
 
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler
@@ -100,18 +98,11 @@ def worker(args) -> None:
         images = torch.randn(args.batch, 3, res, res, generator=gen)
         labels = torch.randint(0, config.num_classes, (args.batch,), generator=gen)
         subnets = sample_sandwich(module.space, sampler, 4)
-        dist.barrier()
-        usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        engine.train()
-        with reduction():
-            sandwich(engine, module, subnets, images, labels)
-        engine.step()
-        dist.barrier()
-        after = resource.getrusage(resource.RUSAGE_SELF)
+        seconds, kernel_s, minor_faults = timed_step(engine, module, reduction, sandwich, subnets, images, labels)
         if step > 1:  # the first step is a warm-up
-            wall += time.perf_counter() - start
-            kernel += after.ru_stime - usage.ru_stime
-            faults += after.ru_minflt - usage.ru_minflt
+            wall += seconds
+            kernel += kernel_s
+            faults += minor_faults
         if step in marks:
             peaks.append(peak_rss_bytes() // 2**20)
     timed = max(1, args.steps - 1)

@@ -368,6 +368,23 @@ def fresh_engine(make, config, options: dict) -> tuple:
     return make(net)
 
 
+def timed_step(engine, module, reduction, sandwich, subnets, images, labels) -> tuple[float, float, int]:
+    """One sandwich step as the trainer runs it (``reduction()`` around the backward passes, then the optimizer
+    step), between barriers of all ranks: its wall-clock seconds, and this process's kernel seconds and minor
+    page faults meanwhile."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    engine.train()
+    with reduction():
+        sandwich(engine, module, subnets, images, labels)
+    engine.step()
+    dist.barrier()
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    return seconds, after.ru_stime - usage.ru_stime, after.ru_minflt - usage.ru_minflt
+
+
 def paired(args, env, engines, config, label_loss, kd_loss) -> None:
     """``--paired``: the named engines built side by side, and every sandwich and batch run by each of them in
     turn (in the listed order, then reversed for the next step), so that a change of the machine's speed hits
@@ -400,19 +417,14 @@ def paired(args, env, engines, config, label_loss, kd_loss) -> None:
         subnets = sample_sandwich(space, sampler, 4)
         for name in names if step % 2 == 0 else names[::-1]:
             engine, module, reduction, sandwich, onednn = built[name]
-            dist.barrier()
-            usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             with pytorch_depthwise() if onednn else contextlib.nullcontext():
-                engine.train()
-                with reduction():
-                    sandwich(engine, module, subnets, images, labels)
-                engine.step()
-            dist.barrier()
+                seconds, kernel_s, minor_faults = timed_step(
+                    engine, module, reduction, sandwich, subnets, images, labels
+                )
             if step:
-                totals[name] += time.perf_counter() - start
-                after = resource.getrusage(resource.RUSAGE_SELF)
-                kernel[name] += after.ru_stime - usage.ru_stime
-                faults[name] += after.ru_minflt - usage.ru_minflt
+                totals[name] += seconds
+                kernel[name] += kernel_s
+                faults[name] += minor_faults
     if env.rank == 0:
         print(
             f"\nspace {args.space}, 2 ranks x {args.batch} images x 1 thread, 4 sub-networks per step; {args.steps} "
