@@ -107,3 +107,26 @@ def test_the_paired_step_bench_runs_engines_side_by_side(tmp_path):
     assert abs(ratio - base_ms / ms) <= ratio * (0.5 / base_ms + 0.5 / ms) + 0.001
     for row_ms, row_rate in ((base_ms, base_rate), (ms, rate)):
         assert abs(row_rate - 2 * 2 / (row_ms / 1e3)) <= row_rate * 0.5 / row_ms + 0.01
+
+
+def test_the_host_allocator_bench_runs_both_allocators(tmp_path):
+    """``bench/host_allocator.py``: glibc's defaults, then the trainer's kept memory, each in its own 2-rank run;
+    each row has its peak RSS at every mark, and the printed ratio is the two rows' times."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(ROOT / "bench" / "host_allocator.py"), "--space", "tiny", "--batch", "2"]
+    command += ["--steps", "3"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert "peak RSS of rank 0 after steps 1, 2, 3" in lines[0]
+    rows = [line.split() for line in lines[2:4]]
+    assert [row[0] for row in rows] == ["glibc-default", "kept"]
+    (default_ms, _, _, *default_peaks), (kept_ms, _, _, *kept_peaks) = ([float(x) for x in row[1:]] for row in rows)
+    assert len(default_peaks) == len(kept_peaks) == 3 and all(p > 0 for p in default_peaks + kept_peaks)
+    assert default_peaks == sorted(default_peaks) and kept_peaks == sorted(kept_peaks)  # high-water marks
+    ratio = float(lines[4].split()[-1])
+    assert abs(ratio - kept_ms / default_ms) <= ratio * (0.5 / kept_ms + 0.5 / default_ms) + 0.001
