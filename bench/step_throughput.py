@@ -35,7 +35,9 @@ the optimizer's own update.  Peak RSS is the rank's high-water mark while that e
 at once, every step's sandwich and batch run by each in turn, for ratios that the machine's drift cannot
 move (no profile, no memory figures).  It can also name ``ZeRO-1, DeepSpeed defaults`` (and 2, 3): the stage
 with DeepSpeed's own ``contiguous_gradients`` and a reduction after every backward pass, which the trainer
-changes (``trainer.contiguous_gradients``, ``trainer.coalesce_grad_reduction``).  It also prints the kernel
+changes (``trainer.contiguous_gradients``, ``trainer.coalesce_grad_reduction``), and ``plain PyTorch, pinned``:
+the plain loop with each rank's thread held on a core of its own during its steps (thread placement; the
+trainer does not pin).  It also prints the kernel
 time and minor page faults of each engine's steps on rank 0.
 
 ``--allocator kept`` (the default) sets each rank's ``malloc`` as the trainer does
@@ -339,6 +341,7 @@ def worker(args) -> None:
     if args.paired:  # also DeepSpeed's own defaults, which the trainer changes (``trainer.contiguous_gradients``...)
         defaults = {"contiguous_gradients": True, "coalesce_grad_reduction": False}
         engines += [(f"ZeRO-{s}, DeepSpeed defaults", deepspeed_stage(s, **defaults), {}) for s in (1, 2, 3)]
+        engines.append(("plain PyTorch, pinned", plain, {"pinned": True}))
         paired(args, env, engines, config, label_loss, kd_loss)
         dist.barrier()
         dist.destroy_process_group()
@@ -385,6 +388,21 @@ def timed_step(engine, module, reduction, sandwich, subnets, images, labels) -> 
     return seconds, after.ru_stime - usage.ru_stime, after.ru_minflt - usage.ru_minflt
 
 
+@contextlib.contextmanager
+def pinned_to_own_core(pinned: bool):
+    """While ``pinned``, this thread runs on one core of those it may use, chosen by its local rank (rank 0 on the
+    first, rank 1 on the second...), so the ranks never share or swap cores; the previous affinity afterwards."""
+    if not pinned or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[int(os.environ.get("LOCAL_RANK", 0)) % len(cores)]})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cores)
+
+
 def paired(args, env, engines, config, label_loss, kd_loss) -> None:
     """``--paired``: the named engines built side by side, and every sandwich and batch run by each of them in
     turn (in the listed order, then reversed for the next step), so that a change of the machine's speed hits
@@ -406,7 +424,14 @@ def paired(args, env, engines, config, label_loss, kd_loss) -> None:
         make, options = table[name][0], dict(table[name][1])
         engine, module, _, reduction = fresh_engine(make, config, options)
         sandwich = SandwichStep(label_loss, kd_loss, bf16_autocast=options.get("bf16_autocast", False))
-        built[name] = (engine, module, reduction, sandwich, options.get("onednn_depthwise", False))
+        built[name] = (
+            engine,
+            module,
+            reduction,
+            sandwich,
+            options.get("onednn_depthwise", False),
+            options.get("pinned"),
+        )
     space = built[names[0]][1].space
     sampler, gen = ArchSampler(space, seed=0), torch.Generator().manual_seed(env.rank)
     res = max(space.resolutions)
@@ -416,8 +441,8 @@ def paired(args, env, engines, config, label_loss, kd_loss) -> None:
         labels = torch.randint(0, config.num_classes, (args.batch,), generator=gen)
         subnets = sample_sandwich(space, sampler, 4)
         for name in names if step % 2 == 0 else names[::-1]:
-            engine, module, reduction, sandwich, onednn = built[name]
-            with pytorch_depthwise() if onednn else contextlib.nullcontext():
+            engine, module, reduction, sandwich, onednn, pinned = built[name]
+            with pytorch_depthwise() if onednn else contextlib.nullcontext(), pinned_to_own_core(pinned):
                 seconds, kernel_s, minor_faults = timed_step(
                     engine, module, reduction, sandwich, subnets, images, labels
                 )

@@ -91,16 +91,17 @@ def test_the_paired_step_bench_runs_engines_side_by_side(tmp_path):
     import sys
 
     command = [sys.executable, str(ROOT / "bench" / "step_throughput.py"), "--space", "tiny", "--batch", "2"]
-    command += ["--steps", "1", "--paired", "plain PyTorch", "DeepSpeed ZeRO-2"]
+    command += ["--steps", "1", "--paired", "plain PyTorch", "DeepSpeed ZeRO-2", "plain PyTorch, pinned"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
-    table = lines[lines.index(next(x for x in lines if x.startswith("engine"))) + 1 :][:2]
-    assert [row[:27].strip() for row in table] == ["plain PyTorch", "DeepSpeed ZeRO-2"]
-    (base_ms, base_rate, _, _, one), (ms, rate, kernel_ms, faults, ratio) = (
+    table = lines[lines.index(next(x for x in lines if x.startswith("engine"))) + 1 :][:3]
+    assert [row[:27].strip() for row in table] == ["plain PyTorch", "DeepSpeed ZeRO-2", "plain PyTorch, pinned"]
+    (base_ms, base_rate, _, _, one), (ms, rate, kernel_ms, faults, ratio), pinned = (
         [float(x) for x in row[27:].split()] for row in table
     )
+    assert pinned[0] > 0 and abs(pinned[-1] - base_ms / pinned[0]) <= pinned[-1] * (1 / base_ms + 1 / pinned[0]) + 0.001
     assert one == 1.0 and ms > 0  # ms are printed rounded to a millisecond: the tolerances allow for it
     assert 0 <= kernel_ms <= ms and faults >= 0
     assert "allocator: kept" in done.stdout  # the trainer's setting, the default
