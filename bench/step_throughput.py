@@ -37,8 +37,9 @@ move (no profile, no memory figures).  It can also name ``ZeRO-1, DeepSpeed defa
 with DeepSpeed's own ``contiguous_gradients`` and a reduction after every backward pass, which the trainer
 changes (``trainer.contiguous_gradients``, ``trainer.coalesce_grad_reduction``), and ``plain PyTorch, pinned``:
 the plain loop with each rank's thread held on a core of its own during its steps (thread placement; the
-trainer does not pin).  It also prints the kernel
-time and minor page faults of each engine's steps on rank 0.
+trainer does not pin), and ``ZeRO-3, block gather``: ZeRO-3 gathering each block's parameters before it runs
+rather than the whole network's (``trainer.zero3_gather: block``).  It also prints the kernel time and minor
+page faults of each engine's steps on rank 0.
 
 ``--allocator kept`` (the default) sets each rank's ``malloc`` as the trainer does
 (``trainer.keep_freed_host_memory``: freed memory kept for the next step); ``--allocator glibc-default`` leaves
@@ -342,6 +343,7 @@ def worker(args) -> None:
         defaults = {"contiguous_gradients": True, "coalesce_grad_reduction": False}
         engines += [(f"ZeRO-{s}, DeepSpeed defaults", deepspeed_stage(s, **defaults), {}) for s in (1, 2, 3)]
         engines.append(("plain PyTorch, pinned", plain, {"pinned": True}))
+        engines.append(("ZeRO-3, block gather", deepspeed_stage(3, zero3_gather="block"), {}))
         paired(args, env, engines, config, label_loss, kd_loss)
         dist.barrier()
         dist.destroy_process_group()

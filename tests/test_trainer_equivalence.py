@@ -70,7 +70,7 @@ def expected():
 def run_worker(repo, tmp_path, stage: int, *extra: str) -> dict[str, torch.Tensor]:
     """Weights after 3 sandwich steps of the DeepSpeed engine on 2 processes (rank 0's copy)."""
     out = tmp_path / f"stage{stage}{''.join(extra)}.pt"
-    port = str(29600 + stage + 10 * len(extra))
+    port = str(29600 + stage + 10 * len(extra) + 20 * ("block" in extra))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     command += ["tests/workers/sandwich_equivalence.py", str(stage), str(out), *extra]
@@ -88,9 +88,21 @@ def initial_weights() -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_zero_3_with_activation_checkpointing_equals_plain_pytorch(expected, tmp_path, repo):
-    """ZeRO-3 gathers a block's parameters at once (its blocks are leaf modules): recomputing a block's
-    activations in the backward pass needs them all again, and finds them."""
+    """ZeRO-3 gathers the network's parameters at once (it is DeepSpeed's one leaf module): recomputing a
+    block's activations in the backward pass needs its parameters again, and finds them."""
     got = run_worker(repo, tmp_path, 3, "ckpt")
+    for key, value in expected.items():
+        if not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(got[key], value, atol=2e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [("block",), ("block", "ckpt")])
+def test_zero_3_gathering_block_by_block_equals_plain_pytorch(extra, expected, tmp_path, repo):
+    """``trainer.zero3_gather: block`` (each block a ZeRO-3 leaf module, gathered before it runs, released
+    after), also with activation checkpointing: the same updates as the plain loop, as the default (the whole
+    network gathered at once) has."""
+    got = run_worker(repo, tmp_path, 3, *extra)
     for key, value in expected.items():
         if not key.endswith("num_batches_tracked"):
             torch.testing.assert_close(got[key], value, atol=2e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")

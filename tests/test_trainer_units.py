@@ -338,3 +338,46 @@ def test_zero_2_reduces_a_step_once_when_coalescing(single_rank, monkeypatch, co
     engine.step()
     assert len(reductions) == (1 if coalesce else 4)
     assert sum(not torch.equal(before[k], v) for k, v in net.state_dict().items() if k.endswith("weight")) > 10
+
+
+def test_zero_3_marks_the_network_or_its_blocks_as_leaf_modules():
+    from deepspeed.utils import z3_leaf_module
+
+    from models import ModelConfig, build_supernet
+    from trainer.engine import mark_zero3_leaves
+
+    whole = build_supernet(ModelConfig(search_space="tiny", num_classes=10))
+    assert mark_zero3_leaves(whole, "network") == [type(whole)]
+    mark_zero3_leaves(whole, "network")  # a second engine on the same network adds no second input hook
+    assert [m for m in whole.modules() if z3_leaf_module(m)] == [whole]
+    assert len(whole._forward_pre_hooks) == 1
+    blocks = build_supernet(ModelConfig(search_space="tiny", num_classes=10))
+    assert mark_zero3_leaves(blocks, "block") == list(blocks.zero3_leaf_types)
+    assert [m for m in blocks.modules() if z3_leaf_module(m)] == list(blocks.blocks)
+    assert not blocks._forward_pre_hooks
+
+
+def test_a_zero_3_network_leaf_sees_an_input_that_requires_a_gradient_only_while_recording():
+    """DeepSpeed reduces a leaf's gradients from its full backward hook, which fires when the gradient of the leaf's
+    input is computed: for the whole network that is the images, which need one (the update equivalence test fails
+    with "Cannot reduce scatter" without it)."""
+    from trainer.engine import _input_requires_grad
+
+    images = torch.randn(2, 3, 8, 8)
+    (given, flag) = _input_requires_grad(nn.Identity(), (images, True))
+    assert given.requires_grad and given.is_leaf and torch.equal(given, images) and flag is True
+    assert not images.requires_grad  # the caller's tensor is left as it was
+    with torch.no_grad():
+        assert _input_requires_grad(nn.Identity(), (images,)) is None
+    assert _input_requires_grad(nn.Identity(), (images.requires_grad_(),)) is None
+    assert _input_requires_grad(nn.Identity(), (torch.zeros(2, dtype=torch.long),)) is None
+    assert _input_requires_grad(nn.Identity(), ()) is None
+
+
+def test_zero3_gather_is_network_or_block():
+    assert TrainerConfig().zero3_gather == "network"
+    from typedconfig import ConfigError, from_mapping
+
+    assert from_mapping(TrainerConfig, {"zero3_gather": "block"}).zero3_gather == "block"
+    with pytest.raises(ConfigError, match="zero3_gather"):
+        from_mapping(TrainerConfig, {"zero3_gather": "layer"})

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import deepspeed
+import torch
 from torch import nn
 
 from trainer.ds_config import build_ds_config
@@ -41,29 +42,55 @@ def build_optimizer(model: nn.Module, tc: TrainerConfig, lr: float) -> ClippedSG
     )
 
 
-def mark_zero3_leaves(model: nn.Module) -> list[type[nn.Module]]:
-    """Under ZeRO-3, gather a whole block's parameters at once instead of each layer's.
+def mark_zero3_leaves(model: nn.Module, gather: str = "network") -> list[type[nn.Module]]:
+    """Under ZeRO-3, gather parameters for the whole network (``gather="network"``) or a whole block
+    (``"block"``) at once, instead of for each layer.
 
     ZeRO-3 installs its gather/release hooks on every module that holds parameters; in a supernet those are
     the many small layers of every block (a conv, its BatchNorm, its SE), and the hooks' own work is most of
-    ZeRO-3's cost on a CPU.  Our networks name their block class in ``zero3_leaf_types``; DeepSpeed then hooks
-    the block only (``deepspeed.utils.set_z3_leaf_modules``) and gathers its layers together.  A sub-network
-    uses or skips a block whole, so nothing more is gathered than before.  Measured on 2 CPU ranks: ZeRO-3 went
-    from 0.44–0.48× to 0.57× the plain loop in ``bench/step_throughput.py --space alphanet --batch 4``; on the
-    tiny space a step took 1.04 s instead of 1.76 s in a one-off probe, with the same losses.  Returns the
-    classes marked (none for other models)."""
+    ZeRO-3's cost on a CPU.  A DeepSpeed *leaf module* (``deepspeed.utils.set_z3_leaf_module``) is hooked alone
+    and gathers everything under it together.
+
+    - ``"network"``: the network is the one leaf.  Its parameters are gathered when a forward pass starts and
+      when its backward pass starts, and released after each.  DeepSpeed reduces a leaf's gradients from the
+      leaf's full backward hook, which fires when the gradient of the leaf's input is computed; a network's
+      input (the images) does not require one, and the hook would then fire before any parameter had its
+      gradient.  So a forward pre-hook (:func:`_input_requires_grad`) makes the input a leaf tensor that
+      requires a gradient whenever gradients are being recorded, which costs the first layer's input gradient.
+    - ``"block"``: each block is a leaf (our networks name their block class in ``zero3_leaf_types``).  A
+      sub-network uses or skips a block whole, so nothing more is gathered than it needs.  Measured on 2 CPU
+      ranks: ZeRO-3 went from 0.44–0.48× to 0.57× the plain loop (before ``network`` existed).
+
+    Returns the classes marked."""
+    from deepspeed.utils import set_z3_leaf_module, set_z3_leaf_modules
+
+    if gather == "network":
+        set_z3_leaf_module(model, True)
+        if not getattr(model, "_zero3_input_hook", False):  # once, however often an engine is built on it
+            model.register_forward_pre_hook(_input_requires_grad)
+            model._zero3_input_hook = True
+        return [type(model)]
     leaf_types = list(getattr(model, "zero3_leaf_types", ()))
     if leaf_types:
-        from deepspeed.utils import set_z3_leaf_modules
-
         set_z3_leaf_modules(model, leaf_types)
     return leaf_types
+
+
+def _input_requires_grad(module: nn.Module, args: tuple) -> tuple | None:
+    """While gradients are recorded, a floating-point first argument that requires no gradient is replaced by a
+    detached copy that does (the same values): the network's ZeRO-3 leaf hooks then fire after its backward."""
+    if not (torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor)):
+        return None
+    first = args[0]
+    if first.requires_grad or not first.is_floating_point():
+        return None
+    return (first.detach().requires_grad_(), *args[1:])
 
 
 def build_engine(model: nn.Module, tc: TrainerConfig, *, micro_batch: int, world_size: int, lr: float) -> Engine:
     """``model`` wrapped in a DeepSpeed engine configured from ``tc`` (the process group must exist)."""
     if tc.zero_stage == 3:
-        mark_zero3_leaves(model)
+        mark_zero3_leaves(model, tc.zero3_gather)
     optimizer = build_optimizer(model, tc, lr)
     config = build_ds_config(tc, micro_batch=micro_batch, world_size=world_size)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)

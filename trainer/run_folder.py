@@ -41,6 +41,7 @@ OPERATIONAL_KEYS = frozenset(
         "trainer.keep_checkpoints",
         "trainer.threads_per_rank",
         "trainer.keep_freed_host_memory",
+        "trainer.zero3_gather",
         "trainer.activation_checkpointing",
         "trainer.dist_timeout_s",
         "trainer.max_consecutive_bad_steps",

@@ -1,8 +1,8 @@
 """Worker for test_trainer_equivalence: a few sandwich steps through a DeepSpeed engine, weights saved by rank 0.
 
 Launched as ``python -m torch.distributed.run --nproc_per_node 2 tests/workers/sandwich_equivalence.py STAGE OUT
-[bf16] [ckpt]`` (``ckpt``: activation checkpointing).  Under ZeRO-3 it also checks that the supernet's blocks
-were made ZeRO-3 leaf modules (their parameters gathered together).
+[bf16] [ckpt] [block]`` (``ckpt``: activation checkpointing; ``block``: ``trainer.zero3_gather: block``).  Under
+ZeRO-3 it also checks which modules were made ZeRO-3 leaf modules (the supernet, or each of its blocks).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def batches_for(rank: int, step: int, n: int = 6):
 def main() -> None:
     stage, out = int(sys.argv[1]), sys.argv[2]
     bf16, checkpointing = "bf16" in sys.argv[3:], "ckpt" in sys.argv[3:]
+    gather = "block" if "block" in sys.argv[3:] else "network"
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, ModelConfig, build_supernet
     from trainer.distributed import init_distributed, resolve
@@ -35,12 +36,13 @@ def main() -> None:
         ModelConfig(search_space="tiny", num_classes=10, dropout=0.0, drop_connect=0.0, zero_init_residual_bn=False)
     )
     net.activation_checkpointing = checkpointing
-    tc = TrainerConfig(zero_stage=stage, weight_decay=1e-3, grad_clip_value=0.05, bf16=bf16)
+    tc = TrainerConfig(zero_stage=stage, weight_decay=1e-3, grad_clip_value=0.05, bf16=bf16, zero3_gather=gather)
     engine = build_engine(net, tc, micro_batch=6, world_size=env.world_size, lr=0.1).engine
     from deepspeed.utils import z3_leaf_module
 
     leaves = [type(m).__name__ for m in engine.module.modules() if z3_leaf_module(m)]
-    assert leaves == (["DynamicMBConvBlock"] * len(engine.module.blocks) if stage == 3 else []), leaves
+    marked = {"network": ["AlphaNetSupernet"], "block": ["DynamicMBConvBlock"] * len(engine.module.blocks)}[gather]
+    assert leaves == (marked if stage == 3 else []), leaves
     sampler = ArchSampler(engine.module.space, seed=0)
     step_fn = SandwichStep(build_label_loss(LossConfig()), build_kd_loss(LossConfig()))
     for step in range(3):
