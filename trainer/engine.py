@@ -78,7 +78,8 @@ def mark_zero3_leaves(model: nn.Module, gather: str = "network") -> list[type[nn
 
 def _input_requires_grad(module: nn.Module, args: tuple) -> tuple | None:
     """While gradients are recorded, a floating-point first argument that requires no gradient is replaced by a
-    detached copy that does (the same values): the network's ZeRO-3 leaf hooks then fire after its backward."""
+    detached alias of it (same storage, no copy) that does: the network's ZeRO-3 leaf hooks then fire after its
+    backward."""
     if not (torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor)):
         return None
     first = args[0]
