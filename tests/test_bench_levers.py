@@ -40,7 +40,8 @@ def test_pinning_restores_the_affinity_when_the_step_fails(monkeypatch):
     assert os.sched_getaffinity(0) == before
 
 
-def _rows(stdout: str, header: str) -> list[list[str]]:
+def _rows(stdout: str, header: str) -> list[str]:
+    """The lines of the table under the line that starts with ``header``, up to the first blank line."""
     lines = stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(header)) + 1
     rows = []
