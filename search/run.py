@@ -46,7 +46,7 @@ from trainer.consolidate import load_supernet  # noqa: E402
 from trainer.distributed import configure_threads, init_distributed, local_device, local_world_size, resolve  # noqa: E402
 from trainer.evaluate import calibrated_subnet, collect_calibration, evaluate_arch  # noqa: E402
 from trainer.safe_checkpoint import CheckpointFileError  # noqa: E402
-from typedconfig import ConfigError, apply_overrides, from_mapping, load_yaml  # noqa: E402
+from typedconfig import ConfigError, add_set_argument, apply_overrides, from_mapping, load_yaml  # noqa: E402
 
 
 class CandidateEvaluator:
@@ -244,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="training run folder (config.yaml, checkpoints)",
     )
-    parser.add_argument(
-        "--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE", help="e.g. search.iterations=5"
-    )
+    add_set_argument(parser, example="--set search.iterations=5")
     parser.add_argument("--export", nargs="*", default=[], metavar="NAME|pareto@MFLOPS", help="sub-networks to export")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,7 @@ import textwrap
 import pytest
 import yaml
 
-from trainer.config import RunConfig, load_config, write_resolved
+from trainer.config import RunConfig, add_config_arguments, load_config, write_resolved
 from typedconfig import ConfigError, apply_overrides, from_mapping
 
 
@@ -115,6 +116,48 @@ def test_apply_overrides_creates_sections_and_rejects_bad_syntax():
         apply_overrides({}, ["no_equals_sign"])
     with pytest.raises(ConfigError):
         apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_repeated_set_flags_all_apply_in_order(repo):
+    """``--set a=1 --set b=2`` applies both (argparse's plain ``nargs="+"`` kept only the last flag), and a key
+    given twice takes its last value; the same parser builds both entry points' ``--set``."""
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--config",
+            "configs/tiny_cpu.yaml",
+            "--set",
+            "trainer.max_steps=10",
+            "seed=4",
+            "--set",
+            "run_dir=/tmp/x",
+            "--set",
+            "seed=5",
+        ]
+    )
+    assert args.overrides == ["trainer.max_steps=10", "seed=4", "run_dir=/tmp/x", "seed=5"]
+    config = load_config(repo / args.config, args.overrides)
+    assert (config.trainer.max_steps, str(config.run_dir), config.seed) == (10, "/tmp/x", 5)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.config",
+            "--config",
+            "configs/tiny_cpu.yaml",
+            "--set",
+            "trainer.max_steps=10",
+            "--set",
+            "run_dir=/tmp/x",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert (resolved["trainer"]["max_steps"], resolved["run_dir"]) == (10, "/tmp/x")
 
 
 def test_resolved_config_is_written_and_reloads_equal(tmp_path, repo):

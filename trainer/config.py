@@ -25,7 +25,16 @@ from models.search_space import SearchSpace, load_search_space
 from models.slimmable import SlimmableSpace
 from trainer.standalone_config import StandaloneConfig
 from trainer.trainer_config import TrainerConfig
-from typedconfig import ConfigError, Range, apply_overrides, check_ranges, from_mapping, load_yaml, to_mapping
+from typedconfig import (
+    ConfigError,
+    Range,
+    add_set_argument,
+    apply_overrides,
+    check_ranges,
+    from_mapping,
+    load_yaml,
+    to_mapping,
+)
 
 RESOLVED_CONFIG_NAME = "config.yaml"
 
@@ -132,14 +141,7 @@ def write_resolved(config: RunConfig, run_dir: Path | None = None) -> Path:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="run config YAML, e.g. configs/tiny_cpu.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any key after the file, e.g. --set model.dropout=0.1 loss.kd_loss=kl",
-    )
+    add_set_argument(parser, example="--set model.dropout=0.1 loss.kd_loss=kl")
     parser.add_argument(
         "--run-dir",
         type=Path,

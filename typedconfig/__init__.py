@@ -9,6 +9,7 @@ Errors name the dotted key and the file so a user can fix the right line.
 from typedconfig.checks import Range, check_ranges
 from typedconfig.core import (
     ConfigError,
+    add_set_argument,
     apply_overrides,
     from_mapping,
     load_yaml,
@@ -19,6 +20,7 @@ from typedconfig.core import (
 __all__ = [
     "ConfigError",
     "Range",
+    "add_set_argument",
     "apply_overrides",
     "check_ranges",
     "from_mapping",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import reprlib
@@ -251,8 +252,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def add_set_argument(parser: argparse.ArgumentParser, *, example: str) -> None:
+    """``--set KEY=VALUE ...``, repeatable: every flag's pairs apply in the order given, so a key given twice
+    takes its last value (``action="extend"``; a plain ``nargs="+"`` would keep only the last flag's pairs)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override any key after the file; repeatable, applied in order (a key given twice: the last value "
+        f"wins), e.g. {example}",
+    )
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``a.b.c=value`` override applied (creating sections)."""
+    """Return a copy of ``data`` with each ``a.b.c=value`` override applied in order (creating sections); a key
+    given twice takes its last value."""
     import copy
 
     result = copy.deepcopy(data)
