@@ -16,10 +16,12 @@ from typedconfig.core import (
     parse_override,
     to_mapping,
 )
+from typedconfig.registry import Registry
 
 __all__ = [
     "ConfigError",
     "Range",
+    "Registry",
     "add_set_argument",
     "apply_overrides",
     "check_ranges",

@@ -142,6 +142,8 @@ def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
         if value not in args:
             raise ConfigError(f"must be one of {list(args)}, got {_short(value)}", key=key, source=source)
         return value
+    if dataclasses.is_dataclass(tp) and getattr(tp, "registry", None) is not None:
+        return _convert_tagged(value, tp, key, source)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -189,6 +191,26 @@ def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
             raise ConfigError(f"expected a path, got {_short(value)}", key=key, source=source)
         return Path(value)
     raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _convert_tagged(value: Any, tp: Any, key: str, source: str | None) -> Any:
+    """A tagged section: ``{name: NAME, ...}`` (or ``NAME`` alone) → the config class of the piece that
+    ``tp.registry`` (a :class:`typedconfig.registry.Registry`) holds under NAME; without ``name``, the name
+    ``tp`` defaults to."""
+    if isinstance(value, tp):
+        return value
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"expected a name or a mapping with 'name', got {_short(value)}", key=key, source=source)
+    default = next((f.default for f in dataclasses.fields(tp) if f.name == "name"), dataclasses.MISSING)
+    name = value.get("name", default)
+    if not isinstance(name, str):
+        raise ConfigError(f"expected a name, got {_short(name)}", key=_join(key, "name"), source=source)
+    cls = tp.registry.config_class(name, key=_join(key, "name"), source=source)
+    if not (isinstance(cls, type) and issubclass(cls, tp)):
+        raise TypeError(f"{tp.registry.kind} {name!r}: its Config {cls!r} does not derive from {tp!r}")
+    return from_mapping(cls, {**value, "name": name}, prefix=key, source=source)
 
 
 def from_mapping(cls: type[T], data: dict[str, Any], *, prefix: str = "", source: str | Path | None = None) -> T:
