@@ -62,7 +62,7 @@ def test_unknown_name_and_foreign_keys_are_one_line_errors():
     assert str(err.value) == "key 'shape.name' in x.yaml: unknown shape 'hexagon'; registered: circle, square"
     with pytest.raises(ConfigError, match=r"shape\.radius"):  # a circle's key in a square
         from_mapping(Drawing, {"shape": {"name": "square", "radius": 1}})
-    with pytest.raises(ConfigError, match="shape.side"):  # the piece's own checks still run
+    with pytest.raises(ConfigError, match=r"shape\.side"):  # the piece's own checks still run
         from_mapping(Drawing, {"shape": {"side": -1}})
     with pytest.raises(ConfigError, match="expected a name"):
         from_mapping(Drawing, {"shape": 3})
