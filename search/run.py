@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.run / "config.yaml").is_file():
             raise ConfigError("no config.yaml: not a training run folder", source=args.run)
         run_config = load_config(args.run / "config.yaml")
-        if run_config.standalone is not None:
+        if run_config.task.name != "sandwich":
             raise ConfigError(
                 f"trained one network, not a supernet: there is nothing to search; its model is {args.run / 'final'}",
                 source=args.run,

@@ -13,14 +13,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from trainer_helpers import free_port, overrides, run_in_process
 
-from models import ArchSampler, load_search_space
+from models import load_search_space
 from models.flops import subnet_cost
-from trainer.attentive import AttentiveConfig, AttentiveSampler, attentive_middle
+from trainer.samplers import SamplerContext
+from trainer.samplers.attentive import AttentiveConfig, AttentiveSampler, attentive_middle
 
 
 def sampler(seed: int = 0, **config) -> AttentiveSampler:
     space = load_search_space("tiny")
-    return AttentiveSampler(space, ArchSampler(space, seed), AttentiveConfig(**config), num_classes=10)
+    context = SamplerContext(space, seed, lambda arch: subnet_cost(space, arch, 10).mflops)
+    return AttentiveSampler(AttentiveConfig(**config), context)
 
 
 def test_candidates_share_the_bucket_of_their_target_and_are_seeded():
@@ -82,11 +84,11 @@ def middle_archs(run: Path) -> dict[int, dict]:
 def test_attentive_run_trains_the_best_candidate_and_resumes_exactly(
     repo, digits_shards, tmp_path, single_rank, monkeypatch
 ):
-    from trainer import loop
+    from trainer.tasks import sandwich
 
     seen: list[tuple[object, float]] = []
     trained: list[list] = []
-    proxy, step = loop.Trainer._proxy_loss, loop.SandwichStep.__call__
+    proxy, step = sandwich.SandwichTask._proxy_loss, sandwich.SandwichStep.__call__
 
     def recording_proxy(self, arch, images, labels):
         loss = proxy(self, arch, images, labels)
@@ -97,9 +99,9 @@ def test_attentive_run_trains_the_best_candidate_and_resumes_exactly(
         trained.append([s.arch for s in subnets])
         return step(self, engine, supernet, subnets, *args, **kwargs)
 
-    monkeypatch.setattr(loop.Trainer, "_proxy_loss", recording_proxy)
-    monkeypatch.setattr(loop.SandwichStep, "__call__", recording_step)
-    extra = {"trainer.sampler": "attentive", "trainer.attentive.candidates": 3}
+    monkeypatch.setattr(sandwich.SandwichTask, "_proxy_loss", recording_proxy)
+    monkeypatch.setattr(sandwich.SandwichStep, "__call__", recording_step)
+    extra = {"task.sampler.name": "attentive", "task.sampler.candidates": 3}
     straight = tmp_path / "straight"
     _, results = run_in_process(repo, overrides(straight, digits_shards, **extra))
     assert results["global_step"] == 6 and len(seen) == 6 * 2 * 3 and len(trained) == 6

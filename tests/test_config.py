@@ -198,7 +198,7 @@ def test_config_cli_exit_codes(tmp_path, repo):
 @pytest.mark.parametrize("name", ["tiny_cpu.yaml", "alphanet_imagenet.yaml"])
 def test_shipped_recipes_are_valid(repo, name):
     config = load_config(repo / "configs" / name)
-    assert config.trainer.num_subnets == 4 and config.loss.kd_loss == "adaptive_alpha"
+    assert config.task.num_subnets == 4 and config.loss.kd_loss == "adaptive_alpha"
 
 
 def test_imagenet_recipe_is_the_papers(repo):

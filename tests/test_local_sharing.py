@@ -14,8 +14,8 @@ from losses import build_label_loss
 from losses.config import LossConfig
 from models import ArchSampler, ModelConfig, build_supernet, extract_subnet
 from models.local_sharing import LocalAssignment, LocalSharingConfig, gene_vector, operator_at
-from trainer.local_sharing import LocalSharing, meta_key
-from trainer.sandwich import Subnet, sample_sandwich
+from trainer.samplers import Subnet, sample_sandwich
+from trainer.sharing._local_schedule import LocalSharing, meta_key
 from typedconfig import ConfigError
 
 
@@ -227,7 +227,7 @@ def test_a_locally_shared_run_decides_every_layer_and_resumes_bit_identically(
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     trainer, _ = run_in_process(repo, local_overrides(straight, digits_shards))
-    decided = trainer.local.assignment.decided
+    decided = trainer.task.sharing.local.assignment.decided
     assert sorted(decided) == list(range(len(trainer.module.blocks)))
     steps = metrics(straight)
     assert [s for s, m in steps.items() if "local/layer_decided" in m] == list(range(3, 13))
@@ -237,7 +237,7 @@ def test_a_locally_shared_run_decides_every_layer_and_resumes_bit_identically(
     trainer2, _ = run_in_process(repo, local_overrides(resumed, digits_shards))
     assert trainer2.resumed_from == "step000000006"
     assert metrics(resumed) == steps
-    assert trainer2.local.assignment.decided == decided
+    assert trainer2.task.sharing.local.assignment.decided == decided
     for key, value in trainer.module.state_dict().items():
         assert torch.equal(value, trainer2.module.state_dict()[key]), key
 
@@ -257,10 +257,10 @@ def test_a_locally_shared_run_decides_every_layer_and_resumes_bit_identically(
 @pytest.mark.parametrize(
     ("setting", "key"),
     [
-        ({"trainer.sampler": "attentive"}, "trainer.sampler"),
-        ({"trainer.teacher": "voted"}, "trainer.teacher"),
+        ({"task.sampler": "attentive"}, "task.sampler"),
+        ({"task.teacher": "voted"}, "task.teacher"),
         ({"trainer.zero_stage": 3}, "trainer.zero_stage"),
-        ({"trainer.num_subnets": 3}, "trainer.num_subnets"),
+        ({"task.num_subnets": 3}, "task.num_subnets"),
     ],
 )
 def test_combinations_local_sharing_cannot_serve_are_refused(repo, setting, key):

@@ -12,7 +12,8 @@ from models import ArchSampler, ModelConfig, build_supernet
 from models.depthwise import runs_in_float32
 from models.ops import DynamicDepthwiseConv2d, centre_crop_kernel
 from models.static import extract_subnet
-from trainer.sandwich import SandwichStep, sample_sandwich
+from trainer.samplers import sample_sandwich
+from trainer.tasks.sandwich import SandwichStep
 from trainer.trainer_config import TrainerConfig
 
 

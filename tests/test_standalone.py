@@ -22,7 +22,7 @@ def student_losses(run: Path) -> dict[int, dict]:
 
 
 def test_a_network_source_is_exactly_one_form():
-    from trainer.standalone_config import NetworkSource
+    from trainer.tasks.one_network.config import NetworkSource
 
     assert NetworkSource(run=Path("r"), arch="largest").describe() == "largest of run r"
     for bad in (
@@ -39,19 +39,19 @@ def test_a_network_source_is_exactly_one_form():
 def test_config_errors_name_the_key(repo, tmp_path):
     from trainer.config import load_config
 
-    with pytest.raises(ConfigError, match=r"standalone\.teacher"):
+    with pytest.raises(ConfigError, match=r"task\.teacher"):
         load_config(repo / DISTILL, ["loss.kd_loss=none"])
-    with pytest.raises(ConfigError, match=r"standalone\.teacher_logits"):
-        load_config(repo / DISTILL, ["standalone.teacher=null"])
-    with pytest.raises(ConfigError, match=r"standalone\.student"):
-        load_config(repo / DISTILL, ["standalone.student.torchvision=resnet18"])
+    with pytest.raises(ConfigError, match=r"task\.teacher_logits"):
+        load_config(repo / DISTILL, ["task.teacher=null"])
+    with pytest.raises(ConfigError, match=r"task\.student"):
+        load_config(repo / DISTILL, ["task.student.torchvision=resnet18"])
 
 
 def test_torchvision_weights_load_from_disk_and_the_classifier_can_be_replaced(tmp_path):
     import torchvision
     from safetensors.torch import save_file
 
-    from trainer.networks import last_linear, replace_classifier, torchvision_model
+    from trainer.tasks.one_network.networks import last_linear, replace_classifier, torchvision_model
 
     torch.manual_seed(0)
     original = torchvision.models.get_model("mobilenet_v3_small", weights=None, num_classes=12).eval()
@@ -90,9 +90,9 @@ def test_fixed_teacher_chain_trains_caches_resumes_and_reloads(repo, digits_shar
 
     teacher_run = tmp_path / "teacher"
     teacher_args = {
-        "standalone.student.arch": "configs/tiny_models.yaml:tiny_l",
-        "standalone.teacher": "null",
-        "standalone.teacher_logits": "on_the_fly",
+        "task.student.arch": "configs/tiny_models.yaml:tiny_l",
+        "task.teacher": "null",
+        "task.teacher_logits": "on_the_fly",
         "trainer.epochs": 1,
         "trainer.max_steps": 30,
         "trainer.warmup_epochs": 0,
@@ -110,8 +110,8 @@ def test_fixed_teacher_chain_trains_caches_resumes_and_reloads(repo, digits_shar
     counts = accuracy_counts(final, build_loader(data, "val", train=False), 32, data.mean, data.std, "cpu")
     assert 100 * counts[0] / counts[2] == pytest.approx(teacher_top1)
 
-    student = {"standalone.teacher.run": "null", "standalone.teacher.arch": "null"}
-    student["standalone.teacher.export"] = teacher_run / "final"
+    student = {"task.teacher.run": "null", "task.teacher.arch": "null"}
+    student["task.teacher.export"] = teacher_run / "final"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     trainer, results = run_in_process(repo, overrides(straight, digits_shards, **student), recipe=DISTILL)
     assert results["global_step"] == 6 and 0 <= results["val"]["student"]["top1"] <= 100
@@ -120,7 +120,7 @@ def test_fixed_teacher_chain_trains_caches_resumes_and_reloads(repo, digits_shar
     assert len(parts) == 1
 
     # the cache holds the teacher's logits on the un-augmented training images, by sample index
-    cache = trainer.teacher.cache
+    cache = trainer.task.teacher.cache
     batch = next(iter(build_loader(data, "train", train=False)))
     direct = final(normalize(batch.images, data.mean, data.std))
     torch.testing.assert_close(cache[batch.indices], direct, rtol=1e-5, atol=1e-5)
@@ -145,16 +145,16 @@ def test_finetune_inherits_the_supernet_and_transfers_to_new_classes(repo, digit
     from data_pipeline import prepare as prep
     from models import extract_subnet
     from trainer.consolidate import load_supernet
-    from trainer.networks import build_student_and_teacher
+    from trainer.tasks.one_network import build_student_and_teacher
 
     supernet_run = tmp_path / "supernet"
     run_in_process(repo, overrides(supernet_run, digits_shards, **{"trainer.max_steps": 2}))
 
     tune = {
-        "standalone.student.export": "null",
-        "standalone.student.run": supernet_run,
-        "standalone.student.arch": "smallest",
-        "standalone.teacher.run": supernet_run,
+        "task.student.export": "null",
+        "task.student.run": supernet_run,
+        "task.student.arch": "smallest",
+        "task.teacher.run": supernet_run,
         "trainer.max_steps": 3,
         "trainer.eval_every_epochs": 0,
     }
@@ -183,11 +183,11 @@ def test_finetune_inherits_the_supernet_and_transfers_to_new_classes(repo, digit
         "data.root": three,
         "model.num_classes": 3,
         "model.dropout": 0.5,
-        "standalone.student.export": tuned / "final",
-        "standalone.student.run": "null",
-        "standalone.student.arch": "null",
-        "standalone.teacher": "null",
-        "standalone.new_classifier": "true",
+        "task.student.export": tuned / "final",
+        "task.student.run": "null",
+        "task.student.arch": "null",
+        "task.teacher": "null",
+        "task.new_classifier": "true",
         "loss.kd_loss": "none",
         "trainer.max_steps": 3,
     }
@@ -201,7 +201,7 @@ def test_finetune_inherits_the_supernet_and_transfers_to_new_classes(repo, digit
     assert body.keys() < model.state_dict().keys()
 
     with pytest.raises(ConfigError, match="new_classifier"):  # 10 outputs for a 3-class dataset, not replaced
-        run_in_process(repo, [*args, "standalone.new_classifier=false", f"run_dir={tmp_path / 'x'}"], recipe=FINETUNE)
+        run_in_process(repo, [*args, "task.new_classifier=false", f"run_dir={tmp_path / 'x'}"], recipe=FINETUNE)
 
 
 @pytest.mark.parametrize(
@@ -211,7 +211,7 @@ def test_standalone_recipes_load(repo, name):
     from trainer.config import load_config
 
     config = load_config(repo / "configs" / f"{name}.yaml")
-    assert config.standalone is not None
+    assert config.task.name == "one_network"
 
 
 def test_transfer_recipe_has_the_papers_settings(repo):
@@ -220,13 +220,13 @@ def test_transfer_recipe_has_the_papers_settings(repo):
     config = load_config(repo / "configs" / "transfer_alphanet.yaml")
     tc = config.trainer
     assert (tc.momentum, tc.epochs, config.loss.label_smoothing, config.model.dropout) == (0.9, 150, 0.1, 0.5)
-    assert config.data.batch_size == 64 and config.standalone.new_classifier and config.standalone.teacher is None
+    assert config.data.batch_size == 64 and config.task.new_classifier and config.task.teacher is None
 
 
 def test_a_missing_export_says_how_to_make_one(tmp_path):
     from models import ModelConfig
-    from trainer.networks import load_network
-    from trainer.standalone_config import NetworkSource
+    from trainer.tasks.one_network.config import NetworkSource
+    from trainer.tasks.one_network.networks import load_network
 
     source = NetworkSource(export=tmp_path / "exports" / "tiny_m")
     with pytest.raises(ConfigError, match=r"does not exist: export a sub-network first.*make demo"):

@@ -13,7 +13,7 @@ import torch
 from losses import LossConfig, build_kd_loss, build_label_loss
 from models import ArchSampler, ModelConfig, build_supernet
 from trainer.optim import param_groups
-from trainer.sandwich import sample_sandwich
+from trainer.samplers import sample_sandwich
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 from sandwich_equivalence import batches_for

@@ -195,8 +195,10 @@ def test_clipped_sgd_clips_by_value_and_skips_non_finite():
 def test_trainer_config_rejects_impossible_values():
     with pytest.raises(ValueError, match="zero_stage"):
         TrainerConfig(zero_stage=4)
+    from trainer.tasks.sandwich import SandwichConfig
+
     with pytest.raises(ValueError, match="num_subnets"):
-        TrainerConfig(num_subnets=1)
+        SandwichConfig(num_subnets=1)
 
 
 @pytest.mark.parametrize(
@@ -227,7 +229,8 @@ def test_threads_are_the_cores_shared_by_the_local_ranks(monkeypatch):
 def test_without_kd_every_subnet_trains_on_the_labels():
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, ModelConfig, build_supernet
-    from trainer.sandwich import SandwichStep, sample_sandwich
+    from trainer.samplers import sample_sandwich
+    from trainer.tasks.sandwich import SandwichStep
 
     assert build_kd_loss(LossConfig(kd_loss="none")) is None
     torch.manual_seed(0)
@@ -317,7 +320,8 @@ def test_zero_2_reduces_a_step_once_when_coalescing(single_rank, monkeypatch, co
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, ModelConfig, build_supernet
     from trainer.engine import build_engine, one_reduction
-    from trainer.sandwich import SandwichStep, sample_sandwich
+    from trainer.samplers import sample_sandwich
+    from trainer.tasks.sandwich import SandwichStep
 
     init_distributed(resolve(), 60.0)  # the session's one in-process group (DeepSpeed cannot make a second)
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 from trainer_helpers import overrides, run_in_process
 
 from models import ModelConfig, build_supernet
-from trainer.voted import SnapshotVote, VotedConfig
+from trainer.teachers.voted import SnapshotVote, VotedConfig
 from typedconfig import ConfigError
 
 
@@ -53,7 +53,7 @@ def test_zero_3_is_refused_with_a_reason(repo):
     from trainer.config import load_config
 
     with pytest.raises(ConfigError, match="ZeRO-3"):
-        load_config(repo / "configs" / "tiny_cpu.yaml", ["trainer.teacher=voted", "trainer.zero_stage=3"])
+        load_config(repo / "configs" / "tiny_cpu.yaml", ["task.teacher=voted", "trainer.zero_stage=3"])
 
 
 def losses(run: Path) -> dict[int, dict]:
@@ -65,10 +65,10 @@ def losses(run: Path) -> dict[int, dict]:
 
 @pytest.mark.parametrize("teacher", ["voted", "inplace_and_voted"])
 def test_a_run_with_snapshots_resumes_bit_identically(repo, digits_shards, tmp_path, single_rank, teacher):
-    extra = {"trainer.teacher": teacher, "trainer.voted.snapshots": 2, "trainer.voted.every_steps": 2}
+    extra = {"task.teacher.name": teacher, "task.teacher.snapshots": 2, "task.teacher.every_steps": 2}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     trainer, _ = run_in_process(repo, overrides(straight, digits_shards, **extra))
-    assert trainer.voter.steps == [4, 6]
+    assert trainer.task.teacher.voter.steps == [4, 6]
     steps = losses(straight)
     assert "vote_kd/smallest" not in steps[2] and "vote_kd/smallest" in steps[3]  # first snapshot after step 2
     after = steps[5]
@@ -85,5 +85,5 @@ def test_a_run_with_snapshots_resumes_bit_identically(repo, digits_shards, tmp_p
 def test_the_voted_recipe_says_both_terms(repo):
     from trainer.config import load_config
 
-    trainer = load_config(repo / "configs" / "tiny_voted_cpu.yaml").trainer
-    assert trainer.teacher == "inplace_and_voted" and trainer.voted.snapshots == 2 and trainer.voted.kd_loss == "kl"
+    teacher = load_config(repo / "configs" / "tiny_voted_cpu.yaml").task.teacher
+    assert teacher.name == "inplace_and_voted" and teacher.snapshots == 2 and teacher.kd_loss == "kl"

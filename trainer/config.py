@@ -8,12 +8,10 @@ the file.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import yaml
 
@@ -22,8 +20,8 @@ from fileops import atomic_write_text
 from losses.config import LossConfig
 from models.config import ModelConfig
 from models.search_space import SearchSpace, load_search_space
-from models.slimmable import SlimmableSpace
-from trainer.standalone_config import StandaloneConfig
+from trainer.config_keys import RESOLVED_CONFIG_NAME, config_hash, current_keys, current_overrides
+from trainer.tasks import TASKS, TaskConfig
 from trainer.trainer_config import TrainerConfig
 from typedconfig import (
     ConfigError,
@@ -36,7 +34,11 @@ from typedconfig import (
     to_mapping,
 )
 
-RESOLVED_CONFIG_NAME = "config.yaml"
+__all__ = ["RESOLVED_CONFIG_NAME", "RunConfig", "config_hash", "load_config", "model_hash"]
+
+
+def _default_task() -> TaskConfig:
+    return TASKS.config_class("sandwich")()
 
 
 @dataclass(kw_only=True, slots=True)
@@ -50,9 +52,10 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    task: TaskConfig = field(default_factory=_default_task)
+    """What a step trains: ``sandwich`` (a supernet, with its sampler, teacher) or ``one_network`` (distil,
+    fine-tune, transfer one network)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    standalone: StandaloneConfig | None = None
-    """Train one network (fine-tuning, transfer, fixed-teacher distillation) instead of a supernet."""
 
     def __post_init__(self) -> None:
         check_ranges(self, "")
@@ -71,53 +74,16 @@ def _cross_check(config: RunConfig, source: str) -> SearchSpace:
             key="data.base_resolution",
             source=source,
         )
-    if config.model.sharing == "local":
-        _check_local_sharing(config, space, source)
-    standalone = config.standalone
-    if standalone is not None:
-        if standalone.teacher is not None and config.loss.kd_loss == "none":
-            raise ConfigError(
-                "a teacher needs a KD loss (loss.kd_loss is none)", key="standalone.teacher", source=source
-            )
-        if standalone.teacher is None and standalone.teacher_logits == "cached":
-            raise ConfigError("cached teacher logits need a teacher", key="standalone.teacher_logits", source=source)
-        if config.trainer.activation_checkpointing:
-            raise ConfigError(
-                "activation checkpointing is implemented in the supernets' forward, not for a standalone network",
-                key="trainer.activation_checkpointing",
-                source=source,
-            )
+    TASKS.get(config.task.name).check_config(config, space, source)
     return space
 
 
-def _check_local_sharing(config: RunConfig, space: SearchSpace, source: str) -> None:
-    """Local weight sharing runs on the AlphaNet family's supernet with the in-place teacher and uniform sampling."""
-    tc = config.trainer
-    problems = {
-        "model.search_space": "a slimmable space has no per-layer operators"
-        if isinstance(space, SlimmableSpace)
-        else "",
-        "standalone": "a standalone run trains one network" if config.standalone is not None else "",
-        "trainer.zero_stage": "ZeRO-3 partitions the candidates it routes gradients between"
-        if tc.zero_stage == 3
-        else "",
-        "trainer.teacher": f"the {tc.teacher} teacher's snapshots have no assignment"
-        if tc.teacher != "inplace"
-        else "",
-        "trainer.sampler": "attentive sampling would choose the pair it must force" if tc.sampler != "uniform" else "",
-        "trainer.num_subnets": "a pair of middle sub-networks is needed (num_subnets >= 4)"
-        if tc.num_subnets < 4 and config.model.local.assignment == "learned"
-        else "",
-    }
-    for key, problem in problems.items():
-        if problem:
-            raise ConfigError(f"not with model.sharing: local: {problem}", key=key, source=source)
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read ``path``, apply ``section.key=value`` overrides, build and validate the typed config."""
-    data = apply_overrides(load_yaml(path), overrides or [])
+def load_config(path: str | Path, overrides: list[str] | None = None, *, notes: list[str] | None = None) -> RunConfig:
+    """Read ``path``, apply ``section.key=value`` overrides, move old keys to their place (a line per old key
+    into ``notes``), build and validate the typed config."""
     source = f"{path} (with --set overrides)" if overrides else str(path)
+    data = current_keys(load_yaml(path), source=path, notes=notes)
+    data = apply_overrides(data, current_overrides(overrides or [], notes=notes))
     config = from_mapping(RunConfig, data, source=source)
     _cross_check(config, source)
     return config
@@ -127,9 +93,12 @@ def config_to_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(to_mapping(config), sort_keys=False)
 
 
-def config_hash(section: Any) -> str:
-    """A stable short hash of a config section (e.g. the model section, stored in checkpoints)."""
-    return hashlib.sha256(json.dumps(to_mapping(section), sort_keys=True).encode()).hexdigest()[:16]
+def model_hash(config: RunConfig) -> str:
+    """The hash of what gives the weights their meaning, stored in checkpoints: the model section's identity,
+    and the task's where it has one (a one-network run's student and teacher)."""
+    model = config_hash(config.model.identity())
+    extra = config.task.weights_identity()
+    return model if extra is None else config_hash({"model": model, "standalone": extra})
 
 
 def write_resolved(config: RunConfig, run_dir: Path | None = None) -> Path:
@@ -149,10 +118,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_config_or_exit(args: argparse.Namespace) -> RunConfig:
+def load_config_or_exit(args: argparse.Namespace, *, notes: list[str] | None = None) -> RunConfig:
     """Entry points call this: a config problem prints one clear line and exits with code 2."""
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, notes=notes)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -166,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m trainer.config", description="Validate and print a resolved run config."
     )
     add_config_arguments(parser)
-    config = load_config_or_exit(parser.parse_args(argv))
+    notes: list[str] = []
+    config = load_config_or_exit(parser.parse_args(argv), notes=notes)
+    for note in notes:
+        print(note, file=sys.stderr)
     print(config_to_yaml(config), end="")
     return 0
 

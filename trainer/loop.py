@@ -11,7 +11,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +19,20 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import DataError, EpochSummary, build_loader
-from data_pipeline.device_transforms import normalize, rescale
 from data_pipeline.integrity import DataWatch, split_files
 from data_pipeline.manifest import has_manifest, read_manifest
-from losses import build_kd_loss, build_label_loss
-from models import ArchSampler, build_supernet
 from trainer import host_allocator
-from trainer.attentive import AttentiveSampler, attentive_middle
 from trainer.checkpoint import Checkpointer, rng_state, set_rng_state
 from trainer.collectives import all_reduce_
-from trainer.config import RunConfig, config_hash, write_resolved
+from trainer.config import RunConfig, model_hash, write_resolved
 from trainer.distributed import configure_threads, init_distributed, local_world_size, resolve
 from trainer.ds_config import global_batch_size
-from trainer.engine import build_engine, one_reduction
-from trainer.evaluate import accuracy_counts, collect_calibration, evaluate_arch, gathered, percentages
+from trainer.engine import build_engine
 from trainer.host_allocator import keep_freed_memory
-from trainer.local_sharing import LocalSharing
 from trainer.metrics import MetricsLogger
-from trainer.networks import FINAL_DIR, build_student_and_teacher, save_network
 from trainer.run_folder import RunFolderLock, check_config_change, record_config_change
-from trainer.sandwich import SandwichStep, sample_sandwich
 from trainer.schedule import lr_at
-from trainer.standalone import StandaloneStep, teacher_logit_cache
-from trainer.voted import SnapshotVote
-from typedconfig import to_mapping
+from trainer.tasks import RunContext, build_task
 
 
 class TrainingStopped(RuntimeError):
@@ -87,8 +76,17 @@ class Trainer:
     """Builds everything in a fixed order (distributed → model → engine → data → checkpointer + resume →
     logger), then :meth:`train` steps, logs, validates and saves."""
 
-    def __init__(self, config: RunConfig, *, local_rank_arg: int | None = None, allow_config_change: bool = False):
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        local_rank_arg: int | None = None,
+        allow_config_change: bool = False,
+        notes: list[str] | None = None,
+    ):
+        """``notes``: lines to print when training starts (e.g. the config's deprecation notes)."""
         self.config = config
+        self.notes: list[str] = list(notes or [])
         self.config_changes = check_config_change(config, Path(config.run_dir), allow=allow_config_change)
         self.lock = RunFolderLock(Path(config.run_dir))
         try:
@@ -96,9 +94,7 @@ class Trainer:
             self._build_model()
             self._build_engine()
             self._build_data()
-            self._build_teacher_cache()
-            self._build_voter()
-            self._build_local_sharing()
+            self._attach_task()
             self._build_checkpointer_and_resume()
             self._build_logger()
         except BaseException:
@@ -119,52 +115,12 @@ class Trainer:
         np.random.seed(self.config.seed + self.rank)
 
     def _build_model(self) -> None:
-        seed, loss, standalone = self.config.seed, self.config.loss, self.config.standalone
+        seed = self.config.seed
         torch.manual_seed(seed)  # identical initial weights on every rank ...
-        self.space = self.sampler = self.attentive = self.voter = self.local = self.student = self.teacher = None
-        self.notes: list[str] = []  # printed when training starts (teacher cache, snapshot memory)
-        if standalone is None:
-            self.trained = build_supernet(self.config.model)
-            self.space = self.trained.space
-            self.sampler = ArchSampler(self.space, seed)
-            self.sandwich = SandwichStep(
-                build_label_loss(loss),
-                build_kd_loss(loss),
-                loss.kd_weight,
-                bf16_autocast=self.config.trainer.bf16_autocast,
-            )
-            self.what = f"{self.space.name} supernet"
-            tc = self.config.trainer
-            self.trained.activation_checkpointing = tc.activation_checkpointing  # a runtime switch, not in the hash
-            if tc.activation_checkpointing:
-                self.what += " (activation checkpointing)"
-            if tc.teacher != "inplace":
-                self.what += (
-                    f" ({tc.teacher} teacher: {tc.voted.snapshots} snapshot(s) every {tc.voted.every_steps} steps)"
-                )
-            if tc.sampler == "attentive":
-                self.attentive = AttentiveSampler(self.space, self.sampler, tc.attentive, self.config.model.num_classes)
-                self.what += f" ({tc.attentive.choice} of {tc.attentive.candidates} attentive sampling)"
-        else:
-            self.student, self.teacher = build_student_and_teacher(
-                self.config, rank=self.rank, world=self.world, device=self.device
-            )
-            self.trained = self.student.module
-            kd = build_kd_loss(loss) if self.teacher is not None else None
-            self.single_step = StandaloneStep(
-                build_label_loss(loss),
-                kd,
-                kd_weight=loss.kd_weight,
-                label_weight=standalone.label_weight,
-                bf16_autocast=self.config.trainer.bf16_autocast,
-            )
-            self.what = f"standalone {self.student.description}" + (
-                f" distilled from {self.teacher.network.description}" if self.teacher else ""
-            )
+        self.task = build_task(self.config, rank=self.rank, world=self.world, device=self.device)
+        self.trained = self.task.trained
         if hasattr(self.trained, "channels_last"):  # our networks (a torchvision student keeps its layout)
             self.trained.channels_last = self.config.trainer.channels_last
-        if self.config.trainer.bf16_autocast:
-            self.what += " (bf16 autocast)"
         torch.manual_seed(seed + 1000 * (self.rank + 1))  # ... then per-rank dropout / drop-path draws
 
     def _build_engine(self) -> None:
@@ -204,65 +160,25 @@ class Trainer:
         self.warmup_steps = round(tc.warmup_epochs * self.steps_per_epoch)
         self.final_step = min(self.total_steps, tc.max_steps) if tc.max_steps else self.total_steps
 
-    def _build_teacher_cache(self) -> None:
-        """``standalone.teacher_logits: cached``: the teacher's logits on every training image, computed once."""
-        standalone, data = self.config.standalone, self.config.data
-        if self.teacher is None or standalone.teacher_logits != "cached":
-            return
-        eval_loader = build_loader(
-            data, data.train_split, train=False, seed=self.config.seed, rank=self.rank, world_size=self.world
+    def _attach_task(self) -> None:
+        self.task.attach(
+            RunContext(
+                config=self.config,
+                engine=self.engine,
+                module=self.module,
+                device=self.device,
+                rank=self.rank,
+                world=self.world,
+                train_loader=self.train_loader,
+                val_loader=self.val_loader,
+                calib_loader=self.calib_loader,
+                steps_per_epoch=self.steps_per_epoch,
+                total_steps=self.total_steps,
+                run_dir=Path(self.config.run_dir),
+            )
         )
-        key = config_hash({"teacher": to_mapping(standalone.teacher), "data": to_mapping(data)})
-        self.teacher.cache, missing = teacher_logit_cache(
-            self.teacher,
-            eval_loader,
-            self.train_loader.num_samples,
-            Path(self.config.run_dir),
-            key=key,
-            mean=data.mean,
-            std=data.std,
-            device=self.device,
-            rank=self.rank,
-            world=self.world,
-        )
-        self.notes.append(f"teacher logits cached for {self.train_loader.num_samples - missing} training images")
-
-    def _build_voter(self) -> None:
-        """``trainer.teacher: voted | inplace_and_voted``: the snapshot queue, wired into the sandwich step."""
-        tc, model = self.config.trainer, self.config.model
-        if self.sampler is None or tc.teacher == "inplace":
-            return
-        device = self.device
-        self.voter = SnapshotVote(
-            lambda: build_supernet(model).to(device),
-            tc.voted,
-            warmup_steps=round(tc.voted.warmup_epochs * self.steps_per_epoch),
-        )
-        self.sandwich.voter = self.voter
-        self.sandwich.vote_loss = build_kd_loss(replace(self.config.loss, kd_loss=tc.voted.kd_loss))
-        self.sandwich.vote_weight = tc.voted.weight
-        self.sandwich.inplace = tc.teacher == "inplace_and_voted"
-        mib = sum(t.numel() * 4 for t in self.module.state_dict().values()) / 2**20
-        self.notes.append(
-            f"voted teacher: up to {tc.voted.snapshots} fp32 snapshot(s) of {mib:.1f} MiB each per rank, "
-            f"one every {tc.voted.every_steps} steps from step {self.voter.warmup_steps}"
-        )
-
-    def _build_local_sharing(self) -> None:
-        """``model.sharing: local``: Algorithm 1's schedule, meta-networks and assignments around the sandwich."""
-        model = self.config.model
-        if self.sampler is None or model.sharing != "local":
-            return
-        self.local = LocalSharing(
-            self.module,
-            model.local,
-            steps_per_epoch=self.steps_per_epoch,
-            total_steps=self.total_steps,
-            label_loss=self.sandwich.label_loss,
-            rank=self.rank,
-            world=self.world,
-        )
-        self.notes.append(self.local.describe())
+        self.notes += self.task.notes
+        self.what = self.task.describe() + (" (bf16 autocast)" if self.config.trainer.bf16_autocast else "")
 
     def _build_checkpointer_and_resume(self) -> None:
         tc = self.config.trainer
@@ -274,9 +190,7 @@ class Trainer:
             keep=tc.keep_checkpoints,
             every_steps=tc.checkpoint_every_steps,
         )
-        self.model_hash = config_hash(self.config.model.identity())
-        if self.config.standalone is not None:  # the student and teacher are part of what the weights mean
-            self.model_hash = config_hash({"model": self.model_hash, "standalone": to_mapping(self.config.standalone)})
+        self.model_hash = model_hash(self.config)
         self.global_step = 0
         self.bad_steps = 0
         self.skipped_total = 0
@@ -304,20 +218,13 @@ class Trainer:
             "global_step": self.global_step,
             "model_hash": self.model_hash,
             "world_size": self.world,
-            "sampler": self.sampler.state_dict() if self.sampler else {},
             "bad_steps": self.bad_steps,
             "skipped_total": self.skipped_total,
-            **({"search_space": self.space.to_dict()} if self.space else {}),
-            **({"local_sharing": self.local.assignment.to_dict()} if self.local else {}),
+            **self.task.client_state(),
         }
 
     def _rank_state(self) -> dict[str, Any]:
-        state = {"loader": self.train_loader.state_dict(), "rng": rng_state()}
-        if self.voter is not None:
-            state["voted"] = self.voter.state_dict()
-        if self.local is not None:
-            state["local_sharing"] = self.local.state_dict()
-        return state
+        return {"loader": self.train_loader.state_dict(), "rng": rng_state(), **self.task.rank_state()}
 
     def _maybe_resume(self) -> str | None:
         resumed = self.checkpointer.resume(self.engine)
@@ -335,14 +242,9 @@ class Trainer:
                 f"checkpoint {tag} was written by {client.get('world_size')} ranks, this run has {self.world}"
             )
         self.global_step = int(client["global_step"])
-        if self.sampler is not None:
-            self.sampler.load_state_dict(client["sampler"])
         self.bad_steps, self.skipped_total = int(client["bad_steps"]), int(client["skipped_total"])
         self.train_loader.load_state_dict(rank_state["loader"])
-        if self.voter is not None:
-            self.voter.load_state_dict(rank_state.get("voted", {"steps": [], "weights": []}))
-        if self.local is not None:
-            self.local.load_state_dict(rank_state["local_sharing"], client["local_sharing"])
+        self.task.load_state(client, rank_state)
         set_rng_state(rank_state["rng"])
         return tag
 
@@ -407,68 +309,19 @@ class Trainer:
         return lr
 
     def train_step(self, batches: list) -> dict[str, float]:
-        """One optimizer step over ``gradient_accumulation_steps`` mini-batches, N sub-networks each."""
+        """One optimizer step over ``gradient_accumulation_steps`` mini-batches: the task's passes, then the step."""
         lr = self.set_lr(self.global_step)
-        data = self.config.data
-        if self.sampler is not None:
-            n, middle = self.config.trainer.num_subnets, None
-            if self.attentive is not None:  # scored on the step's first mini-batch
-                first = batches[0].to(self.device)
-                images = normalize(first.images, data.mean, data.std)
-                middle = attentive_middle(
-                    self.attentive, n - 2, lambda arch: self._proxy_loss(arch, images, first.labels)
-                )
-            subnets = sample_sandwich(self.space, self.sampler, n, middle)
-        self.engine.train()
-        sums: dict[str, torch.Tensor] = {}
-        if self.local is not None:  # candidates, pair and meta-network step from the step's first mini-batch
-            first = batches[0].to(self.device)
-            first_images = normalize(first.images, data.mean, data.std)
-            subnets, sums = self.local.prepare(self.global_step, subnets, first_images, first.labels, lr)
-        with one_reduction(self.engine, self.config.trainer):  # ZeRO-2/3: the step's gradients reduced once
-            for i, batch in enumerate(batches):
-                batch = batch.to(self.device)
-                images = normalize(batch.images, data.mean, data.std)
-                last_micro_batch = i == len(batches) - 1
-                if self.student is not None:
-                    teacher_logits = self.teacher(images, batch.indices) if self.teacher else None
-                    values = self.single_step(
-                        self.engine,
-                        self.student.resolution,
-                        images,
-                        batch.labels,
-                        teacher_logits,
-                        last_micro_batch=last_micro_batch,
-                    )
-                else:
-                    values = self.sandwich(
-                        self.engine, self.module, subnets, images, batch.labels, last_micro_batch=last_micro_batch
-                    )
-                for key, value in values.items():
-                    sums[key] = sums.get(key, 0) + value / len(batches)
+        sums = self.task.step(batches, lr, self.global_step)
         self.engine.step()
         skipped = self.optimizer.last_step_skipped
         self.global_step += 1
-        if self.voter is not None and self.voter.maybe_snapshot(self.global_step, self.module):
-            sums["voted/snapshots"] = torch.tensor(float(len(self.voter.models)))
-        if self.local is not None:
-            fixed = self.local.after_step(self.global_step, first_images, first.labels)
-            sums.update({k: torch.tensor(v) for k, v in fixed.items()})
-            if fixed:
-                self.log.print(
-                    f"local sharing: layer {int(fixed['local/layer_decided'])} fixed at step {self.global_step}, "
-                    f"{fixed['local/candidate0_share']:.0%} of its sampled archs on candidate 0"
-                )
+        metrics, lines = self.task.after_step(self.global_step)
+        sums.update(metrics)
+        for line in lines:
+            self.log.print(line)
         self.skipped_total += int(skipped)
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         return {"lr": lr, "skipped": float(skipped), **sums}
-
-    @torch.no_grad()
-    def _proxy_loss(self, arch, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Attentive sampling's score of ``arch``: its label loss on the mini-batch, no gradient, no dropout."""
-        self.module.set_arch(arch, regularize=False)
-        dtype = next(self.module.parameters()).dtype
-        return self.sandwich.label_loss(self.engine(rescale(images, arch.resolution).to(dtype)), labels)
 
     def _reduce_for_log(self, values: dict) -> dict[str, float]:
         keys = sorted(k for k, v in values.items() if isinstance(v, torch.Tensor))
@@ -584,25 +437,7 @@ class Trainer:
             return self._validate(epoch)
 
     def _validate(self, epoch: int) -> dict[str, dict[str, float]]:
-        tc, data = self.config.trainer, self.config.data
-        if self.student is not None:
-            return self._validate_student(epoch)
-        self.calib_loader.set_epoch(epoch)
-        calib = collect_calibration(self.calib_loader, tc.calib_batches, self.device, data.mean, data.std)
-        results = {}
-        for name, arch in (("largest", self.space.largest()), ("smallest", self.space.smallest())):
-            self.val_loader.set_epoch(0)
-            results[name] = evaluate_arch(
-                self.module,
-                arch,
-                calib,
-                self.val_loader,
-                zero_stage=tc.zero_stage,
-                mean=data.mean,
-                std=data.std,
-                device=self.device,
-            )
-        return self._report_validation(epoch, results)
+        return self._report_validation(epoch, self.task.validate(epoch))
 
     def _report_validation(self, epoch: int, results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
         record = {
@@ -616,29 +451,11 @@ class Trainer:
         self.log.print(f"epoch {epoch} step {self.global_step}: val top-1 {scores} ({images} images)")
         return results
 
-    def _validate_student(self, epoch: int) -> dict[str, dict[str, float]]:
-        """Top-1/top-5 of the student as it is (no BN recalibration: its statistics were tracked in training),
-        with rank 0's BatchNorm statistics on every rank: what the checkpoint and the final export hold."""
-        tc, data = self.config.trainer, self.config.data
-        with gathered(self.module, tc.zero_stage):
-            if dist.is_initialized() and self.world > 1:
-                for buffer in self.module.buffers():
-                    dist.broadcast(buffer, src=0)
-            self.val_loader.set_epoch(0)
-            counts = accuracy_counts(
-                self.module, self.val_loader, self.student.resolution, data.mean, data.std, self.device
-            )
-        self.module.train()
-        return self._report_validation(epoch, {"student": percentages(counts)})
-
     def _save_final(self) -> None:
-        """A standalone run ends by writing its student to ``RUN/final`` (an ``export:`` source)."""
-        if self.student is None:
-            return
-        with gathered(self.module, self.config.trainer.zero_stage):
-            if self.env.is_main:
-                folder = save_network(self.student, self.run_dir / FINAL_DIR)
-                self.log.print(f"final model: {folder}")
+        """What the task leaves behind at the end (a one-network run's ``RUN/final``)."""
+        folder = self.task.finish(self.env.is_main)
+        if folder is not None:
+            self.log.print(f"final model: {folder}")
 
     def close(self, *, destroy_process_group: bool = True, failed: bool = False) -> None:
         """Flush logs; end the process group unless the caller reuses it (in-process tests).  After a failure

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from trainer.attentive import AttentiveConfig, SamplerName
 from trainer.schedule import LRSchedule
-from trainer.voted import TeacherName, VotedConfig
 from typedconfig import Range, check_ranges
 
 
 @dataclass(kw_only=True, slots=True)
 class TrainerConfig:
-    """Optimisation, the sandwich rule, DeepSpeed, checkpoints and logging."""
+    """Optimisation, DeepSpeed, checkpoints and logging."""
 
     epochs: Annotated[int, Range(ge=1)] = 360
     """Passes over the training split."""
@@ -32,18 +30,6 @@ class TrainerConfig:
     """On conv/linear weights only (not BatchNorm parameters, not biases)."""
     grad_clip_value: Annotated[float | None, Range(gt=0)] = 1.0
     """Element-wise gradient clipping (the paper's recipe); null disables it."""
-    num_subnets: Annotated[int, Range(ge=2)] = 4
-    """N of the sandwich rule: largest + (N−2) random + smallest, one optimizer step."""
-    sampler: SamplerName = "uniform"
-    """How the N−2 middle sub-networks are drawn: ``uniform`` (every gene independently, the AlphaNet
-    reference) or ``attentive`` (AttentiveNAS: the best or worst of a few candidates near a FLOPs target, by
-    their loss on the mini-batch; see ``trainer.attentive``)."""
-    attentive: AttentiveConfig = field(default_factory=AttentiveConfig)
-    teacher: TeacherName = "inplace"
-    """Who teaches the sub-networks: ``inplace`` (the largest sub-network's detached logits, AlphaNet),
-    ``voted`` (SD-DARTS: the vote of the last K snapshots of the supernet replaces the in-place teacher once
-    a snapshot exists) or ``inplace_and_voted`` (both terms); see ``trainer.voted``."""
-    voted: VotedConfig = field(default_factory=VotedConfig)
     zero_stage: Annotated[int, Range(ge=0, le=3)] = 0
     """DeepSpeed ZeRO stage 0–3."""
     contiguous_gradients: bool = False
@@ -117,11 +103,6 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "trainer")
-        if self.teacher != "inplace" and self.zero_stage == 3:
-            raise ValueError(
-                f"trainer.teacher {self.teacher} keeps whole snapshots of the supernet on every rank, which ZeRO-3 "
-                "partitions; use zero_stage 0-2"
-            )
         if self.bf16 and self.bf16_autocast:
             raise ValueError(
                 "trainer.bf16 (bf16 weights, DeepSpeed's BF16 optimizer) and trainer.bf16_autocast (fp32 weights, bf16 "

@@ -26,7 +26,8 @@ def main() -> None:
     from trainer.distributed import init_distributed, resolve
     from trainer.engine import build_engine, one_reduction
     from trainer.evaluate import gathered
-    from trainer.sandwich import SandwichStep, sample_sandwich
+    from trainer.samplers import sample_sandwich
+    from trainer.tasks.sandwich import SandwichStep
     from trainer.trainer_config import TrainerConfig
 
     env = resolve()

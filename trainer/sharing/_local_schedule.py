@@ -45,7 +45,7 @@ from models.local_sharing import (
     stage_operators,
 )
 from trainer.collectives import all_reduce_
-from trainer.sandwich import Subnet
+from trainer.samplers import Subnet
 from typedconfig import ConfigError
 
 

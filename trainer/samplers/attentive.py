@@ -17,17 +17,16 @@ from typing import Annotated, Literal
 import torch
 import torch.distributed as dist
 
-from models.search_space import ArchSampler
 from trainer.collectives import all_reduce_
+from trainer.samplers import SAMPLERS, Probe, Sampler, SamplerConfig, SamplerContext
 from typedconfig import Range, check_ranges
-
-SamplerName = Literal["uniform", "attentive"]
 
 
 @dataclass(kw_only=True, slots=True)
-class AttentiveConfig:
-    """``trainer.attentive``: used when ``trainer.sampler`` is ``attentive``."""
+class AttentiveConfig(SamplerConfig):
+    """``task.sampler: {name: attentive, ...}``."""
 
+    name: str = "attentive"
     candidates: Annotated[int, Range(ge=1)] = 3
     """Sub-networks drawn per middle slot (the reference's ``num_trials``: 3)."""
     choice: Literal["best_up", "worst_up"] = "best_up"
@@ -38,20 +37,28 @@ class AttentiveConfig:
     """Draws per candidate before one outside the target bucket is accepted."""
 
     def __post_init__(self) -> None:
-        check_ranges(self, "trainer.attentive")
+        check_ranges(self, "task.sampler")
 
 
-class AttentiveSampler:
+@SAMPLERS.register("attentive")
+class AttentiveSampler(Sampler):
     """Candidates near a FLOPs target, and the choice among them by a proxy score."""
 
-    def __init__(self, space, sampler: ArchSampler, config: AttentiveConfig, num_classes: int):
-        from models.flops import subnet_cost
+    Config = AttentiveConfig
 
-        self.sampler, self.config = sampler, config
-        self._mflops = lambda arch: subnet_cost(space, arch, num_classes).mflops
-        lo, hi = self._mflops(space.smallest()), self._mflops(space.largest())
+    def __init__(self, config: AttentiveConfig, context: SamplerContext):
+        super().__init__(config, context)
+        self.sampler = self.arch_sampler
+        self._mflops = context.mflops
+        lo, hi = self._mflops(self.space.smallest()), self._mflops(self.space.largest())
         self.bucket_mflops = config.bucket_mflops or max(hi - lo, 1e-9) / 40
         self.misses = 0
+
+    def describe(self) -> str:
+        return f"{self.config.choice} of {self.config.candidates} attentive sampling"
+
+    def middle(self, count: int, probe: Probe) -> list:
+        return attentive_middle(self, count, probe)
 
     def bucket(self, arch) -> int:
         return round(self._mflops(arch) / self.bucket_mflops)

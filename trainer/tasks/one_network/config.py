@@ -1,9 +1,7 @@
-"""The ``standalone`` section of a run config: train one network instead of a supernet.
-
-Present, it switches the trainer from the sandwich rule to one network (the *student*), trained on the
-labels and/or distilled from a fixed *teacher* (AlphaNet §4.3, Tables 5–6), or fine-tuned from a
-searched sub-network (Fig. 5) or transferred to a new dataset (Table 4).  Absent (the default), the run
-trains a supernet.
+"""``task: {name: one_network, ...}``: train one network (the *student*) instead of a supernet, on the labels
+and/or distilled from a fixed *teacher* (AlphaNet §4.3, Tables 5–6), or fine-tuned from a searched
+sub-network (Fig. 5) or transferred to a new dataset (Table 4).  (Before 0.2 this was the ``standalone``
+section.)
 """
 
 from __future__ import annotations
@@ -12,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from typedconfig import Range, check_ranges
+from trainer.tasks import TaskConfig
+from typedconfig import Range, check_ranges, to_mapping
 
 
 @dataclass(kw_only=True, slots=True)
@@ -63,9 +62,10 @@ TeacherLogits = Literal["on_the_fly", "cached"]
 
 
 @dataclass(kw_only=True, slots=True)
-class StandaloneConfig:
+class OneNetworkConfig(TaskConfig):
     """One network (the student), optionally distilled from a fixed teacher with ``loss.kd_loss``."""
 
+    name: str = "one_network"
     student: NetworkSource
     teacher: NetworkSource | None = None
     """The fixed teacher (eval mode, never updated); null: train on the labels only."""
@@ -81,4 +81,11 @@ class StandaloneConfig:
     new dataset); otherwise the student must already have ``model.num_classes`` outputs."""
 
     def __post_init__(self) -> None:
-        check_ranges(self, "standalone")
+        check_ranges(self, "task")
+
+    def weights_identity(self) -> dict:
+        """The student and teacher are part of what the weights mean (the keys of the former ``standalone``
+        section, so that checkpoints written before 0.2 keep their hash)."""
+        mapping = to_mapping(self)
+        del mapping["name"]
+        return mapping

@@ -19,8 +19,11 @@ from models import build_subnet, load_named_archs, load_search_space, load_subne
 from models.config import ModelConfig
 from models.export import ARCH, WEIGHTS, fp32_state
 from models.ops import DynamicLinear
-from trainer.standalone_config import NetworkSource
-from typedconfig import ConfigError, load_yaml
+from trainer.config_keys import RESOLVED_CONFIG_NAME, current_keys
+from trainer.consolidate import load_supernet
+from trainer.evaluate import calibrated_subnet
+from trainer.tasks.one_network.config import NetworkSource
+from typedconfig import ConfigError, from_mapping, load_yaml
 
 TORCHVISION_DESCRIPTION = "torchvision.yaml"
 
@@ -157,17 +160,14 @@ def _load_export(folder: Path, base_resolution: int, device) -> Network:
 
 
 def _load_from_run(source: NetworkSource, *, rank: int, calibration: Calibration, device) -> Network:
-    from trainer.config import RESOLVED_CONFIG_NAME, load_config
-    from trainer.consolidate import load_supernet
-    from trainer.evaluate import calibrated_subnet
-
     run = Path(source.run)
     if not (run / RESOLVED_CONFIG_NAME).is_file():
         raise ConfigError(f"{run} is not a training run folder (no {RESOLVED_CONFIG_NAME})")
-    run_config = load_config(run / RESOLVED_CONFIG_NAME)
-    if run_config.standalone is not None:
+    recorded = current_keys(load_yaml(run / RESOLVED_CONFIG_NAME), source=run / RESOLVED_CONFIG_NAME)
+    if recorded.get("task", {}).get("name", "sandwich") != "sandwich":
         raise ConfigError(f"{run} trained one network, not a supernet: use export: {run / 'final'}")
-    supernet = load_supernet(run, run_config.model, rank, device)
+    model = from_mapping(ModelConfig, recorded.get("model", {}), prefix="model", source=run / RESOLVED_CONFIG_NAME)
+    supernet = load_supernet(run, model, rank, device)
     arch = resolve_arch(source.arch, supernet.space)
     module = calibrated_subnet(supernet, arch, calibration(), across_ranks=True).train()
     return Network(module, arch.resolution, source.describe())
@@ -191,56 +191,3 @@ def save_network(network: Network, folder: Path) -> Path:
 
 
 FINAL_DIR = "final"
-
-
-def _train_ready(module: nn.Module, dropout: float) -> nn.Module:
-    """BatchNorm layers left as cumulative averages by a recalibration track a moving average again (PyTorch's
-    0.1), and our models' dropout is the run's ``model.dropout``."""
-    for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.momentum is None:
-            layer.momentum = 0.1
-    if isinstance(getattr(module, "dropout", None), float):
-        module.dropout = dropout
-    return module.train()
-
-
-def build_student_and_teacher(config, *, rank: int, world: int, device):
-    """(student :class:`Network`, :class:`FixedTeacher` or None) of a run config with a ``standalone`` section;
-    BatchNorm of networks taken from a supernet run is recalibrated on ``trainer.calib_batches`` training
-    batches (loaded once, shared by both)."""
-    from data_pipeline import build_loader
-    from trainer.evaluate import collect_calibration
-    from trainer.standalone import FixedTeacher
-
-    standalone, data, model = config.standalone, config.data, config.model
-    batches: list[torch.Tensor] = []
-
-    def calibration() -> list[torch.Tensor]:
-        if not batches:
-            loader = build_loader(data, data.train_split, train=True, seed=config.seed + 1, rank=rank, world_size=world)
-            batches.extend(collect_calibration(loader, config.trainer.calib_batches, device, data.mean, data.std))
-        return batches
-
-    def load(source: NetworkSource) -> Network:
-        return load_network(
-            source, model, base_resolution=data.base_resolution, calibration=calibration, rank=rank, device=device
-        )
-
-    student = load(standalone.student)
-    if standalone.new_classifier:
-        replace_classifier(student.module, model.num_classes)
-    if student.num_classes != model.num_classes:
-        raise ConfigError(
-            f"the student ({student.description}) has {student.num_classes} outputs but model.num_classes is "
-            f"{model.num_classes}: set standalone.new_classifier to train a new classifier"
-        )
-    student.module = _train_ready(student.module, model.dropout)
-    teacher = None
-    if standalone.teacher is not None:
-        teacher = FixedTeacher(load(standalone.teacher))
-        if teacher.network.num_classes != model.num_classes:
-            raise ConfigError(
-                f"the teacher ({teacher.network.description}) has {teacher.network.num_classes} outputs, the student "
-                f"{model.num_classes}"
-            )
-    return student, teacher

@@ -10,21 +10,23 @@ loss.  The snapshots are part of each rank's checkpoint state, so a resumed run 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
 
-from typedconfig import Range, check_ranges
-
-TeacherName = Literal["inplace", "voted", "inplace_and_voted"]
+from losses import build_kd_loss
+from trainer.teachers import TEACHERS, TeacherConfig, TeacherContext
+from trainer.teachers.inplace import InplaceTeacher
+from typedconfig import ConfigError, Range, check_ranges
 
 
 @dataclass(kw_only=True, slots=True)
-class VotedConfig:
-    """``trainer.voted``: used when ``trainer.teacher`` is ``voted`` or ``inplace_and_voted``."""
+class VotedConfig(TeacherConfig):
+    """``task.teacher: {name: voted, ...}``: once a snapshot exists, the vote replaces the in-place teacher."""
 
+    name: str = "voted"
     snapshots: Annotated[int, Range(ge=1)] = 1
     """K: snapshots that vote (1 is plain self-distillation from the previous snapshot)."""
     every_steps: Annotated[int, Range(ge=1)] = 100
@@ -37,7 +39,14 @@ class VotedConfig:
     """The KD loss of the vote term (SD-DARTS uses KL), with the ``loss:`` section's parameters."""
 
     def __post_init__(self) -> None:
-        check_ranges(self, "trainer.voted")
+        check_ranges(self, "task.teacher")
+
+
+@dataclass(kw_only=True, slots=True)
+class InplaceAndVotedConfig(VotedConfig):
+    """``task.teacher: {name: inplace_and_voted, ...}``: the in-place term and the vote's, both."""
+
+    name: str = "inplace_and_voted"
 
 
 class SnapshotVote:
@@ -95,3 +104,70 @@ class SnapshotVote:
         for step, weights in zip(state["steps"], state["weights"]):
             self.models.append(self._copy(weights))
             self.steps.append(int(step))
+
+
+@TEACHERS.register("voted")
+class VotedTeacher(InplaceTeacher):
+    """The in-place teacher until the first snapshot; then every sub-network also learns ``weight`` · KD from the
+    vote, and (``voted``) the distilled ones drop the in-place term or (``inplace_and_voted``) keep it."""
+
+    Config = VotedConfig
+
+    def __init__(self, config: VotedConfig, context: TeacherContext):
+        super().__init__(config, context)
+        self.inplace = config.name == "inplace_and_voted"
+        self.voter = SnapshotVote(
+            context.make_supernet, config, warmup_steps=round(config.warmup_epochs * context.steps_per_epoch)
+        )
+        self.vote_loss = build_kd_loss(replace(context.loss, kd_loss=config.kd_loss))
+        self.voting = False
+        mib = sum(t.numel() * 4 for t in context.module.state_dict().values()) / 2**20
+        self.notes.append(
+            f"voted teacher: up to {config.snapshots} fp32 snapshot(s) of {mib:.1f} MiB each per rank, "
+            f"one every {config.every_steps} steps from step {self.voter.warmup_steps}"
+        )
+
+    @staticmethod
+    def check_config(config, space, source: str) -> None:
+        if config.trainer.zero_stage == 3:
+            raise ConfigError(
+                f"the {config.task.teacher.name} teacher keeps whole snapshots of the supernet on every rank, which "
+                "ZeRO-3 partitions; use trainer.zero_stage 0-2",
+                key="task.teacher",
+                source=source,
+            )
+
+    def describe(self) -> str:
+        c = self.config
+        return f"{c.name} teacher: {c.snapshots} snapshot(s) every {c.every_steps} steps"
+
+    def begin(self) -> None:
+        self.voting = self.voter.ready
+
+    def student_loss(self, name, logits, teacher, labels, metrics) -> torch.Tensor:
+        if self.kd_loss is not None and self.voting and not self.inplace:
+            return logits.new_zeros((), dtype=torch.float32)
+        return super().student_loss(name, logits, teacher, labels, metrics)
+
+    def extra_loss(self, name: str, arch, logits: torch.Tensor, inputs: torch.Tensor, metrics: dict):
+        if not self.voting:
+            return None
+        vote = self.vote_loss(logits, self.voter.vote(arch, inputs))
+        metrics[f"vote_kd/{name}"] = vote.detach().float()
+        return self.config.weight * vote
+
+    def after_step(self, step: int, module: nn.Module) -> dict[str, torch.Tensor]:
+        if self.voter.maybe_snapshot(step, module):
+            return {"voted/snapshots": torch.tensor(float(len(self.voter.models)))}
+        return {}
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"voted": self.voter.state_dict()}
+
+    def load_state(self, client: dict[str, Any], rank: dict[str, Any]) -> None:
+        self.voter.load_state_dict(rank.get("voted", {"steps": [], "weights": []}))
+
+
+@TEACHERS.register("inplace_and_voted")
+class InplaceAndVotedTeacher(VotedTeacher):
+    Config = InplaceAndVotedConfig

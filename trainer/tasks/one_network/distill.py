@@ -17,8 +17,8 @@ from torch import nn
 from data_pipeline.device_transforms import normalize, rescale
 from fileops import atomic_output
 from losses.divergences import KDLoss
-from trainer.networks import Network
 from trainer.precision import forward_logits
+from trainer.tasks.one_network.networks import Network
 
 
 class FixedTeacher:

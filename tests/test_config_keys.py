@@ -1,0 +1,98 @@
+"""The one table of renamed config keys: old keys in a YAML file, in --set flags and in a run folder's resolved
+config.yaml still resolve to today's config, each with a one-line note; choices not taken are dropped."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import yaml
+
+from trainer.config import load_config, model_hash
+from trainer.config_keys import current_keys, current_overrides
+from typedconfig import ConfigError
+
+OLD_ATTENTIVE = """\
+    model: {search_space: tiny, num_classes: 10}
+    data: {base_resolution: 32}
+    trainer:
+      num_subnets: 5
+      sampler: attentive
+      attentive: {candidates: 2, choice: worst_up}
+      teacher: inplace
+      voted: {snapshots: 3}
+"""
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "old.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_old_yaml_keys_resolve_with_one_note_each(tmp_path):
+    notes: list[str] = []
+    config = load_config(write(tmp_path, OLD_ATTENTIVE), notes=notes)
+    task = config.task
+    assert (task.name, task.num_subnets, task.sampler.name) == ("sandwich", 5, "attentive")
+    assert (task.sampler.candidates, task.sampler.choice, task.teacher.name) == (2, "worst_up", "inplace")
+    # the in-place teacher never read trainer.voted: dropped, not an unknown key of the in-place teacher
+    assert not hasattr(task.teacher, "snapshots")
+    assert len(notes) == 5 and all("is now" in note and note.count("\n") == 0 for note in notes)
+    assert any("'trainer.attentive' is now 'task.sampler'" in note for note in notes)
+
+
+def test_old_set_flags_resolve_and_win_over_the_file(repo):
+    notes: list[str] = []
+    old = ["trainer.teacher=voted", "trainer.voted.snapshots=2", "trainer.num_subnets=3"]
+    config = load_config(repo / "configs/tiny_cpu.yaml", old, notes=notes)
+    new = load_config(
+        repo / "configs/tiny_cpu.yaml", ["task.teacher.name=voted", "task.teacher.snapshots=2", "task.num_subnets=3"]
+    )
+    assert config == new and config.task.teacher.snapshots == 2 and len(notes) == 3
+    assert current_overrides(["standalone.label_weight=0.5", "seed=1"]) == [
+        "task.name=one_network",
+        "task.label_weight=0.5",
+        "seed=1",
+    ]
+
+
+def test_a_run_folder_config_written_before_the_move_resumes_to_the_same_config(repo, tmp_path):
+    """What 0.1 wrote into RUN/config.yaml: every section in full, the inactive subsections included."""
+    today = load_config(repo / "configs/tiny_voted_cpu.yaml")
+    mapping = yaml.safe_load((repo / "configs/tiny_voted_cpu.yaml").read_text())
+    resolved = yaml.safe_load(yaml.safe_dump(_as_written_by_0_1(today)))
+    assert "standalone" in resolved and resolved["trainer"]["voted"]["snapshots"] == 2
+    assert current_keys(resolved)["task"]["teacher"]["name"] == mapping["task"]["teacher"]["name"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(resolved))
+    assert load_config(path) == today and model_hash(load_config(path)) == model_hash(today)
+
+
+def _as_written_by_0_1(config) -> dict:
+    """Today's config in 0.1's resolved form (the keys before the move, defaults of the unused subsections)."""
+    from typedconfig import to_mapping
+
+    mapping = to_mapping(config)
+    task = mapping.pop("task")
+    teacher, sampler = task["teacher"], task["sampler"]
+    mapping["trainer"].update(
+        num_subnets=task["num_subnets"],
+        sampler=sampler.pop("name"),
+        attentive={"candidates": 3, "choice": "best_up", "bucket_mflops": None, "max_trials": 100},
+        teacher=teacher.pop("name"),
+        voted=teacher,
+    )
+    mapping["standalone"] = None
+    return mapping
+
+
+def test_one_network_section_before_the_move(repo):
+    old = current_keys({"standalone": {"student": {"arch": "largest"}}, "trainer": {"num_subnets": 4}})
+    assert old["task"] == {"name": "one_network", "student": {"arch": "largest"}}
+    assert "num_subnets" not in old["trainer"]
+
+
+def test_contradicting_old_and_new_keys_are_an_error():
+    with pytest.raises(ConfigError, match=r"trainer\.sampler"):
+        current_keys({"trainer": {"sampler": "attentive"}, "task": {"sampler": {"name": "uniform"}}})

@@ -1,0 +1,190 @@
+"""``task: {name: one_network, ...}``: one network per step instead of the sandwich (AlphaNet §4.3): the student,
+trained on the labels and/or distilled from a fixed teacher, validated as it is, written to ``RUN/final``.
+
+``config.py``: the section; ``networks.py``: where a network comes from and how it is saved; ``distill.py``: the
+fixed teacher, its logit cache and the step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from data_pipeline import build_loader
+from data_pipeline.device_transforms import normalize
+from losses import build_kd_loss, build_label_loss
+from trainer.config_keys import RESOLVED_CONFIG_NAME, config_hash
+from trainer.engine import one_reduction
+from trainer.evaluate import accuracy_counts, collect_calibration, gathered, percentages
+from trainer.tasks import TASKS, RunContext, Task
+from trainer.tasks.one_network.config import NetworkSource, OneNetworkConfig
+from trainer.tasks.one_network.distill import FixedTeacher, StandaloneStep, teacher_logit_cache
+from trainer.tasks.one_network.networks import FINAL_DIR, Network, load_network, replace_classifier, save_network
+from typedconfig import ConfigError, to_mapping
+
+
+def _train_ready(module: nn.Module, dropout: float) -> nn.Module:
+    """BatchNorm layers left as cumulative averages by a recalibration track a moving average again (PyTorch's
+    0.1), and our models' dropout is the run's ``model.dropout``."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.momentum is None:
+            layer.momentum = 0.1
+    if isinstance(getattr(module, "dropout", None), float):
+        module.dropout = dropout
+    return module.train()
+
+
+def build_student_and_teacher(config, *, rank: int, world: int, device):
+    """(student :class:`Network`, :class:`FixedTeacher` or None) of a run config whose task is ``one_network``;
+    BatchNorm of networks taken from a supernet run is recalibrated on ``trainer.calib_batches`` training
+    batches (loaded once, shared by both)."""
+    standalone, data, model = config.task, config.data, config.model
+    batches: list[torch.Tensor] = []
+
+    def calibration() -> list[torch.Tensor]:
+        if not batches:
+            loader = build_loader(data, data.train_split, train=True, seed=config.seed + 1, rank=rank, world_size=world)
+            batches.extend(collect_calibration(loader, config.trainer.calib_batches, device, data.mean, data.std))
+        return batches
+
+    def load(source: NetworkSource) -> Network:
+        return load_network(
+            source, model, base_resolution=data.base_resolution, calibration=calibration, rank=rank, device=device
+        )
+
+    student = load(standalone.student)
+    if standalone.new_classifier:
+        replace_classifier(student.module, model.num_classes)
+    if student.num_classes != model.num_classes:
+        raise ConfigError(
+            f"the student ({student.description}) has {student.num_classes} outputs but model.num_classes is "
+            f"{model.num_classes}: set standalone.new_classifier to train a new classifier"
+        )
+    student.module = _train_ready(student.module, model.dropout)
+    teacher = None
+    if standalone.teacher is not None:
+        teacher = FixedTeacher(load(standalone.teacher))
+        if teacher.network.num_classes != model.num_classes:
+            raise ConfigError(
+                f"the teacher ({teacher.network.description}) has {teacher.network.num_classes} outputs, the student "
+                f"{model.num_classes}"
+            )
+    return student, teacher
+
+
+@TASKS.register("one_network")
+class OneNetworkTask(Task):
+    """``label_weight``·CE + ``loss.kd_weight``·KD(fixed teacher ‖ student) on one network."""
+
+    Config = OneNetworkConfig
+
+    def __init__(self, config, *, rank: int, world: int, device: torch.device):
+        super().__init__(config, rank=rank, world=world, device=device)
+        self.student, self.teacher = build_student_and_teacher(config, rank=rank, world=world, device=device)
+        self.trained = self.student.module
+
+    @staticmethod
+    def check_config(config, space, source: str) -> None:
+        task = config.task
+        if task.teacher is not None and config.loss.kd_loss == "none":
+            raise ConfigError("a teacher needs a KD loss (loss.kd_loss is none)", key="task.teacher", source=source)
+        if task.teacher is None and task.teacher_logits == "cached":
+            raise ConfigError("cached teacher logits need a teacher", key="task.teacher_logits", source=source)
+        if config.trainer.activation_checkpointing:
+            raise ConfigError(
+                "activation checkpointing is implemented in the supernets' forward, not for one network",
+                key="trainer.activation_checkpointing",
+                source=source,
+            )
+        if config.model.sharing != "global":
+            raise ConfigError("one network has no shared weights", key="model.sharing", source=source)
+
+    def attach(self, run: RunContext) -> None:
+        super().attach(run)
+        config, task, loss = run.config, run.config.task, run.config.loss
+        if self.teacher is not None and task.teacher_logits == "cached":
+            self._cache_teacher_logits(run)
+        kd = build_kd_loss(loss) if self.teacher is not None else None
+        self.single_step = StandaloneStep(
+            build_label_loss(loss),
+            kd,
+            kd_weight=loss.kd_weight,
+            label_weight=task.label_weight,
+            bf16_autocast=config.trainer.bf16_autocast,
+        )
+
+    def _cache_teacher_logits(self, run: RunContext) -> None:
+        """``task.teacher_logits: cached``: the teacher's logits on every training image, computed once."""
+        config, data = run.config, run.config.data
+        eval_loader = build_loader(
+            data, data.train_split, train=False, seed=config.seed, rank=run.rank, world_size=run.world
+        )
+        key = config_hash({"teacher": to_mapping(config.task.teacher), "data": to_mapping(data)})
+        samples = run.train_loader.num_samples
+        self.teacher.cache, missing = teacher_logit_cache(
+            self.teacher,
+            eval_loader,
+            samples,
+            run.run_dir,
+            key=key,
+            mean=data.mean,
+            std=data.std,
+            device=run.device,
+            rank=run.rank,
+            world=run.world,
+        )
+        self.notes.append(f"teacher logits cached for {samples - missing} training images")
+
+    def describe(self) -> str:
+        return f"standalone {self.student.description}" + (
+            f" distilled from {self.teacher.network.description}" if self.teacher else ""
+        )
+
+    def step(self, batches: list, lr: float, step: int) -> dict[str, torch.Tensor]:
+        run, data = self.run, self.run.config.data
+        run.engine.train()
+        sums: dict[str, torch.Tensor] = {}
+        with one_reduction(run.engine, run.config.trainer):
+            for i, batch in enumerate(batches):
+                batch = batch.to(run.device)
+                images = normalize(batch.images, data.mean, data.std)
+                teacher_logits = self.teacher(images, batch.indices) if self.teacher else None
+                values = self.single_step(
+                    run.engine,
+                    self.student.resolution,
+                    images,
+                    batch.labels,
+                    teacher_logits,
+                    last_micro_batch=i == len(batches) - 1,
+                )
+                for key, value in values.items():
+                    sums[key] = sums.get(key, 0) + value / len(batches)
+        return sums
+
+    def validate(self, epoch: int) -> dict[str, dict[str, float]]:
+        """Top-1/top-5 of the student as it is (no BN recalibration: its statistics were tracked in training),
+        with rank 0's BatchNorm statistics on every rank: what the checkpoint and the final export hold."""
+        run, tc, data = self.run, self.run.config.trainer, self.run.config.data
+        with gathered(run.module, tc.zero_stage):
+            if dist.is_initialized() and run.world > 1:
+                for buffer in run.module.buffers():
+                    dist.broadcast(buffer, src=0)
+            run.val_loader.set_epoch(0)
+            counts = accuracy_counts(
+                run.module, run.val_loader, self.student.resolution, data.mean, data.std, run.device
+            )
+        run.module.train()
+        return {"student": percentages(counts)}
+
+    def finish(self, is_main: bool) -> Path | None:
+        """The student goes to ``RUN/final`` (an ``export:`` source of a later run)."""
+        with gathered(self.run.module, self.run.config.trainer.zero_stage):
+            if is_main:
+                return save_network(self.student, self.run.run_dir / FINAL_DIR)
+        return None
+
+
+__all__ = ["RESOLVED_CONFIG_NAME", "NetworkSource", "OneNetworkConfig", "OneNetworkTask", "build_student_and_teacher"]

@@ -1,0 +1,98 @@
+"""Teachers: who the sandwich rule's sub-networks learn from besides the labels.  One piece per file in this
+package, registered in :data:`TEACHERS` under the name ``task.teacher.name`` gives; a new teacher is a new file.
+
+A teacher gives each distilled sub-network its loss (:meth:`Teacher.student_loss`, from the largest
+sub-network's detached logits of the same mini-batch) and may add a term to every sub-network's loss
+(:meth:`Teacher.extra_loss`); it saves what it keeps across steps under its own checkpoint key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from losses.config import LossConfig
+from losses.divergences import KDLoss
+from typedconfig import Registry
+
+TEACHERS = Registry("teacher", package="trainer.teachers")
+
+
+@dataclass(kw_only=True, slots=True)
+class TeacherConfig:
+    """``task.teacher``: ``{name: NAME, ...}`` with the keys of the teacher named (see ``docs/config.md``)."""
+
+    registry: ClassVar[Registry] = TEACHERS
+    name: str = "inplace"
+    """The teacher (``inplace``: the largest sub-network's detached logits, AlphaNet; ``voted``,
+    ``inplace_and_voted``: SD-DARTS's vote of earlier snapshots)."""
+
+
+@dataclass(slots=True)
+class TeacherContext:
+    """What a teacher is built from."""
+
+    loss: LossConfig
+    label_loss: nn.Module
+    kd_loss: KDLoss | None
+    """``loss.kd_loss`` built (None: ``none``, the students learn from the labels)."""
+    make_supernet: Callable[[], nn.Module]
+    """A new supernet of the trained one's shape, on its device."""
+    module: nn.Module
+    """The trained supernet."""
+    steps_per_epoch: int
+
+
+class Teacher:
+    """Base of the teacher pieces."""
+
+    Config: ClassVar[type[TeacherConfig]]
+
+    def __init__(self, config: TeacherConfig, context: TeacherContext):
+        self.config = config
+        self.label_loss, self.kd_loss, self.kd_weight = context.label_loss, context.kd_loss, context.loss.kd_weight
+        self.notes: list[str] = []
+        """Printed when training starts."""
+
+    @staticmethod
+    def check_config(config: Any, space: Any, source: str) -> None:
+        """Raise a ConfigError naming the key when the run config cannot use this piece."""
+
+    def describe(self) -> str:
+        """A few words for the start line ('' for the default)."""
+        return ""
+
+    def begin(self) -> None:
+        """Before the sub-networks of a mini-batch run."""
+
+    def student_loss(
+        self, name: str, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, metrics: dict
+    ) -> torch.Tensor:
+        """The loss of distilled sub-network ``name`` (its ``logits``; ``teacher``: the largest sub-network's
+        detached logits); ``metrics`` takes what to log."""
+        raise NotImplementedError
+
+    def extra_loss(self, name: str, arch, logits: torch.Tensor, inputs: torch.Tensor, metrics: dict):
+        """A term added to every sub-network's loss, or None."""
+        return None
+
+    def after_step(self, step: int, module: nn.Module) -> dict[str, torch.Tensor]:
+        """After optimizer step ``step``; returns metrics to log."""
+        return {}
+
+    def client_state(self) -> dict[str, Any]:
+        return {}
+
+    def rank_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, client: dict[str, Any], rank: dict[str, Any]) -> None:
+        pass
+
+
+def build_teacher(config: TeacherConfig, context: TeacherContext) -> Teacher:
+    return TEACHERS.get(config.name)(config, context)
