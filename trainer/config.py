@@ -132,6 +132,15 @@ def config_hash(section: Any) -> str:
     return hashlib.sha256(json.dumps(to_mapping(section), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def model_hash(config: RunConfig) -> str:
+    """The hash a checkpoint stores of what its weights mean: the model section's identity and, for a one-network
+    run, the ``standalone`` section (student and teacher) too.  A resume refuses a checkpoint with another hash."""
+    digest = config_hash(config.model.identity())
+    if config.standalone is not None:
+        digest = config_hash({"model": digest, "standalone": to_mapping(config.standalone)})
+    return digest
+
+
 def write_resolved(config: RunConfig, run_dir: Path | None = None) -> Path:
     """Write the resolved config into the run folder (atomically) and return its path."""
     run_dir = Path(run_dir or config.run_dir)

@@ -29,7 +29,7 @@ from trainer import host_allocator
 from trainer.attentive import AttentiveSampler, attentive_middle
 from trainer.checkpoint import Checkpointer, rng_state, set_rng_state
 from trainer.collectives import all_reduce_
-from trainer.config import RunConfig, config_hash, write_resolved
+from trainer.config import RunConfig, config_hash, model_hash, write_resolved
 from trainer.distributed import configure_threads, init_distributed, local_world_size, resolve
 from trainer.ds_config import global_batch_size
 from trainer.engine import build_engine, one_reduction
@@ -274,9 +274,7 @@ class Trainer:
             keep=tc.keep_checkpoints,
             every_steps=tc.checkpoint_every_steps,
         )
-        self.model_hash = config_hash(self.config.model.identity())
-        if self.config.standalone is not None:  # the student and teacher are part of what the weights mean
-            self.model_hash = config_hash({"model": self.model_hash, "standalone": to_mapping(self.config.standalone)})
+        self.model_hash = model_hash(self.config)  # with the student and teacher of a standalone run
         self.global_step = 0
         self.bad_steps = 0
         self.skipped_total = 0
