@@ -116,14 +116,15 @@ def validation(run: Path, step: int) -> dict[str, float]:
 
 
 def weight_summary(final: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    """Per tensor of the consolidated state dict: ``sum`` and ``abs_sum`` of the final values, ``update_abs_sum``
-    (sum of |final - start|: what the continuation changed).  Computed in float64 so that the summary adds no
-    rounding of its own."""
+    """Per tensor of the consolidated state dict: ``numel``, ``sum`` and ``abs_sum`` of the final values,
+    ``update_abs_sum`` (sum of |final - start|: what the continuation changed).  Computed in float64 so that the
+    summary adds no rounding of its own."""
     summary = {}
     for key in sorted(final):
         value = final[key].detach().double()
         change = value - start[key].detach().double()
         summary[key] = {
+            "numel": value.numel(),
             "sum": value.sum().item(),
             "abs_sum": value.abs().sum().item(),
             "update_abs_sum": change.abs().sum().item(),

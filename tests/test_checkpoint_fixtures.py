@@ -11,15 +11,21 @@ it with the current code and the recorded command (one rank, ZeRO-0, the bundled
   (``trainer.config.model_hash``);
 - the continuation is the recorded one: every logged value of steps 3-4, the final validation, the client
   state of the final checkpoint (step, hash, local-sharing assignment: exactly), and per tensor of the final
-  consolidated weights their sum, their absolute sum and the absolute sum of their change since step 2.
+  consolidated weights its size, sum, absolute sum and the absolute sum of its change since step 2.
 
-Tolerance: a value matches when ``|got - recorded| <= RTOL * max(|recorded|, floor)``, ``RTOL = 1e-4``.  The
-floor is 1e-2 for logged values (1e-6 absolute: KD terms of nearly equal distributions are differences of
-nearly equal numbers), the tensor's absolute sum for a sum, 1 % of it for the change (a change below a
-millionth of the tensor's magnitude is compared at that level); validation top-1/top-5 may move by one image.
-A fixture may be replayed on a CPU with another instruction set (AVX2 vs AVX-512, see ``written_on`` in the
-record) whose kernels round differently, so bit-identity across machines is not promised; on the machine (and
-library versions) that wrote it, the replay is bit-identical and the largest deviation printed is 0.
+Tolerance (``numpy.isclose``'s form): a logged value matches when |got - recorded| <= RTOL * |recorded| +
+ATOL_LOGGED; a tensor's sum, absolute sum and change when |got - recorded| <= RTOL * scale + ATOL_ELEMENT *
+numel, where scale is the recorded value (for a sum, which may cancel, the absolute sum); validation
+top-1/top-5 may move by one image.  RTOL is 1e-4; ATOL_LOGGED 1e-6 (KD terms of nearly equal distributions
+are 1e-4 to 1e-9); ATOL_ELEMENT 1e-6 (a recorded step changes the weights by ~1e-4 to 1e-3 per element).
+
+A fixture may be replayed on a CPU with another instruction set (AVX2 vs AVX-512: ``written_on`` in the
+record) whose kernels round differently, so bit-identity across machines is not promised.  With torch and
+oneDNN held to AVX2 on the AVX-512 machine that wrote the fixtures (``ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2``) the logged values moved by at most 9e-8 and the weights by at most 1e-7 per
+element, about a tenth of the tolerance (relative to themselves, the residual blocks' last BatchNorm biases,
+zero at initialisation and ~1e-9 after 4 steps, moved by tens of percent).  On the machine (and library
+versions) that wrote a fixture the replay is bit-identical: the share of the tolerance used, printed, is 0.
 """
 
 from __future__ import annotations
@@ -47,26 +53,21 @@ from trainer_helpers import run_in_process
 from trainer.config import load_config, model_hash
 
 RTOL = 1e-4
-LOGGED_FLOOR = 1e-2
-UPDATE_FLOOR = 1e-2
-TINY = 1e-5  # floor of every comparison: exact zeros (BatchNorm running means with momentum 0) stay comparable
-
-
-def deviation(got: float, want: float, floor: float) -> float:
-    """``|got - want|`` in units of ``max(|want|, floor)``."""
-    return abs(got - want) / max(abs(want), floor, TINY)
+ATOL_LOGGED = 1e-6
+ATOL_ELEMENT = 1e-6
 
 
 def compare(got: dict, want: dict, problems: list[str]) -> float:
-    """Largest deviation of ``got`` from the record ``want``; what exceeds :data:`RTOL` goes to ``problems``."""
+    """The largest share of its tolerance that a value of ``got`` uses (0: exactly the record ``want``); what is
+    off the record goes to ``problems``."""
     worst = 0.0
 
-    def check(name: str, value: float, recorded: float, floor: float) -> None:
+    def check(name: str, value: float, recorded: float, scale: float, atol: float) -> None:
         nonlocal worst
-        d = deviation(value, recorded, floor)
-        worst = max(worst, d)
-        if d > RTOL:
-            problems.append(f"{name}: {value!r}, recorded {recorded!r} (deviation {d:.2e})")
+        share = abs(value - recorded) / (RTOL * abs(scale) + atol)
+        worst = max(worst, share)
+        if share > 1:
+            problems.append(f"{name}: {value!r}, recorded {recorded!r} ({share:.1f}x the tolerance)")
 
     if sorted(got["steps"]) != sorted(want["steps"]):
         problems.append(f"logged steps {sorted(got['steps'])}, recorded {sorted(want['steps'])}")
@@ -76,16 +77,21 @@ def compare(got: dict, want: dict, problems: list[str]) -> float:
             if key not in values:
                 problems.append(f"step {step}: {key} not logged")
             else:
-                check(f"step {step} {key}", values[key], value, LOGGED_FLOOR)
+                check(f"step {step} {key}", values[key], value, value, ATOL_LOGGED)
     if sorted(got["weights"]) != sorted(want["weights"]):
         problems.append(f"state dict keys differ: {sorted(set(got['weights']) ^ set(want['weights']))[:10]}")
     for key, recorded in want["weights"].items():
-        if key in got["weights"]:
-            summary = got["weights"][key]
-            check(f"{key} sum", summary["sum"], recorded["sum"], recorded["abs_sum"])
-            check(f"{key} abs_sum", summary["abs_sum"], recorded["abs_sum"], 0.0)
-            update_floor = UPDATE_FLOOR * recorded["abs_sum"]
-            check(f"{key} update_abs_sum", summary["update_abs_sum"], recorded["update_abs_sum"], update_floor)
+        summary = got["weights"].get(key)
+        if summary is None:
+            continue
+        if summary["numel"] != recorded["numel"]:
+            problems.append(f"{key}: {summary['numel']} elements, recorded {recorded['numel']}")
+            continue
+        atol = ATOL_ELEMENT * recorded["numel"]
+        check(f"{key} sum", summary["sum"], recorded["sum"], recorded["abs_sum"], atol)
+        check(f"{key} abs_sum", summary["abs_sum"], recorded["abs_sum"], recorded["abs_sum"], atol)
+        update = recorded["update_abs_sum"]
+        check(f"{key} update_abs_sum", summary["update_abs_sum"], update, update, atol)
     return worst
 
 
@@ -128,5 +134,5 @@ def test_a_fixture_checkpoint_resumes_and_continues_as_recorded(
     problems: list[str] = []
     worst = compare(got, record, problems)
     machine = f"replayed on {cpu_isa()}, written on {record['written_on']['cpu']}"
-    print(f"{variant}: largest deviation {worst:.3g} ({machine})")
+    print(f"{variant}: {worst:.3g} of the tolerance used at most ({machine})")
     assert not problems, f"{len(problems)} value(s) off the record ({machine}):\n" + "\n".join(problems[:20])
