@@ -96,3 +96,15 @@ def test_one_network_section_before_the_move(repo):
 def test_contradicting_old_and_new_keys_are_an_error():
     with pytest.raises(ConfigError, match=r"trainer\.sampler"):
         current_keys({"trainer": {"sampler": "attentive"}, "task": {"sampler": {"name": "uniform"}}})
+
+
+def test_naming_another_piece_on_the_command_line_drops_the_files_keys_for_the_old_one(repo):
+    """The attentive recipe's sampler keys belong to the attentive sampler: choosing another sampler with --set
+    leaves them behind instead of failing on them; keeping the same name keeps them."""
+    recipe = repo / "configs/alphanet_kl_attentive_imagenet.yaml"
+    other = load_config(recipe, ["task.sampler.name=flops_uniform"]).task.sampler
+    assert other.name == "flops_uniform" and not hasattr(other, "candidates")
+    same = load_config(recipe, ["task.sampler.name=attentive"]).task.sampler
+    assert (same.name, same.candidates, same.bucket_mflops) == ("attentive", 3, 25.0)
+    one = load_config(repo / "configs/tiny_cpu.yaml", ["task.name=one_network", "task.student.arch=largest"]).task
+    assert one.name == "one_network" and one.student.arch == "largest"

@@ -83,7 +83,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, notes: 
     into ``notes``), build and validate the typed config."""
     source = f"{path} (with --set overrides)" if overrides else str(path)
     data = current_keys(load_yaml(path), source=path, notes=notes)
-    data = apply_overrides(data, current_overrides(overrides or [], notes=notes))
+    data = apply_overrides(data, current_overrides(overrides or [], notes=notes), cls=RunConfig)
     config = from_mapping(RunConfig, data, source=source)
     _cross_check(config, source)
     return config

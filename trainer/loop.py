@@ -190,7 +190,7 @@ class Trainer:
             keep=tc.keep_checkpoints,
             every_steps=tc.checkpoint_every_steps,
         )
-        self.model_hash = model_hash(self.config)
+        self.model_hash = model_hash(self.config)  # with the student and teacher of a one-network run
         self.global_step = 0
         self.bad_steps = 0
         self.skipped_total = 0

@@ -24,7 +24,8 @@ import yaml
 
 from fileops import atomic_write_text
 from trainer.config import RESOLVED_CONFIG_NAME, RunConfig
-from typedconfig import to_mapping
+from trainer.config_keys import current_keys
+from typedconfig import ConfigError, from_mapping, to_mapping
 
 LOCK_NAME = ".lock"
 CHANGES_NAME = "config_changes.jsonl"
@@ -100,6 +101,16 @@ def config_changes(previous: dict[str, Any], current: RunConfig) -> dict[str, tu
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
+def _in_current_keys(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A run folder's recorded config in today's keys, with today's defaults for keys added since (what the same
+    file means to this version); as recorded, old keys moved, when it no longer validates."""
+    translated = current_keys(recorded)
+    try:
+        return to_mapping(from_mapping(RunConfig, translated))
+    except ConfigError:
+        return translated
+
+
 def check_config_change(config: RunConfig, run_dir: Path, *, allow: bool) -> dict[str, tuple[Any, Any]]:
     """The changes against the run's recorded config; :class:`RunFolderError` when one of them is not
     operational and ``allow`` is false.  A run folder without ``config.yaml`` has no changes."""
@@ -110,7 +121,7 @@ def check_config_change(config: RunConfig, run_dir: Path, *, allow: bool) -> dic
         previous = yaml.safe_load(recorded.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RunFolderError(f"{recorded} is not readable YAML ({exc}); restore it or use another run_dir") from None
-    changes = config_changes(previous, config)
+    changes = config_changes(_in_current_keys(previous), config)
     guarded = {k: v for k, v in changes.items() if k not in OPERATIONAL_KEYS}
     if guarded and not allow:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in guarded.items())

@@ -289,14 +289,41 @@ def add_set_argument(parser: argparse.ArgumentParser, *, example: str) -> None:
     )
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def _tagged_section(cls: type | None, data: dict[str, Any], path: list[str]) -> tuple[type, dict] | None:
+    """(base config class, mapping) of the tagged section at ``path`` of ``data`` read as ``cls``, or None."""
+    node: Any = data
+    for part in path:
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return None
+        if getattr(cls, "registry", None) is not None and isinstance(node, dict):
+            cls = cls.registry.config_class(node.get("name", _default_name(cls)))
+        tp = typing.get_type_hints(cls).get(part)
+        arms = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) else [tp]
+        cls = arms[0] if len(arms) == 1 else None
+        node = node.get(part) if isinstance(node, dict) else None
+    if cls is not None and dataclasses.is_dataclass(cls) and getattr(cls, "registry", None) is not None:
+        return cls, node if isinstance(node, dict) else {}
+    return None
+
+
+def _default_name(cls: type) -> Any:
+    return next((f.default for f in dataclasses.fields(cls) if f.name == "name"), None)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], *, cls: type | None = None) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``a.b.c=value`` override applied in order (creating sections); a key
-    given twice takes its last value."""
+    given twice takes its last value.  With ``cls`` (what ``data`` will be read as), an override that names
+    another piece for a tagged section (``task.sampler.name=flops_uniform``) drops the keys the file gave the
+    piece it replaces: they are that piece's."""
     import copy
 
     result = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)
+        if cls is not None and parts[-1] == "name":
+            tagged = _tagged_section(cls, result, parts[:-1])
+            if tagged is not None and tagged[1].get("name", _default_name(tagged[0])) != value:
+                tagged[1].clear()
         node = result
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
