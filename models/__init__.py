@@ -2,16 +2,16 @@
 
 from models.config import ModelConfig
 from models.export import load_subnet, save_subnet
-from models.search_space import (
+from models.mbconv.search_space import (
     ArchConfig,
     ArchSampler,
     SearchSpace,
     load_named_archs,
     load_search_space,
 )
-from models.slimmable import SlimmableSpace, SlimmableSupernet, WidthArch
-from models.static import StaticSubnet, build_subnet, extract_subnet
-from models.supernet import AlphaNetSupernet
+from models.mbconv.static import StaticSubnet, build_subnet, extract_subnet
+from models.mbconv.supernet import AlphaNetSupernet
+from models.slimmable.supernet import SlimmableSpace, SlimmableSupernet, WidthArch
 
 
 def __getattr__(name: str):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from models.init import InitScheme
-from models.local_sharing import LocalSharingConfig, SharingName
+from models.mbconv.local_sharing import LocalSharingConfig, SharingName
 from typedconfig import Range, check_ranges, to_mapping
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from fileops import atomic_output, atomic_write_text
 from models.families import AnyArch, AnySpace, space_from_dict
-from models.static import StaticSubnet, build_subnet
+from models.mbconv.static import StaticSubnet, build_subnet
 from typedconfig import ConfigError, load_yaml
 
 WEIGHTS = "model.safetensors"

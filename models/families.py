@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from models.search_space import ArchConfig, SearchSpace
-from models.slimmable import SlimmableSpace, WidthArch
+from models.mbconv.search_space import ArchConfig, SearchSpace
+from models.slimmable.supernet import SlimmableSpace, WidthArch
 
 AnySpace = SearchSpace | SlimmableSpace
 AnyArch = ArchConfig | WidthArch

@@ -16,10 +16,10 @@ import json
 import sys
 from dataclasses import dataclass
 
+from models.mbconv.search_space import ArchConfig, SearchSpace, load_named_archs
+from models.mbconv.subnet_plan import plan_subnet
 from models.ops import se_channels
-from models.search_space import ArchConfig, SearchSpace, load_named_archs
-from models.slimmable import SlimmableSpace, slimmable_cost
-from models.subnet_plan import plan_subnet
+from models.slimmable.supernet import SlimmableSpace, slimmable_cost
 from typedconfig import ConfigError
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from fileops import atomic_write_text
-from models.search_space import ArchConfig
+from models.mbconv.search_space import ArchConfig
 from search.evolution import Candidate, arch_key
 
 CANDIDATES = "candidates.jsonl"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from models.families import arch_from_dict
 from models.flops import subnet_cost
-from models.search_space import ArchConfig, ArchSampler, SearchSpace
+from models.mbconv.search_space import ArchConfig, ArchSampler, SearchSpace
 
 
 @dataclass(frozen=True, slots=True)

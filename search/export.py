@@ -10,7 +10,7 @@ import torch
 
 from models import load_subnet, save_subnet
 from models.export import export_onnx
-from models.static import StaticSubnet
+from models.mbconv.static import StaticSubnet
 from search.evolution import Candidate, pareto_front
 
 

@@ -33,8 +33,8 @@ from data_pipeline import DataConfig, build_loader  # noqa: E402
 from data_pipeline.device_transforms import rescale  # noqa: E402
 from models import AlphaNetSupernet, ArchConfig, ArchSampler, load_named_archs  # noqa: E402
 from models.flops import subnet_cost  # noqa: E402
-from models.search_space import SearchSpace  # noqa: E402
-from models.static import StaticSubnet  # noqa: E402
+from models.mbconv.search_space import SearchSpace  # noqa: E402
+from models.mbconv.static import StaticSubnet  # noqa: E402
 from search.candidates import CandidateStore  # noqa: E402
 from search.config import SearchConfig, SearchFile  # noqa: E402
 from search.evolution import Candidate, FlopsConstrainedSampler, every_arch, pareto_front, select_parents  # noqa: E402

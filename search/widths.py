@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.table import Table
 
 from fileops import atomic_output, atomic_write_text
-from models.slimmable import SlimmableSpace, WidthArch
+from models.slimmable.supernet import SlimmableSpace, WidthArch
 from search.evolution import Candidate
 
 

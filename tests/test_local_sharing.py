@@ -13,7 +13,7 @@ from trainer_helpers import overrides, run_in_process
 from losses import build_label_loss
 from losses.config import LossConfig
 from models import ArchSampler, ModelConfig, build_supernet, extract_subnet
-from models.local_sharing import LocalAssignment, LocalSharingConfig, gene_vector, operator_at
+from models.mbconv.local_sharing import LocalAssignment, LocalSharingConfig, gene_vector, operator_at
 from trainer.local_sharing import LocalSharing, meta_key
 from trainer.sandwich import Subnet, sample_sandwich
 from typedconfig import ConfigError
@@ -279,7 +279,7 @@ def test_a_schedule_longer_than_the_run_is_a_config_error(repo, digits_shards, t
 @pytest.mark.parametrize("recipe", ["tiny_local_cpu.yaml", "alphanet_local_imagenet.yaml"])
 def test_the_local_recipes_fit_their_schedule_in_the_run(repo, recipe):
     from models import load_search_space
-    from models.local_sharing import block_positions
+    from models.mbconv.local_sharing import block_positions
     from trainer.config import load_config
 
     config = load_config(repo / "configs" / recipe)

@@ -24,7 +24,7 @@ from models import (
     load_subnet,
     subnet_cost,
 )
-from models.search_space import ArchSampler
+from models.mbconv.search_space import ArchSampler
 from typedconfig import ConfigError
 
 

@@ -21,8 +21,8 @@ from data_pipeline.config import DataConfig
 from fileops import atomic_write_text
 from losses.config import LossConfig
 from models.config import ModelConfig
-from models.search_space import SearchSpace, load_search_space
-from models.slimmable import SlimmableSpace
+from models.mbconv.search_space import SearchSpace, load_search_space
+from models.slimmable.supernet import SlimmableSpace
 from trainer.standalone_config import StandaloneConfig
 from trainer.trainer_config import TrainerConfig
 from typedconfig import (

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipeline.device_transforms import rescale
-from models.local_sharing import (
+from models.mbconv.local_sharing import (
     LocalAssignment,
     LocalSharingConfig,
     block_positions,

@@ -308,7 +308,7 @@ class SlimmableSupernet(nn.Module):
 
     def extract(self, arch: WidthArch | None = None) -> SlimmableSupernet:
         """A standalone copy of ``arch`` (default: the active one): weights and BN statistics sliced out."""
-        from models.static import copy_sliced_weights
+        from models.mbconv.static import copy_sliced_weights
 
         arch = arch or self.arch
         static = build_slimmable_subnet(self.space, arch, self.config.num_classes, self.config.dropout)

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.depthwise import depthwise_conv
+from models.mbconv.search_space import ArchConfig, SearchSpace
+from models.mbconv.subnet_plan import BlockPlan, plan_subnet
 from models.ops import conv_layout, pointwise_as_matmul, pointwise_conv, se_channels
-from models.search_space import ArchConfig, SearchSpace
-from models.subnet_plan import BlockPlan, plan_subnet
 
 
 class Conv2d(nn.Conv2d):
@@ -62,7 +62,7 @@ class SqueezeExcite(nn.Module):
 
 
 class MBConvBlock(nn.Module):
-    """A fixed inverted-residual block (see ``models.supernet.DynamicMBConvBlock``)."""
+    """A fixed inverted-residual block (see ``models.mbconv.supernet.DynamicMBConvBlock``)."""
 
     def __init__(self, block: BlockPlan):
         super().__init__()
@@ -167,7 +167,7 @@ def extract_subnet(supernet: nn.Module, arch: ArchConfig | None = None) -> nn.Mo
 
 def build_subnet(space, arch, num_classes: int = 1000, dropout: float = 0.0) -> nn.Module:
     """A freshly initialised standalone model of ``arch`` in ``space`` (either family)."""
-    from models.slimmable import SlimmableSpace, build_slimmable_subnet
+    from models.slimmable.supernet import SlimmableSpace, build_slimmable_subnet
 
     if isinstance(space, SlimmableSpace):
         return build_slimmable_subnet(space, arch, num_classes, dropout)

@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 
-from models.search_space import ArchConfig, ArchSampler, SearchSpace
-from models.subnet_plan import supernet_block_indices
+from models.mbconv.search_space import ArchConfig, ArchSampler, SearchSpace
+from models.mbconv.subnet_plan import supernet_block_indices
 from typedconfig import Range, check_ranges
 
 SharingName = Literal["global", "local"]

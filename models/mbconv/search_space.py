@@ -17,7 +17,7 @@ import numpy as np
 
 from typedconfig import ConfigError, from_mapping, load_yaml, to_mapping
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 SEARCH_SPACE_DIR = CONFIG_DIR / "search_spaces"
 
 

@@ -1,0 +1,1 @@
+"""AlphaNet / AttentiveNAS MBConv supernets."""

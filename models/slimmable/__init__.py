@@ -1,0 +1,1 @@
+"""Universally slimmable MobileNetV1 / MobileNetV2."""
