@@ -13,7 +13,7 @@ import torch
 from trainer_helpers import overrides, run_in_process
 
 from models import ArchSampler, ModelConfig, WidthArch, build_supernet, ops
-from models.mbconv.local_sharing import LocalSharingConfig
+from models.config import LocalSharingConfig
 from typedconfig import ConfigError
 
 

@@ -13,7 +13,8 @@ from trainer_helpers import overrides, run_in_process
 from losses import build_label_loss
 from losses.config import LossConfig
 from models import ArchSampler, ModelConfig, build_supernet, extract_subnet
-from models.mbconv.local_sharing import LocalAssignment, LocalSharingConfig, gene_vector, operator_at
+from models.config import LocalSharingConfig
+from models.mbconv.local_sharing import LocalAssignment, gene_vector, operator_at
 from trainer.local_sharing import LocalSharing, meta_key
 from trainer.sandwich import Subnet, sample_sandwich
 from typedconfig import ConfigError
@@ -261,6 +262,7 @@ def test_a_locally_shared_run_decides_every_layer_and_resumes_bit_identically(
         ({"trainer.teacher": "voted"}, "trainer.teacher"),
         ({"trainer.zero_stage": 3}, "trainer.zero_stage"),
         ({"trainer.num_subnets": 3}, "trainer.num_subnets"),
+        ({"model.search_space": "tiny_slim_mbv2"}, "model.search_space"),  # a family without local sharing
     ],
 )
 def test_combinations_local_sharing_cannot_serve_are_refused(repo, setting, key):

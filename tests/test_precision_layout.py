@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from losses import LossConfig, build_kd_loss, build_label_loss
-from models import ArchSampler, ModelConfig, build_supernet
+from models import ArchSampler, ModelConfig, build_supernet, extract_subnet
 from models.depthwise import runs_in_float32
-from models.mbconv.static import extract_subnet
 from models.ops import DynamicDepthwiseConv2d, centre_crop_kernel
 from trainer.sandwich import SandwichStep, sample_sandwich
 from trainer.trainer_config import TrainerConfig

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 import torch
 import torch.distributed as dist
 
-from models.mbconv.search_space import ArchSampler
+from models import ArchSampler
 from trainer.collectives import all_reduce_
 from typedconfig import Range, check_ranges
 

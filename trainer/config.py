@@ -20,9 +20,9 @@ import yaml
 from data_pipeline.config import DataConfig
 from fileops import atomic_write_text
 from losses.config import LossConfig
+from models import SearchSpace, load_search_space
 from models.config import ModelConfig
-from models.mbconv.search_space import SearchSpace, load_search_space
-from models.slimmable.supernet import SlimmableSpace
+from models.families import family_of
 from trainer.standalone_config import StandaloneConfig
 from trainer.trainer_config import TrainerConfig
 from typedconfig import (
@@ -94,8 +94,8 @@ def _check_local_sharing(config: RunConfig, space: SearchSpace, source: str) -> 
     """Local weight sharing runs on the AlphaNet family's supernet with the in-place teacher and uniform sampling."""
     tc = config.trainer
     problems = {
-        "model.search_space": "a slimmable space has no per-layer operators"
-        if isinstance(space, SlimmableSpace)
+        "model.search_space": f"the {family_of(space).name} family's supernet has no per-layer candidates"
+        if not family_of(space).supports_local_sharing
         else "",
         "standalone": "a standalone run trains one network" if config.standalone is not None else "",
         "trainer.zero_stage": "ZeRO-3 partitions the candidates it routes gradients between"

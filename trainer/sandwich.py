@@ -16,7 +16,7 @@ import torch
 
 from data_pipeline.device_transforms import rescale
 from losses.divergences import KDLoss
-from models.mbconv.search_space import ArchConfig, ArchSampler, SearchSpace
+from models import ArchConfig, ArchSampler, SearchSpace
 from trainer.precision import forward_logits
 
 Role = Literal["teacher", "student"]
