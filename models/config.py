@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 from models.init import InitScheme
-from models.local_sharing import LocalSharingConfig, SharingName
 from typedconfig import Range, check_ranges, to_mapping
+
+SharingName = Literal["global", "local"]
+
+
+@dataclass(kw_only=True, slots=True)
+class LocalSharingConfig:
+    """``model.local``: used when ``model.sharing`` is ``local`` (the paper's symbols in brackets)."""
+
+    candidates: Annotated[int, Range(ge=2, le=8)] = 2
+    """M: candidate weights per layer (the paper: 2)."""
+    archs: Annotated[int, Range(ge=2, le=100_000)] = 64
+    """N: sampled architectures whose assignments are learnt (the paper: 10,000 on ImageNet)."""
+    assignment: Literal["learned", "random"] = "learned"
+    """``learned``: the paper's Algorithm 1 (meta-network, gradient exchange, K-means on matching degrees, the
+    cluster-to-candidate choice of Eq. 7). ``random``: the paper's "Random Assign" ablation (same schedule,
+    each architecture's candidate drawn at random, no meta-network, no exchange)."""
+    warmup_epochs: Annotated[float, Range(ge=0)] = 1.0
+    """T_w: epochs of global sharing (every candidate receives the same gradient) before the first layer."""
+    epochs_per_layer: Annotated[float, Range(gt=0)] = 1.0
+    """T: epochs spent on each layer before its assignment is fixed; the epochs left after the last layer
+    fine-tune (T_f)."""
+    meta_every: Annotated[int, Range(ge=1)] = 20
+    """τ: optimizer steps between meta-network updates (Eq. 12)."""
+    meta_lr: Annotated[float, Range(gt=0)] = 0.1
+    """η: SGD learning rate of the meta-networks."""
+    representatives: Annotated[int, Range(ge=1)] = 4
+    """Architectures per cluster whose losses choose the cluster's candidate (Eq. 7)."""
+    seed: int = 0
+    """Seed of the N sampled architectures, the K-means initialisation and the random draws."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "model.local")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -12,8 +12,7 @@ import torch
 import yaml
 
 from fileops import atomic_output, atomic_write_text
-from models.families import AnyArch, AnySpace, space_from_dict
-from models.static import StaticSubnet, build_subnet
+from models.families import Arch, Space, build_subnet, family_of, space_from_dict
 from typedconfig import ConfigError, load_yaml
 
 WEIGHTS = "model.safetensors"
@@ -29,7 +28,7 @@ def fp32_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_subnet(model: StaticSubnet, out_dir: Path, *, extra: dict | None = None) -> Path:
+def save_subnet(model: torch.nn.Module, out_dir: Path, *, extra: dict | None = None) -> Path:
     """Write ``model.safetensors`` and ``arch.yaml`` into ``out_dir`` (each via a temp name + rename)."""
     from safetensors.torch import save_file
 
@@ -52,14 +51,12 @@ BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 MAX_CLASSES = 1_000_000
 
 
-def read_description(folder: Path) -> tuple[AnySpace, AnyArch, int]:
+def read_description(folder: Path) -> tuple[Space, Arch, int]:
     """(space, arch, num_classes) of an exported folder, checked before anything is built: ``arch.yaml`` is
     read with the config loader's limits, the arch must lie in its space, and the parameters it implies
     must be exactly those stored in ``model.safetensors`` (so a crafted arch cannot make us allocate a
     model far larger than the file)."""
     from safetensors import safe_open
-
-    from models.flops import subnet_cost  # here: `python -m models.flops` must not find it imported already
 
     arch_file, weights = folder / ARCH, folder / WEIGHTS
     description = load_yaml(arch_file)
@@ -81,7 +78,7 @@ def read_description(folder: Path) -> tuple[AnySpace, AnyArch, int]:
     with safe_open(str(weights), framework="pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     stored = sum(math.prod(shape) for k, shape in shapes.items() if not k.endswith(BUFFER_SUFFIXES))
-    expected = subnet_cost(space, arch, num_classes).params
+    _, expected = family_of(space).cost(space, arch, num_classes)
     if stored != expected:
         raise ConfigError(
             f"describes a model of {expected:,} parameters but {weights} holds {stored:,}", source=arch_file
@@ -89,7 +86,7 @@ def read_description(folder: Path) -> tuple[AnySpace, AnyArch, int]:
     return space, arch, num_classes
 
 
-def load_subnet(path: str | Path, map_location: str = "cpu") -> StaticSubnet:
+def load_subnet(path: str | Path, map_location: str = "cpu") -> torch.nn.Module:
     """The standalone model saved by :func:`save_subnet` (a folder, or its ``arch.yaml``), in eval mode;
     a description that does not match its weights is a :class:`ConfigError` (see :func:`read_description`)."""
     from safetensors.torch import load_file
@@ -102,7 +99,7 @@ def load_subnet(path: str | Path, map_location: str = "cpu") -> StaticSubnet:
     return model.eval()
 
 
-def export_onnx(model: StaticSubnet, out_dir: Path, batch: int = 1) -> Path:
+def export_onnx(model: torch.nn.Module, out_dir: Path, batch: int = 1) -> Path:
     """ONNX graph of the model at its own resolution (dynamic batch), checked to load with onnx."""
     import onnx
 

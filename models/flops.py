@@ -5,6 +5,8 @@ layers at the model's own resolution; BatchNorm, activations, pooling, residual 
 rescale are not counted.  Parameters are every parameter of the standalone sub-network (BN affine
 included) with a ``num_classes``-way classifier.
 
+Each family counts its own networks (:meth:`models.families.Family.cost`); :func:`subnet_cost` is the entry.
+
 CLI: ``python -m models.flops configs/alphanet_models.yaml [--json]`` prints every model of the
 table plus the search space's ``max`` and ``min`` sub-networks.
 """
@@ -16,10 +18,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from models.ops import se_channels
-from models.search_space import ArchConfig, SearchSpace, load_named_archs
-from models.slimmable import SlimmableSpace, slimmable_cost
-from models.subnet_plan import plan_subnet
+from models.families import Arch, Space, family_of, load_named_archs
 from typedconfig import ConfigError
 
 
@@ -37,47 +36,11 @@ class Cost:
         return self.params / 1e6
 
 
-def _conv(cin: int, cout: int, kernel: int, out_hw: int, groups: int = 1, bias: bool = False) -> Cost:
-    weights = cout * (cin // groups) * kernel * kernel
-    return Cost(macs=weights * out_hw * out_hw, params=weights + (cout if bias else 0))
-
-
-def _bn(channels: int) -> Cost:
-    return Cost(macs=0, params=2 * channels)
-
-
-def _sum(costs: list[Cost]) -> Cost:
-    return Cost(macs=sum(c.macs for c in costs), params=sum(c.params for c in costs))
-
-
-def subnet_cost(space: SearchSpace, arch: ArchConfig, num_classes: int = 1000) -> Cost:
-    """Multiply-adds and parameters of ``arch`` (see module docstring for what counts)."""
-    if isinstance(space, SlimmableSpace):
-        macs, params = slimmable_cost(space, arch, num_classes)
-        return Cost(macs=macs, params=params)
-    plan = plan_subnet(space, arch)
-    side, block_sides = plan.spatial_sizes()
-    costs = [_conv(3, plan.stem.out_channels, plan.stem.kernel, side), _bn(plan.stem.out_channels)]
-    for block, out_side in zip(plan.blocks, block_sides):
-        cin, mid, cout = block.in_channels, block.mid_channels, block.out_channels
-        if block.expand != 1:
-            costs += [_conv(cin, mid, 1, side), _bn(mid)]  # before the stride
-        costs += [_conv(mid, mid, block.kernel, out_side, groups=mid), _bn(mid)]
-        if block.se:
-            se = se_channels(mid)
-            costs += [_conv(mid, se, 1, 1, bias=True), _conv(se, mid, 1, 1, bias=True)]
-        costs += [_conv(mid, cout, 1, out_side), _bn(cout)]
-        if block.shortcut_conv:
-            costs.append(_conv(cin, cout, 1, out_side))
-        side = out_side
-    head = plan.head
-    costs += [
-        _conv(head.in_channels, head.expanded, 1, side),
-        _bn(head.expanded),
-        _conv(head.expanded, head.width, 1, 1),
-    ]
-    costs.append(Cost(macs=head.width * num_classes, params=head.width * num_classes + num_classes))
-    return _sum(costs)
+def subnet_cost(space: Space, arch: Arch, num_classes: int = 1000) -> Cost:
+    """Multiply-adds and parameters of ``arch`` (see module docstring for what counts), counted by the family of
+    ``space``."""
+    macs, params = family_of(space).cost(space, arch, num_classes)
+    return Cost(macs=macs, params=params)
 
 
 def model_table(path: str, num_classes: int = 1000) -> list[dict]:

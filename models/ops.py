@@ -96,6 +96,23 @@ def centre_crop_kernel(weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return weight[..., start : start + kernel_size, start : start + kernel_size]
 
 
+def _slice_to_shape(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Leading slices of every dimension; the two kernel dimensions of a conv weight are centre-cropped."""
+    if tensor.shape == shape:
+        return tensor
+    index = []
+    for dim, (have, want) in enumerate(zip(tensor.shape, shape)):
+        start = (have - want) // 2 if tensor.ndim == 4 and dim >= 2 else 0
+        index.append(slice(start, start + want))
+    return tensor[tuple(index)]
+
+
+def copy_sliced_weights(source: dict[str, torch.Tensor], target: nn.Module, rename=lambda key: key) -> None:
+    """Load into ``target`` the slice of every ``source[rename(key)]`` that has the target tensor's shape."""
+    weights = {key: _slice_to_shape(source[rename(key)], t.shape).clone() for key, t in target.state_dict().items()}
+    target.load_state_dict(weights)
+
+
 class DynamicConv2d(nn.Module):
     """A dense convolution (groups=1) run on ``weight[:out, :in]`` with a centre-cropped kernel."""
 

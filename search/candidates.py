@@ -15,7 +15,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from fileops import atomic_write_text
-from models.search_space import ArchConfig
+from models.families import Arch
 from search.evolution import Candidate, arch_key
 
 CANDIDATES = "candidates.jsonl"
@@ -59,7 +59,7 @@ class CandidateStore:
     def __len__(self) -> int:
         return len(self.cache)
 
-    def score(self, archs: list[ArchConfig], evaluate: Callable[[ArchConfig], Candidate]) -> list[Candidate]:
+    def score(self, archs: list[Arch], evaluate: Callable[[Arch], Candidate]) -> list[Candidate]:
         """Candidates of ``archs``: cached ones looked up, new ones split over the ranks (uneven shares are
         fine: no collective runs inside an evaluation) and exchanged once."""
         missing = [a for a in archs if arch_key(a) not in self.cache]

@@ -14,14 +14,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from models.families import arch_from_dict
+from models.families import Arch, Space, arch_from_dict
 from models.flops import subnet_cost
-from models.search_space import ArchConfig, ArchSampler, SearchSpace
+from models.sampler import ArchSampler
 
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    arch: ArchConfig
+    arch: Arch
     mflops: float
     params_m: float
     top1: float
@@ -41,7 +41,7 @@ class Candidate:
         return cls(arch_from_dict(record["arch"]), record["mflops"], record["params_m"], record["top1"], record["top5"])
 
 
-def arch_key(arch: ArchConfig) -> str:
+def arch_key(arch: Arch) -> str:
     return "|".join(str(value) for value in arch.to_dict().values())
 
 
@@ -49,18 +49,18 @@ class FlopsConstrainedSampler:
     """Random / mutated / crossed architectures resampled until their FLOPs lie in [lo, hi]."""
 
     def __init__(
-        self, space: SearchSpace, sampler: ArchSampler, lo: float, hi: float, num_classes: int, max_tries: int = 10000
+        self, space: Space, sampler: ArchSampler, lo: float, hi: float, num_classes: int, max_tries: int = 10000
     ):
         self.space, self.sampler, self.lo, self.hi = space, sampler, lo, hi
         self.num_classes, self.max_tries = num_classes, max_tries
 
-    def mflops(self, arch: ArchConfig) -> float:
+    def mflops(self, arch: Arch) -> float:
         return subnet_cost(self.space, arch, self.num_classes).mflops
 
-    def ok(self, arch: ArchConfig) -> bool:
+    def ok(self, arch: Arch) -> bool:
         return self.lo <= self.mflops(arch) <= self.hi
 
-    def draw(self, make: Callable[[], ArchConfig], seen: set[str]) -> ArchConfig:
+    def draw(self, make: Callable[[], Arch], seen: set[str]) -> Arch:
         for _ in range(self.max_tries):
             arch = make()
             if self.ok(arch) and arch_key(arch) not in seen:

@@ -10,7 +10,6 @@ import torch
 
 from models import load_subnet, save_subnet
 from models.export import export_onnx
-from models.static import StaticSubnet
 from search.evolution import Candidate, pareto_front
 
 
@@ -37,7 +36,7 @@ def choose(spec: str, population: list[Candidate], marked: dict[str, Candidate])
     raise ExportError(f"--export {spec}: not a marked model ({sorted(marked)}) nor pareto@MFLOPS")
 
 
-def export_subnet(model: StaticSubnet, candidate: Candidate, folder: Path) -> tuple[Path, float, float]:
+def export_subnet(model: torch.nn.Module, candidate: Candidate, folder: Path) -> tuple[Path, float, float]:
     """Write ``model`` into ``folder``; returns (folder, max |reloaded − model|, max |ONNX − model|)."""
     model = model.cpu().eval()
     folder = save_subnet(model, folder, extra={"mflops": candidate.mflops, "top1": candidate.top1})

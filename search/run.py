@@ -31,10 +31,9 @@ from rich.table import Table  # noqa: E402
 
 from data_pipeline import DataConfig, build_loader  # noqa: E402
 from data_pipeline.device_transforms import rescale  # noqa: E402
-from models import AlphaNetSupernet, ArchConfig, ArchSampler, load_named_archs  # noqa: E402
+from models import ArchSampler, load_named_archs  # noqa: E402
+from models.families import Arch, Space, family_of  # noqa: E402
 from models.flops import subnet_cost  # noqa: E402
-from models.search_space import SearchSpace  # noqa: E402
-from models.static import StaticSubnet  # noqa: E402
 from search.candidates import CandidateStore  # noqa: E402
 from search.config import SearchConfig, SearchFile  # noqa: E402
 from search.evolution import Candidate, FlopsConstrainedSampler, every_arch, pareto_front, select_parents  # noqa: E402
@@ -56,7 +55,7 @@ class CandidateEvaluator:
     resolution (memory grows with the number of resolutions, never with the number of candidates).
     """
 
-    def __init__(self, supernet: AlphaNetSupernet, calib: list[torch.Tensor], val: list, data: DataConfig, device):
+    def __init__(self, supernet: torch.nn.Module, calib: list[torch.Tensor], val: list, data: DataConfig, device):
         self.supernet, self.calib, self.val, self.data, self.device = supernet, calib, val, data, device
         self._calib_at: dict[int, list[torch.Tensor]] = {}
 
@@ -66,10 +65,10 @@ class CandidateEvaluator:
             self._calib_at[resolution] = [rescale(x, resolution) for x in self.calib]
         return self._calib_at[resolution][:batches]
 
-    def calibrated(self, arch: ArchConfig, batches: int) -> StaticSubnet:
+    def calibrated(self, arch: Arch, batches: int) -> torch.nn.Module:
         return calibrated_subnet(self.supernet, arch, self.calibration(arch.resolution, batches), across_ranks=False)
 
-    def __call__(self, arch: ArchConfig, batches: int) -> Candidate:
+    def __call__(self, arch: Arch, batches: int) -> Candidate:
         scores = evaluate_arch(
             self.supernet,
             arch,
@@ -100,7 +99,7 @@ def load_batches(search: SearchConfig, data: DataConfig, device) -> tuple[list[t
 
 
 def evolve(
-    search: SearchConfig, space: SearchSpace, num_classes: int, store: CandidateStore, evaluate, say
+    search: SearchConfig, space: Space, num_classes: int, store: CandidateStore, evaluate, say
 ) -> list[Candidate]:
     """Generation 0 plus ``search.iterations`` generations of crossover and mutation children."""
     evaluate = functools.partial(evaluate, batches=search.calib_batches)
@@ -123,7 +122,7 @@ def evolve(
     for generation in range(1, search.iterations + 1):
         parents = select_parents(population, search.parents, search.bucket_mflops)
 
-        def pick(parents=parents) -> ArchConfig:
+        def pick(parents=parents) -> Arch:
             return parents[sampler.index(len(parents))].arch
 
         children = [constrained.draw(lambda: sampler.crossover(pick(), pick()), seen) for _ in range(search.crossovers)]
@@ -136,19 +135,19 @@ def evolve(
     return population
 
 
-def score_marked(search: SearchConfig, space: SearchSpace, store: CandidateStore, evaluate) -> dict[str, Candidate]:
+def score_marked(search: SearchConfig, space: Space, store: CandidateStore, evaluate) -> dict[str, Candidate]:
     """The models of ``search.mark_models`` that lie inside ``space``, scored like candidates."""
     if not search.mark_models:
         return {}
     table_space, named = load_named_archs(search.mark_models)
-    if type(table_space) is not type(space):  # e.g. AlphaNet models against a slimmable supernet
+    if family_of(table_space) is not family_of(space):  # e.g. AlphaNet models against a slimmable supernet
         return {}
     inside = {name: arch for name, arch in named.items() if not arch.problems(space)}
     batches = search.marked_calib_batches or search.calib_batches
     return dict(zip(inside, store.score(list(inside.values()), functools.partial(evaluate, batches=batches))))
 
 
-def score_widths(search: SearchConfig, space, store: CandidateStore, evaluate) -> dict[str, Candidate]:
+def score_widths(search: SearchConfig, space: Space, store: CandidateStore, evaluate) -> dict[str, Candidate]:
     """A slimmable space's every width (``0.35x`` …), scored like marked models; {} for other spaces."""
     archs = width_archs(space)
     batches = search.marked_calib_batches or search.calib_batches

@@ -13,20 +13,14 @@ from pathlib import Path
 from rich.table import Table
 
 from fileops import atomic_output, atomic_write_text
-from models.slimmable import SlimmableSpace, WidthArch
+from models.families import Arch, Space, family_of
 from search.evolution import Candidate
 
 
-def width_name(width: float) -> str:
-    return f"{width:g}x"
-
-
-def width_archs(space) -> dict[str, WidthArch]:
-    """``{"0.35x": arch, ...}`` at the largest resolution for a slimmable space; {} for any other space."""
-    if not isinstance(space, SlimmableSpace):
-        return {}
-    resolution = max(space.resolutions)
-    return {width_name(w): WidthArch(resolution=resolution, width=w) for w in space.widths}
+def width_archs(space: Space) -> dict[str, Arch]:
+    """``{"0.35x": arch, ...}`` at the largest resolution for a slimmable space; {} for a family without such a
+    table (:meth:`models.families.Family.table_archs`)."""
+    return family_of(space).table_archs(space)
 
 
 def width_table(widths: dict[str, Candidate]) -> Table:

@@ -13,7 +13,7 @@ import torch
 from trainer_helpers import overrides, run_in_process
 
 from models import ArchSampler, ModelConfig, WidthArch, build_supernet, ops
-from models.local_sharing import LocalSharingConfig
+from models.config import LocalSharingConfig
 from typedconfig import ConfigError
 
 
@@ -71,7 +71,7 @@ def test_checkpointed_step_equals_the_plain_one_with_drop_path_and_bn_updated_on
 def test_checkpointing_is_off_without_gradients_or_in_eval(monkeypatch):
     calls = []
     original = ops.checkpointed
-    monkeypatch.setattr("models.supernet.checkpointed", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr("models.mbconv.supernet.checkpointed", lambda *a: calls.append(1) or original(*a))
     net = supernet(True, search_space="tiny")
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

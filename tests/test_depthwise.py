@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import depthwise
 from models.depthwise import depthwise_conv, pytorch_depthwise, runs_compiled
+from models.mbconv.static import Conv2d
 from models.ops import DynamicDepthwiseConv2d
-from models.static import Conv2d
 
 CL = torch.channels_last
 

@@ -218,7 +218,7 @@ def test_an_exported_arch_must_match_its_weights(tmp_path, tiny_space):
     import yaml
 
     from models import load_subnet, save_subnet
-    from models.static import StaticSubnet
+    from models.mbconv.static import StaticSubnet
 
     folder = save_subnet(StaticSubnet(tiny_space, tiny_space.smallest(), num_classes=10), tmp_path / "export")
     assert load_subnet(folder).arch == tiny_space.smallest()  # the honest export loads

@@ -13,7 +13,8 @@ from trainer_helpers import overrides, run_in_process
 from losses import build_label_loss
 from losses.config import LossConfig
 from models import ArchSampler, ModelConfig, build_supernet, extract_subnet
-from models.local_sharing import LocalAssignment, LocalSharingConfig, gene_vector, operator_at
+from models.config import LocalSharingConfig
+from models.mbconv.local_sharing import LocalAssignment, gene_vector, operator_at
 from trainer.samplers import Subnet, sample_sandwich
 from trainer.sharing._local_schedule import LocalSharing, meta_key
 from typedconfig import ConfigError
@@ -261,6 +262,7 @@ def test_a_locally_shared_run_decides_every_layer_and_resumes_bit_identically(
         ({"task.teacher": "voted"}, "task.teacher"),
         ({"trainer.zero_stage": 3}, "trainer.zero_stage"),
         ({"task.num_subnets": 3}, "task.num_subnets"),
+        ({"model.search_space": "tiny_slim_mbv2"}, "model.search_space"),  # a family without local sharing
     ],
 )
 def test_combinations_local_sharing_cannot_serve_are_refused(repo, setting, key):
@@ -279,7 +281,7 @@ def test_a_schedule_longer_than_the_run_is_a_config_error(repo, digits_shards, t
 @pytest.mark.parametrize("recipe", ["tiny_local_cpu.yaml", "alphanet_local_imagenet.yaml"])
 def test_the_local_recipes_fit_their_schedule_in_the_run(repo, recipe):
     from models import load_search_space
-    from models.local_sharing import block_positions
+    from models.mbconv.local_sharing import block_positions
     from trainer.config import load_config
 
     config = load_config(repo / "configs" / recipe)

@@ -13,8 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import AlphaNetSupernet, ArchSampler, ModelConfig, StaticSubnet, extract_subnet, load_named_archs
 from models.flops import subnet_cost
+from models.mbconv.subnet_plan import plan_subnet
 from models.ops import DynamicConv2d, DynamicDepthwiseConv2d, make_divisible
-from models.subnet_plan import plan_subnet
 
 # The paper's Table 3, plus a5_1 as the reference code reports it (not in the paper).
 PAPER_MFLOPS = {"a0": 203, "a1": 279, "a2": 317, "a3": 357, "a4": 444, "a5": 491, "a5_1": 594.79, "a6": 709}
@@ -70,7 +70,7 @@ def test_extracted_subnet_equals_supernet(tiny_space, tiny_supernet, seed):
     arch = [tiny_space.largest(), tiny_space.smallest()][seed] if seed < 2 else sampler.random()
     tiny_supernet.set_arch(arch)
     static = extract_subnet(tiny_supernet, arch).eval()
-    assert not any(type(m).__module__ in ("models.ops", "models.supernet") for m in static.modules())
+    assert not any(type(m).__module__ in ("models.ops", "models.mbconv.supernet") for m in static.modules())
     x = torch.randn(4, 3, arch.resolution, arch.resolution, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         torch.testing.assert_close(static(x), tiny_supernet(x), atol=1e-5, rtol=1e-5)

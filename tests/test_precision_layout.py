@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from losses import LossConfig, build_kd_loss, build_label_loss
-from models import ArchSampler, ModelConfig, build_supernet
+from models import ArchSampler, ModelConfig, build_supernet, extract_subnet
 from models.depthwise import runs_in_float32
 from models.ops import DynamicDepthwiseConv2d, centre_crop_kernel
-from models.static import extract_subnet
 from trainer.samplers import sample_sandwich
 from trainer.tasks.sandwich import SandwichStep
 from trainer.trainer_config import TrainerConfig
@@ -135,8 +134,8 @@ def test_pointwise_convolutions_run_as_a_matrix_product_with_conv2d_s_numbers(mo
     strided, depthwise and k×k convolutions, NCHW inputs and export traces still call ``F.conv2d``."""
     import torch.nn.functional as F
 
+    from models.mbconv.static import Conv2d
     from models.ops import DynamicConv2d
-    from models.static import Conv2d
 
     calls: list[tuple[int, int]] = []
     conv2d = F.conv2d

@@ -98,3 +98,24 @@ def test_mutation_and_crossover(alphanet_space):
     from_b = sum(c.get_gene(g) == b.get_gene(g) != a.get_gene(g) for c in mix for g in genes)
     differing = sum(a.get_gene(g) != b.get_gene(g) for g in genes) * len(mix)
     assert 0.35 < from_b / differing < 0.65
+
+
+def test_every_space_file_and_arch_is_read_by_its_family():
+    """Files keep their formats: a ``family`` key marks a slimmable space, a ``width`` key a width arch, and the
+    MBConv family (no marker) reads the rest; every caller reaches the family through the space."""
+    from models import SearchSpace, SlimmableSpace, load_search_space
+    from models.families import FAMILIES, arch_from_dict, builtin_search_spaces, family_of, space_from_dict
+
+    assert FAMILIES.names() == ["mbconv", "slimmable"]
+    for name in builtin_search_spaces():
+        space = load_search_space(name)
+        family = family_of(space)
+        assert family.name == ("slimmable" if "family" in space.to_dict() else "mbconv")
+        assert space_from_dict(space.to_dict()) == space
+        for arch in (space.largest(), space.smallest()):
+            assert arch_from_dict(arch.to_dict()) == arch == family.arch_from_dict(arch.to_dict())
+    assert (
+        type(load_search_space("tiny")) is SearchSpace and type(load_search_space("tiny_slim_mbv1")) is SlimmableSpace
+    )
+    assert family_of(load_search_space("tiny")).supports_local_sharing
+    assert not family_of(load_search_space("tiny_slim_mbv2")).supports_local_sharing

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from trainer_helpers import overrides, run_in_process
 
 from models import (
+    ArchSampler,
     ModelConfig,
     SlimmableSpace,
     WidthArch,
@@ -24,7 +25,6 @@ from models import (
     load_subnet,
     subnet_cost,
 )
-from models.search_space import ArchSampler
 from typedconfig import ConfigError
 
 

@@ -19,7 +19,7 @@ from data_pipeline.config import DataConfig
 from fileops import atomic_write_text
 from losses.config import LossConfig
 from models.config import ModelConfig
-from models.search_space import SearchSpace, load_search_space
+from models.families import Space, load_search_space
 from trainer.config_keys import RESOLVED_CONFIG_NAME, config_hash, current_keys, current_overrides
 from trainer.tasks import TASKS, TaskConfig
 from trainer.trainer_config import TrainerConfig
@@ -61,7 +61,7 @@ class RunConfig:
         check_ranges(self, "")
 
 
-def _cross_check(config: RunConfig, source: str) -> SearchSpace:
+def _cross_check(config: RunConfig, source: str) -> Space:
     """Checks that involve several sections (and loading the search space named by the model)."""
     try:
         space = load_search_space(config.model.search_space)

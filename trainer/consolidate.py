@@ -108,7 +108,7 @@ def attach_assignment(supernet, weights: Path) -> None:
     architecture (searched, evaluated, exported) runs the candidates it was trained with."""
     from safetensors import safe_open
 
-    from models.local_sharing import LocalAssignment
+    from models.mbconv.local_sharing import LocalAssignment
 
     with safe_open(str(weights), framework="pt") as f:
         metadata = f.metadata() or {}

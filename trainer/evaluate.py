@@ -21,8 +21,7 @@ from torch import nn
 from data_pipeline.batch import Batch
 from data_pipeline.device_transforms import normalize, rescale
 from data_pipeline.loader import ResumableLoader
-from models.search_space import ArchConfig
-from models.static import StaticSubnet, extract_subnet
+from models import ArchConfig, StaticSubnet, extract_subnet
 from trainer.collectives import all_reduce_
 
 

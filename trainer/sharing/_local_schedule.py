@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipeline.device_transforms import rescale
-from models.local_sharing import (
+from models.config import LocalSharingConfig
+from models.mbconv.local_sharing import (
     LocalAssignment,
-    LocalSharingConfig,
     block_positions,
     force_operator,
     operator_at,

@@ -3,6 +3,7 @@ rule of the sandwich task; the algorithm itself is :class:`trainer.sharing._loca
 
 from __future__ import annotations
 
+from models.families import family_of
 from trainer.sharing import SHARING, Sharing, SharingContext
 from trainer.sharing._local_schedule import LocalSharing
 from typedconfig import ConfigError
@@ -35,8 +36,8 @@ class LocalSharingRule(Sharing):
         task = config.task
         sandwich = task.name == "sandwich"
         problems = {
-            "model.search_space": "a slimmable space has no per-layer operators"
-            if not getattr(space, "per_layer_operators", True)
+            "model.search_space": f"the {family_of(space).name} family's supernet has no per-layer candidates"
+            if not family_of(space).supports_local_sharing
             else "",
             "task": "a one-network task trains one network" if not sandwich else "",
             "trainer.zero_stage": "ZeRO-3 partitions the candidates it routes gradients between"

@@ -1,4 +1,5 @@
-"""The search space: which sub-networks exist, how they are described, sampled, mutated and crossed.
+"""The MBConv search space: which sub-networks exist and how they are described (sampled, mutated and crossed
+by :class:`models.sampler.ArchSampler` through :meth:`SearchSpace.choices` and :meth:`ArchConfig.with_genes`).
 
 A search space is described in YAML (``configs/search_spaces/*.yaml``) so that the AlphaNet space of
 the paper (Table 7) and a tiny CPU space run through the same code.  A sub-network is an
@@ -11,14 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
-
-from typedconfig import ConfigError, from_mapping, load_yaml, to_mapping
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-SEARCH_SPACE_DIR = CONFIG_DIR / "search_spaces"
+from typedconfig import from_mapping, load_yaml, to_mapping
 
 
 def _check_choices(name: str, values: tuple[int, ...], *, positive: bool = True) -> None:
@@ -100,6 +96,7 @@ class HeadSpace:
 class SearchSpace:
     """A whole supernet search space."""
 
+    family_name: ClassVar[str] = "mbconv"
     name: str
     """Identifier, written into checkpoints and exports."""
     stem: StemSpace
@@ -170,29 +167,6 @@ class SearchSpace:
 
     def arch_from_dict(self, data: dict[str, Any], *, source: str | Path | None = None) -> ArchConfig:
         return ArchConfig.from_dict(data, source=source)
-
-
-def _space_from_yaml(path: str | Path):
-    """A SearchSpace, or a slimmable MobileNet space when the file has a ``family`` key."""
-    from models.families import space_from_dict
-
-    return space_from_dict(load_yaml(path), source=path)
-
-
-def builtin_search_spaces() -> dict[str, Path]:
-    """Names of the spaces shipped in ``configs/search_spaces`` → their files."""
-    return {p.stem: p for p in sorted(SEARCH_SPACE_DIR.glob("*.yaml"))}
-
-
-def load_search_space(name_or_path: str | Path):
-    """A built-in space by name (``alphanet``, ``tiny``, ``slimmable_mbv2``, ...) or a YAML file path."""
-    builtin = builtin_search_spaces()
-    if str(name_or_path) in builtin:
-        return _space_from_yaml(builtin[str(name_or_path)])
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return _space_from_yaml(path)
-    raise ConfigError(f"unknown search space {str(name_or_path)!r}; built-in: {sorted(builtin)} or a YAML path")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -294,83 +268,10 @@ class ArchConfig:
         return from_mapping(cls, data, source=source)
 
 
-class ArchSampler:
-    """Seeded source of random sub-networks, mutations and crossovers.
-
-    All ranks construct it with the same seed and call it in the same order, so every rank draws the
-    same architecture at every step; its state is saved in checkpoints for an exact resume.
-    """
-
-    def __init__(self, space: SearchSpace, seed: int) -> None:
-        self.space = space
-        self._rng = np.random.Generator(np.random.PCG64(seed))
-
-    def _pick(self, choices: tuple):
-        return choices[int(self._rng.integers(len(choices)))]
-
-    def index(self, n: int) -> int:
-        """A uniform integer in [0, n) from the same seeded stream (e.g. to pick parents)."""
-        return int(self._rng.integers(n))
-
-    def random(self) -> ArchConfig:
-        """Each gene drawn uniformly and independently from its choices."""
-        genes = {gene: self._pick(choices) for gene, choices in self.space.choices()}  # one draw per gene
-        return self.space.largest().with_genes(genes)
-
-    def mutate(self, arch: ArchConfig, prob: float) -> ArchConfig:
-        """Each gene mutates with probability ``prob`` to a value drawn uniformly from its *other* choices (the
-        reference's rule: a mutation always changes the gene; a gene with one choice stays)."""
-        genes = {}
-        for gene, choices in self.space.choices():
-            if self._rng.random() < prob:
-                others = tuple(c for c in choices if c != arch.get_gene(gene))
-                if others:
-                    genes[gene] = self._pick(others)
-        return arch.with_genes(genes)
-
-    def crossover(self, a: ArchConfig, b: ArchConfig) -> ArchConfig:
-        """Uniform crossover: each gene from ``a`` or ``b`` with probability 1/2."""
-        genes = {}
-        for gene, _ in self.space.choices():
-            genes[gene] = a.get_gene(gene) if self._rng.random() < 0.5 else b.get_gene(gene)
-        return a.with_genes(genes)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"bit_generator": self._rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._rng.bit_generator.state = state["bit_generator"]
-
-
-def load_named_archs(path: str | Path) -> tuple[SearchSpace, dict[str, ArchConfig]]:
-    """Read a model table YAML (``search_space:`` + ``models: {name: arch}``), validating each arch."""
-    data = load_yaml(path)
-    unknown = sorted(set(data) - {"search_space", "models"})
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown}; allowed: ['models', 'search_space']", key=unknown[0], source=path)
-    if "search_space" not in data or "models" not in data:
-        raise ConfigError("needs 'search_space' and 'models'", source=path)
-    space = load_search_space(data["search_space"])
-    archs = {}
-    for name, entry in (data["models"] or {}).items():
-        if not isinstance(entry, dict):
-            raise ConfigError("expected a mapping", key=f"models.{name}", source=path)
-        arch = space.arch_from_dict(entry, source=path)
-        problems = arch.problems(space)
-        if problems:
-            raise ConfigError("; ".join(problems), key=f"models.{name}", source=path)
-        archs[str(name)] = arch
-    return space, archs
-
-
 __all__ = [
     "ArchConfig",
-    "ArchSampler",
     "HeadSpace",
     "SearchSpace",
     "StageSpace",
     "StemSpace",
-    "builtin_search_spaces",
-    "load_named_archs",
-    "load_search_space",
 ]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models.mbconv.search_space import ArchConfig, SearchSpace
 from models.ops import expanded_channels
-from models.search_space import ArchConfig, SearchSpace
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.depthwise import depthwise_conv
-from models.ops import conv_layout, pointwise_as_matmul, pointwise_conv, se_channels
-from models.search_space import ArchConfig, SearchSpace
-from models.subnet_plan import BlockPlan, plan_subnet
+from models.mbconv.search_space import ArchConfig, SearchSpace
+from models.mbconv.subnet_plan import BlockPlan, plan_subnet
+from models.mbconv.supernet import AlphaNetSupernet
+from models.ops import conv_layout, copy_sliced_weights, pointwise_as_matmul, pointwise_conv, se_channels
 
 
 class Conv2d(nn.Conv2d):
@@ -62,7 +63,7 @@ class SqueezeExcite(nn.Module):
 
 
 class MBConvBlock(nn.Module):
-    """A fixed inverted-residual block (see ``models.supernet.DynamicMBConvBlock``)."""
+    """A fixed inverted-residual block (see ``models.mbconv.supernet.DynamicMBConvBlock``)."""
 
     def __init__(self, block: BlockPlan):
         super().__init__()
@@ -126,29 +127,10 @@ class StaticSubnet(nn.Module):
         return self.classifier(x)
 
 
-def _slice_to_shape(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Leading slices of every dimension; the two kernel dimensions of a conv weight are centre-cropped."""
-    if tensor.shape == shape:
-        return tensor
-    index = []
-    for dim, (have, want) in enumerate(zip(tensor.shape, shape)):
-        start = (have - want) // 2 if tensor.ndim == 4 and dim >= 2 else 0
-        index.append(slice(start, start + want))
-    return tensor[tuple(index)]
-
-
-def copy_sliced_weights(source: dict[str, torch.Tensor], target: nn.Module, rename=lambda key: key) -> None:
-    """Load into ``target`` the slice of every ``source[rename(key)]`` that has the target tensor's shape."""
-    weights = {key: _slice_to_shape(source[rename(key)], t.shape).clone() for key, t in target.state_dict().items()}
-    target.load_state_dict(weights)
-
-
-def extract_subnet(supernet: nn.Module, arch: ArchConfig | None = None) -> nn.Module:
-    """Copy ``arch``'s weights and BN statistics out of ``supernet`` into a new standalone model
-    (a :class:`StaticSubnet`, or the one-width model of a slimmable supernet). Under local sharing each block
-    comes from the candidate the assignment gives ``arch`` (the active candidates when ``arch`` is None)."""
-    if hasattr(supernet, "extract"):
-        return supernet.extract(arch)
+def extract_static_subnet(supernet: AlphaNetSupernet, arch: ArchConfig | None = None) -> StaticSubnet:
+    """Copy ``arch``'s weights and BN statistics out of ``supernet`` into a new :class:`StaticSubnet` (the
+    active sub-network when ``arch`` is None). Under local sharing each block comes from the candidate the
+    assignment gives ``arch`` (the active candidates when ``arch`` is None)."""
     candidates = supernet.candidates if arch is None else supernet.candidates_for(arch)
     arch = arch or supernet.arch
     static = StaticSubnet(supernet.space, arch, supernet.config.num_classes, supernet.config.dropout)
@@ -163,12 +145,3 @@ def extract_subnet(supernet: nn.Module, arch: ArchConfig | None = None) -> nn.Mo
 
     copy_sliced_weights(supernet.state_dict(), static, rename)
     return static.to(next(supernet.parameters()).device)
-
-
-def build_subnet(space, arch, num_classes: int = 1000, dropout: float = 0.0) -> nn.Module:
-    """A freshly initialised standalone model of ``arch`` in ``space`` (either family)."""
-    from models.slimmable import SlimmableSpace, build_slimmable_subnet
-
-    if isinstance(space, SlimmableSpace):
-        return build_slimmable_subnet(space, arch, num_classes, dropout)
-    return StaticSubnet(space, arch, num_classes, dropout)

@@ -5,7 +5,7 @@ must run the same sub-network at the same step (DeepSpeed ZeRO reduces whole par
 
 Under ``model.sharing: local`` each block also holds M − 1 more candidate copies (``candidate_blocks``,
 identical at initialisation); ``set_arch`` picks one per block from the attached
-:class:`~models.local_sharing.LocalAssignment` (or explicitly), and ``routing`` lets a block's forward
+:class:`~models.mbconv.local_sharing.LocalAssignment` (or explicitly), and ``routing`` lets a block's forward
 send a scaled copy of its gradient to other candidates (global sharing during warm-up, DC-NAS's gradient
 exchange) without changing its output.
 """
@@ -20,7 +20,9 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.init import init_weights
-from models.local_sharing import LocalAssignment
+from models.mbconv.local_sharing import LocalAssignment
+from models.mbconv.search_space import ArchConfig, SearchSpace, StageSpace
+from models.mbconv.subnet_plan import SubnetPlan, plan_subnet, supernet_block_indices
 from models.ops import (
     DynamicBatchNorm2d,
     DynamicConv2d,
@@ -32,8 +34,6 @@ from models.ops import (
     drop_path,
     expanded_channels,
 )
-from models.search_space import ArchConfig, SearchSpace, StageSpace
-from models.subnet_plan import SubnetPlan, plan_subnet, supernet_block_indices
 
 
 class DynamicMBConvBlock(nn.Module):
