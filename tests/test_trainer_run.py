@@ -49,12 +49,12 @@ def test_checkpoints_retention_resume_and_foreign_config(repo, digits, tmp_path,
     assert trainer.resumed_from == "step000000006" and results["global_step"] == 8
 
     # A different config is refused with a clear message; allowed, a different model config still is.
-    from trainer.loop import TrainingStopped
+    from trainer.checkpoint import CheckpointError
     from trainer.run_folder import RunFolderError
 
     with pytest.raises(RunFolderError, match=r"model.dropout: 0.1 -> 0.3"):
         run_in_process(repo, overrides(run, digits, **{"model.dropout": 0.3}))
-    with pytest.raises(TrainingStopped, match="different model config"):
+    with pytest.raises(CheckpointError, match="different model config"):
         run_in_process(repo, overrides(run, digits, **{"model.dropout": 0.3}), allow_config_change=True)
 
     # Consolidated fp32 weights reload into a supernet and equal the checkpointed module.

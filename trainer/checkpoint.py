@@ -100,6 +100,20 @@ class Resumed:
     """One line per newer committed checkpoint that could not be read, naming the file and the reason."""
 
 
+def check_resumable(resumed: Resumed, where: Path, *, model_hash: str, world: int) -> None:
+    """A CheckpointError unless ``resumed`` was written for the same model config and the same number of ranks."""
+    client = resumed.client_state
+    if client.get("model_hash") != model_hash:
+        raise CheckpointError(
+            f"checkpoint {where} was written for a different model config (hash {client.get('model_hash')} vs "
+            f"{model_hash}); use a new run_dir or the original config"
+        )
+    if client.get("world_size") != world:
+        raise CheckpointError(
+            f"checkpoint {resumed.tag} was written by {client.get('world_size')} ranks, this run has {world}"
+        )
+
+
 def _failed_ranks(failed: bool, rank: int, world_size: int) -> list[int]:
     """Ranks whose ``failed`` is true (a collective: every rank must call it)."""
     if not dist.is_initialized() or world_size == 1:

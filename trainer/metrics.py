@@ -101,6 +101,14 @@ class MetricsLogger:
             eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f} days"
             self.console.print(f"step {step}/{self.total_steps} epoch {epoch} {text} eta {eta_text}", highlight=False)
 
+    def log_validation(self, step: int, epoch: int, results: dict[str, dict[str, float]]) -> None:
+        """``{network: {"top1", "top5", "samples"}}`` as a record and one console line."""
+        scores = {f"val/{k}_{name}": v for name, r in results.items() for k, v in r.items() if k != "samples"}
+        self.log_record({"step": step, "epoch": epoch, **scores})
+        line = " ".join(f"{name} {r['top1']:.2f}%" for name, r in results.items())
+        images = next(iter(results.values()))["samples"]
+        self.print(f"epoch {epoch} step {step}: val top-1 {line} ({images} images)")
+
     def log_record(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from trainer.runtime.data import RunData
 from typedconfig import Registry
 
 TASKS = Registry("task", package="trainer.tasks")
@@ -48,11 +49,8 @@ class RunContext:
     device: torch.device
     rank: int
     world: int
-    train_loader: Any
-    val_loader: Any
-    calib_loader: Any
-    steps_per_epoch: int
-    total_steps: int
+    data: RunData
+    """The loaders and the run's length in steps."""
     run_dir: Path
 
 

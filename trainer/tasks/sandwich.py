@@ -136,11 +136,18 @@ class SandwichTask(Task):
         self.teacher = build_teacher(
             task.teacher,
             TeacherContext(
-                loss, label_loss, kd_loss, lambda: build_supernet(model).to(device), run.module, run.steps_per_epoch
+                loss,
+                label_loss,
+                kd_loss,
+                lambda: build_supernet(model).to(device),
+                run.module,
+                run.data.steps_per_epoch,
             ),
         )
         self.sharing = build_sharing(
-            SharingContext(run.module, model, run.steps_per_epoch, run.total_steps, label_loss, run.rank, run.world)
+            SharingContext(
+                run.module, model, run.data.steps_per_epoch, run.data.total_steps, label_loss, run.rank, run.world
+            )
         )
         self.sandwich = SandwichStep(label_loss, teacher=self.teacher, bf16_autocast=config.trainer.bf16_autocast)
         self.notes += self.teacher.notes + self.sharing.notes
@@ -203,16 +210,16 @@ class SandwichTask(Task):
 
     def validate(self, epoch: int) -> dict[str, dict[str, float]]:
         run, tc, data = self.run, self.run.config.trainer, self.run.config.data
-        run.calib_loader.set_epoch(epoch)
-        calib = collect_calibration(run.calib_loader, tc.calib_batches, run.device, data.mean, data.std)
+        run.data.calib_loader.set_epoch(epoch)
+        calib = collect_calibration(run.data.calib_loader, tc.calib_batches, run.device, data.mean, data.std)
         results = {}
         for name, arch in (("largest", self.space.largest()), ("smallest", self.space.smallest())):
-            run.val_loader.set_epoch(0)
+            run.data.val_loader.set_epoch(0)
             results[name] = evaluate_arch(
                 run.module,
                 arch,
                 calib,
-                run.val_loader,
+                run.data.val_loader,
                 zero_stage=tc.zero_stage,
                 mean=data.mean,
                 std=data.std,

@@ -123,7 +123,7 @@ class OneNetworkTask(Task):
             data, data.train_split, train=False, seed=config.seed, rank=run.rank, world_size=run.world
         )
         key = config_hash({"teacher": to_mapping(config.task.teacher), "data": to_mapping(data)})
-        samples = run.train_loader.num_samples
+        samples = run.data.train_loader.num_samples
         self.teacher.cache, missing = teacher_logit_cache(
             self.teacher,
             eval_loader,
@@ -172,9 +172,9 @@ class OneNetworkTask(Task):
             if dist.is_initialized() and run.world > 1:
                 for buffer in run.module.buffers():
                     dist.broadcast(buffer, src=0)
-            run.val_loader.set_epoch(0)
+            run.data.val_loader.set_epoch(0)
             counts = accuracy_counts(
-                run.module, run.val_loader, self.student.resolution, data.mean, data.std, run.device
+                run.module, run.data.val_loader, self.student.resolution, data.mean, data.std, run.device
             )
         run.module.train()
         return {"student": percentages(counts)}
