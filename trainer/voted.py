@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import torch
 from torch import nn
 
+from losses import check_kd_loss
 from typedconfig import Range, check_ranges
 
 TeacherName = Literal["inplace", "voted", "inplace_and_voted"]
@@ -33,11 +34,13 @@ class VotedConfig:
     """λ of the vote's KD term (SD-DARTS: 1)."""
     warmup_epochs: Annotated[float, Range(ge=0)] = 0.0
     """W: no snapshot is taken (and no vote added) before this many epochs."""
-    kd_loss: Literal["kl", "reverse_kl", "symmetric_kl", "alpha", "adaptive_alpha"] = "kl"
-    """The KD loss of the vote term (SD-DARTS uses KL), with the ``loss:`` section's parameters."""
+    kd_loss: str = "kl"
+    """The KD loss of the vote term (SD-DARTS uses KL): a registered name, as ``loss.kd_loss`` but not ``none``,
+    with the ``loss:`` section's parameters."""
 
     def __post_init__(self) -> None:
         check_ranges(self, "trainer.voted")
+        check_kd_loss(self.kd_loss, "trainer.voted.kd_loss")
 
 
 class SnapshotVote:
