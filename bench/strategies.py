@@ -1,22 +1,22 @@
 """Teachers and samplers: in-place vs voted self-distillation (SD-DARTS) and uniform vs attentive sampling
 (AttentiveNAS), the same recipe over several seeds.
 
-    .venv/bin/python bench/strategies.py [--data ROOT] [--seeds 3] [--epochs 12] [--out runs/strategies]
+    .venv/bin/python -m bench.strategies [--data ROOT] [--seeds 3] [--epochs 12] [--out runs/strategies]
 
 Each variant trains ``configs/tiny_cpu.yaml`` (adaptive KD) in its own process: the default (in-place
 teacher, uniform sampling); ``inplace_and_voted`` with K = 1 and K = 2 snapshots (one every
 ``--snapshot-steps`` steps after 2 warm-up epochs, KL, λ = 1); attentive sampling ``best_up`` and
 ``worst_up`` (3 candidates).  Then, after BatchNorm recalibration, top-1 of the smallest, the fixed
 mid-size and the largest sub-networks (mean ± std over seeds) and the mean step time per variant,
-relative to the default's, as in ``bench/kd_ablation.py``.
+relative to the default's, as in ``bench.kd_ablation``.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from ablation import REPO, add_arguments, run_ablation
+from bench.ablation import add_arguments, run_ablation
+from bench.common import REPO, argument_parser
 
 
 def variants(snapshot_steps: int) -> dict[str, list[str]]:
@@ -33,7 +33,7 @@ def variants(snapshot_steps: int) -> dict[str, list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     add_arguments(parser)
     parser.add_argument("--snapshot-steps", type=int, default=20, help="optimizer steps between snapshots")
     parser.add_argument("--out", type=Path, default=REPO / "runs/strategies")
