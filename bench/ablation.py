@@ -1,12 +1,12 @@
-"""Shared by the ablation benches (``kd_ablation.py``, ``strategies.py``): train the tiny recipe once per
-(variant, seed) in its own process, evaluate named sub-networks after BN recalibration, tabulate mean ± std
+"""Trainer runs in their own processes and the top-1 of their sub-networks (shared by ``bench.ranking`` and the
+ablation benches), and the ablation benches' harness (``bench.kd_ablation``, ``bench.strategies``): train the
+tiny recipe once per (variant, seed), evaluate named sub-networks after BN recalibration, tabulate mean ± std
 top-1 and the mean step time per variant, write a JSON of every run and a plot.  Finished runs are reused
 when a bench is run again."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import statistics
@@ -15,20 +15,17 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from rich.console import Console
+from rich.table import Table
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from data_pipeline import build_loader  # noqa: E402
-from data_pipeline import prepare as prep  # noqa: E402
-from fileops import atomic_output, atomic_write_text  # noqa: E402
-from models import load_named_archs  # noqa: E402
-from models.flops import subnet_cost  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.consolidate import consolidate, load_supernet  # noqa: E402
-from trainer.evaluate import collect_calibration, evaluate_arch  # noqa: E402
+from bench.common import REPO, prepared_data, python_env, saved_figure
+from data_pipeline import build_loader
+from fileops import atomic_write_text
+from models import load_named_archs
+from models.flops import subnet_cost
+from trainer.config import load_config
+from trainer.consolidate import consolidate, load_supernet
+from trainer.evaluate import collect_calibration, evaluate_arch
 
 
 def train(config: Path, run_dir: Path, data: Path, seed: int, epochs: int, loss_overrides: list[str]) -> None:
@@ -43,7 +40,7 @@ def train(config: Path, run_dir: Path, data: Path, seed: int, epochs: int, loss_
 
 def run_trainer(config: Path, overrides: list[str], log: Path) -> None:
     """``trainer/run.py --config CONFIG --set OVERRIDES`` as one process on a free port, output in ``log``."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = {k: v for k, v in python_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["DS_ACCELERATOR"] = env.get("DS_ACCELERATOR", "cpu")
     with socket.socket() as s:  # a single process still rendezvous with itself: on a free port
         s.bind(("127.0.0.1", 0))
@@ -94,25 +91,16 @@ def _evaluate(run_dir: Path, archs: dict, calib_batches: int) -> dict[str, float
 
 
 def plot(summary: dict, mflops: dict[str, float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    names = sorted(mflops, key=mflops.get)
-    for loss, per_net in summary.items():
-        means = [per_net[n][0] for n in names]
-        stds = [per_net[n][1] for n in names]
-        ax.errorbar([mflops[n] for n in names], means, yerr=stds, marker="o", capsize=3, label=loss)
-    ax.set_xlabel("MFLOPs (multiply-adds)")
-    ax.set_ylabel("top-1 (%) after BN recalibration")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
+    with saved_figure(path, (7, 4.5)) as (_, ax):
+        names = sorted(mflops, key=mflops.get)
+        for loss, per_net in summary.items():
+            means = [per_net[n][0] for n in names]
+            stds = [per_net[n][1] for n in names]
+            ax.errorbar([mflops[n] for n in names], means, yerr=stds, marker="o", capsize=3, label=loss)
+        ax.set_xlabel("MFLOPs (multiply-adds)")
+        ax.set_ylabel("top-1 (%) after BN recalibration")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
 
 
 def step_ms(run_dir: Path) -> float:
@@ -138,9 +126,7 @@ def add_arguments(parser) -> None:
 
 def run_ablation(args, variants: dict[str, list[str]], *, title: str, name: str, run_name=slug) -> None:
     """Train every (variant, seed), print the table, write ``{name}.json`` and ``{name}.png`` into ``args.out``."""
-    data = args.data or REPO / "data/digits"
-    if args.data is None:
-        prep.prepare("digits", data, ["webdataset", "ffcv"], quiet=True)
+    data = prepared_data(args.data)
     space, named = load_named_archs(args.models)
     archs = {"smallest": space.smallest()}
     archs.update({n: arch for n, arch in named.items() if arch not in (space.smallest(), space.largest())})

@@ -1,6 +1,6 @@
 """``torch.compile`` (inductor) as a lever for the sandwich step on a CPU, against PyTorch's eager kernels.
 
-    .venv/bin/python bench/compile_levers.py [--space alphanet] [--batch 4] [--subnets smallest largest] [--reps 3]
+    .venv/bin/python -m bench.compile_levers [--space alphanet] [--batch 4] [--subnets smallest largest] [--reps 3]
 
 One process, one thread, the trainer's host allocator (``trainer.host_allocator``), channels-last, fp32,
 training mode; every time is forward + backward, the best of ``--reps``, eager and compiled taking turns.
@@ -20,19 +20,14 @@ Ratios above 1 mean the compiled code is faster.  Verified on CPU only (a GPU's 
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from step_throughput import model_config
+from bench.common import argument_parser
+from bench.engines import model_config
 
 
 def bn_silu(x, running_mean, running_var, weight, bias):
@@ -144,7 +139,7 @@ def compiled_subnets(net, names: list[str], batch: int, reps: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--space", default="alphanet")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--subnets", nargs="*", choices=("smallest", "largest"), default=["smallest", "largest"])

@@ -1,6 +1,6 @@
 """Decoded + augmented images/s at 224×224: torchvision ImageFolder (baseline) vs our WebDataset and FFCV paths.
 
-    .venv/bin/python bench/data_throughput.py [--images 400] [--workers 2] [--batch-size 32] [--rounds 4]
+    .venv/bin/python -m bench.data_throughput [--images 400] [--workers 2] [--batch-size 32] [--rounds 4]
 
 Images are ImageNet-sized JPEGs (about 500×375) synthesised from the real photographs bundled with
 scikit-image (random crops, flips and scales), since nothing can be downloaded.  Every path uses the
@@ -30,13 +30,14 @@ AlphaNet sub-network.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench.common import argument_parser
 
 
 def synthesise(root: Path, count: int, seed: int = 0) -> None:
@@ -163,7 +164,7 @@ def single_thread_costs(folder, refs, beton: Path, count: int) -> dict[str, floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)

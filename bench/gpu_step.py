@@ -1,14 +1,14 @@
 """Sandwich-step time of the supernet on one GPU: ms per step, images/s, peak GPU memory and the effective
-TFLOP/s that ``bench/scaling_model.py --tflops`` takes, for each engine and precision we train with.
+TFLOP/s that ``bench.scaling_model --tflops`` takes, for each engine and precision we train with.
 
-    python bench/gpu_step.py [--space alphanet] [--batch 32 64] [--steps 8]
+    python -m bench.gpu_step [--space alphanet] [--batch 32 64] [--steps 8]
 
 One process (world size 1, NCCL), so no gradient crosses a link: this is the compute side of a step, what the
 scaling model adds communication to.  Engines, all running the trainer's 4-sub-network sandwich step
-(``trainer.sandwich``: largest on labels, two random and the smallest distilled from it, each at its own
+(``trainer.tasks.sandwich``: largest on labels, two random and the smallest distilled from it, each at its own
 resolution) on the same sub-networks and batches:
 
-- **plain PyTorch** (``bench/step_throughput.PlainEngine``): our math in a hand-written loop, channels-last,
+- **plain PyTorch** (``bench.engines.PlainEngine``): our math in a hand-written loop, channels-last,
   also NCHW, and each with bf16 autocast (``trainer.bf16_autocast``);
 - **DeepSpeed ZeRO-0..3** (``trainer.engine.build_engine``, what ``trainer/run.py`` trains with), fp32, and
   ZeRO-1 with bf16 autocast and with bf16 weights (``trainer.bf16``, DeepSpeed's BF16 optimizer).
@@ -21,25 +21,20 @@ of a shape is expensive (the one H200 run so far: ~5 s per channels-last fp32 st
 ~0.2 s once seen), and the kernels chosen stay for the whole process, so the "1st pass" column is the cold
 cost only for the first engine of a layout and precision.  The plain fp32 loop is measured first and again
 last; the two figures show the run's spread.  Exits with a message on a machine without a GPU unless
-``--cpu`` (a smoke test of the script; the CPU engines are ``bench/step_throughput.py``'s).
+``--cpu`` (a smoke test of the script; the CPU engines are ``bench.step_throughput``'s).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from step_throughput import PlainEngine, model_config
+from bench.common import argument_parser
+from bench.engines import deepspeed, model_config, plain, random_batch, sandwich_step
 
 
 def step_flops(space, subnets, batch: int, num_classes: int) -> float:
@@ -51,7 +46,7 @@ def step_flops(space, subnets, batch: int, num_classes: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--space", default="alphanet")
     parser.add_argument("--batch", type=int, nargs="+", default=[32, 64], help="images per step (one GPU)")
     parser.add_argument("--steps", type=int, default=8, help="sandwiches per engine, each run twice (median)")
@@ -61,22 +56,20 @@ def main() -> None:
     if args.cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     elif not torch.cuda.is_available():
-        print("bench/gpu_step.py needs a CUDA GPU; on CPU run bench/step_throughput.py", file=sys.stderr)
+        print("bench.gpu_step needs a CUDA GPU; on CPU run bench.step_throughput", file=sys.stderr)
         sys.exit(2)
     cuda = not args.cpu
 
     import torch.distributed as dist
 
-    from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, build_supernet
     from trainer.distributed import configure_threads, init_distributed, resolve
-    from trainer.engine import build_engine, build_optimizer, one_reduction
-    from trainer.sandwich import SandwichStep, sample_sandwich
+    from trainer.samplers import sample_sandwich
     from trainer.trainer_config import TrainerConfig
 
     env = resolve()
     if env.world_size != 1:
-        sys.exit("bench/gpu_step.py runs as one process (world size 1)")
+        sys.exit("bench.gpu_step runs as one process (world size 1)")
     device = init_distributed(env, TrainerConfig().dist_timeout_s)
     assert device.type == ("cuda" if cuda else "cpu"), device
 
@@ -86,29 +79,25 @@ def main() -> None:
 
     threads = configure_threads(None, 1)
     config = model_config(args.space)
-    label_loss, kd_loss = build_label_loss(LossConfig()), build_kd_loss(LossConfig())
 
-    def plain(net, batch):
-        net = net.to(device)
-        return PlainEngine(net, build_optimizer(net, TrainerConfig(), lr=0.01)), net, contextlib.nullcontext
+    def plain_engine(net, batch):
+        return plain(net, device)
 
     def deepspeed_engine(**trainer_options):
         def make(net, batch):
-            tc = TrainerConfig(**trainer_options)
-            built = build_engine(net, tc, micro_batch=batch, world_size=1, lr=0.01)
-            return built.engine, built.module, lambda: one_reduction(built.engine, tc)
+            return deepspeed(net, micro_batch=batch, world_size=1, **trainer_options)
 
         return make
 
     engines = [
-        ("plain PyTorch", plain, {}),
-        ("plain PyTorch, NCHW", plain, {"channels_last": False}),
-        ("plain + bf16 autocast", plain, {"bf16_autocast": True}),
-        ("plain + bf16 autocast, NCHW", plain, {"bf16_autocast": True, "channels_last": False}),
+        ("plain PyTorch", plain_engine, {}),
+        ("plain PyTorch, NCHW", plain_engine, {"channels_last": False}),
+        ("plain + bf16 autocast", plain_engine, {"bf16_autocast": True}),
+        ("plain + bf16 autocast, NCHW", plain_engine, {"bf16_autocast": True, "channels_last": False}),
         *[(f"DeepSpeed ZeRO-{stage}", deepspeed_engine(zero_stage=stage), {}) for stage in (0, 1, 2, 3)],
         ("ZeRO-1 + bf16 autocast", deepspeed_engine(zero_stage=1), {"bf16_autocast": True}),
         ("ZeRO-1, bf16 weights", deepspeed_engine(zero_stage=1, bf16=True), {}),
-        ("plain PyTorch (again)", plain, {}),
+        ("plain PyTorch (again)", plain_engine, {}),
     ]
     if args.only:
         engines = [e for e in engines if e[0] in args.only]
@@ -121,17 +110,13 @@ def main() -> None:
         torch.manual_seed(0)
         net = build_supernet(config)
         net.channels_last = channels_last
-        engine, module, reduction = make(net, batch)  # reduction(): around a step's backward passes
-        sandwich = SandwichStep(label_loss, kd_loss, bf16_autocast=bf16_autocast)
+        engine, module, _, reduction = make(net, batch)  # reduction(): around a step's backward passes
+        sandwich = sandwich_step(bf16_autocast=bf16_autocast)
         sampler = ArchSampler(module.space, seed=0)
         gen = torch.Generator(device=device).manual_seed(0)
         res = max(module.space.resolutions)
         steps = [
-            (
-                sample_sandwich(module.space, sampler, 4),
-                torch.randn(batch, 3, res, res, generator=gen, device=device),
-                torch.randint(0, config.num_classes, (batch,), generator=gen, device=device),
-            )
+            (sample_sandwich(module.space, sampler, 4), *random_batch(batch, res, config.num_classes, gen, device))
             for _ in range(args.steps)
         ]
         synchronize()

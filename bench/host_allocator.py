@@ -1,7 +1,7 @@
 """The trainer's engine under glibc's default ``malloc`` and under the trainer's (``trainer.keep_freed_host_memory``):
 time per step, kernel time and page faults per step, and the peak resident memory as the steps go on.
 
-    .venv/bin/python bench/host_allocator.py [--space alphanet] [--batch 4] [--steps 60] [--stage 1] [--rounds 1]
+    .venv/bin/python -m bench.host_allocator [--space alphanet] [--batch 4] [--steps 60] [--stage 1] [--rounds 1]
 
 The allocator is a setting of the whole process, so each one runs in its own 2-rank process group (gloo, one
 torch thread per rank), glibc's defaults first, then the kept memory, ``--rounds`` times in turn; the same
@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 
 import torch
 
+from bench.common import argument_parser, python_env, torchrun_command
+
 ALLOCATORS = ("glibc-default", "kept")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--space", default="alphanet")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=60)
@@ -35,12 +36,12 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = python_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     rows = []
     for _ in range(args.rounds):
         for allocator in ALLOCATORS:
-            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__]
-            command += ["--worker", allocator, "--space", args.space, "--batch", str(args.batch)]
+            command = torchrun_command(__spec__.name, 2, "--worker", allocator, "--space", args.space)
+            command += ["--batch", str(args.batch)]
             command += ["--steps", str(args.steps), "--stage", str(args.stage)]
             done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
             if done.returncode:
@@ -69,34 +70,36 @@ def worker(args) -> None:
     if args.worker == "kept" and not (share_one_arena() and keep_freed_memory()):
         raise SystemExit("kept: not glibc, or a thread had its own malloc arena already")
     import torch.distributed as dist
-    from step_throughput import fresh_engine, model_config, peak_rss_bytes, timed_step
 
-    from losses import LossConfig, build_kd_loss, build_label_loss
+    from bench.engines import (
+        deepspeed,
+        fresh_engine,
+        model_config,
+        peak_rss_bytes,
+        random_batch,
+        sandwich_step,
+        start_ranks,
+        timed_step,
+    )
     from models import ArchSampler
-    from trainer.distributed import init_distributed, resolve
-    from trainer.engine import build_engine, one_reduction
-    from trainer.sandwich import SandwichStep, sample_sandwich
-    from trainer.trainer_config import TrainerConfig
+    from trainer.samplers import sample_sandwich
 
-    env = resolve()
-    init_distributed(env, TrainerConfig().dist_timeout_s)
+    env, _ = start_ranks()
     torch.set_num_threads(1)
-    config, tc = model_config(args.space), TrainerConfig(zero_stage=args.stage)
+    config = model_config(args.space)
 
     def make(net):
-        built = build_engine(net, tc, micro_batch=args.batch, world_size=env.world_size, lr=0.01)
-        return built.engine, built.module, built.engine.optimizer, lambda: one_reduction(built.engine, tc)
+        return deepspeed(net, micro_batch=args.batch, world_size=env.world_size, zero_stage=args.stage)
 
     engine, module, _, reduction = fresh_engine(make, config, {})
-    sandwich = SandwichStep(build_label_loss(LossConfig()), build_kd_loss(LossConfig()))
+    sandwich = sandwich_step()
     sampler, gen = ArchSampler(module.space, seed=0), torch.Generator().manual_seed(env.rank)
     res = max(module.space.resolutions)
     marks = sorted({max(1, round(args.steps * k / 5)) for k in range(1, 6)})
     wall = kernel = 0.0
     faults, peaks = 0, []
     for step in range(1, args.steps + 1):
-        images = torch.randn(args.batch, 3, res, res, generator=gen)
-        labels = torch.randint(0, config.num_classes, (args.batch,), generator=gen)
+        images, labels = random_batch(args.batch, res, config.num_classes, gen)
         subnets = sample_sandwich(module.space, sampler, 4)
         seconds, kernel_s, minor_faults = timed_step(engine, module, reduction, sandwich, subnets, images, labels)
         if step > 1:  # the first step is a warm-up

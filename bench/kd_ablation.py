@@ -1,6 +1,6 @@
 """Does KD help, and does adaptive KD help more?  The same recipe trained with each KD loss over several seeds.
 
-    .venv/bin/python bench/kd_ablation.py [--data ROOT] [--seeds 3] [--epochs 12] [--out runs/kd_ablation]
+    .venv/bin/python -m bench.kd_ablation [--data ROOT] [--seeds 3] [--epochs 12] [--out runs/kd_ablation]
 
 For every (loss, seed) it trains ``configs/tiny_cpu.yaml`` (or ``--config``) in its own process with
 ``loss.kd_loss`` in {none, kl, adaptive_alpha (reference choice), adaptive_alpha (exact choice)}, then
@@ -12,10 +12,10 @@ error bars) into ``--out``.  Finished runs are reused when the command is run ag
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from ablation import REPO, add_arguments, run_ablation
+from bench.ablation import add_arguments, run_ablation
+from bench.common import REPO, argument_parser
 
 LOSSES = {
     "none": ["loss.kd_loss=none"],
@@ -31,7 +31,7 @@ def run_name(loss: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     add_arguments(parser)
     parser.add_argument("--out", type=Path, default=REPO / "runs/kd_ablation")
     run_ablation(parser.parse_args(), LOSSES, title="loss", name="kd_ablation", run_name=run_name)

@@ -1,8 +1,8 @@
 """Does the supernet rank sub-networks the way training them alone would?  The yardstick of a weight-sharing
 strategy.
 
-    .venv/bin/python bench/ranking.py [--run RUN] [--n 16] [--epochs 12] [--out runs/ranking] [--data ROOT]
-                                      [--sharing global local random]
+    .venv/bin/python -m bench.ranking [--run RUN] [--n 16] [--epochs 12] [--out runs/ranking] [--data ROOT]
+                                     [--sharing global local random]
 
 For ``--n`` sub-networks spread evenly over the space's FLOPs range (quantiles of many seeded random draws):
 the accuracy each inherits from the supernet (after BatchNorm recalibration), and its accuracy when trained
@@ -21,22 +21,23 @@ smallest and the largest sub-network side by side.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import yaml
-from ablation import REPO, consolidate, evaluate, prep, run_trainer, train
 from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
-from fileops import atomic_output, atomic_write_text
+from bench.ablation import evaluate, run_trainer, train
+from bench.common import REPO, argument_parser, prepared_data, saved_figure
+from fileops import atomic_write_text
 from models import ArchSampler, load_search_space
 from models.flops import subnet_cost
 from trainer.config import load_config
+from trainer.consolidate import consolidate
 
 
 def spread_archs(space, num_classes: int, n: int, seed: int, pool: int = 2000) -> list:
@@ -58,7 +59,7 @@ def train_alone(config: Path, table: Path, name: str, arch_key: str, data: Path,
     if not (run_dir / "final").is_dir():
         overrides = [f"run_dir={run_dir}", f"data.root={data}", f"trainer.epochs={epochs}"]
         overrides += ["trainer.eval_every_epochs=0", "trainer.tensorboard=false"]
-        overrides += [f"standalone.student.arch={table}:{name}", "standalone.label_weight=1.0"]
+        overrides += ["task.name=one_network", f"task.student.arch={table}:{name}", "task.label_weight=1.0"]
         run_trainer(config, overrides, out / f"{budget}.log")
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     return [r["val/top1_student"] for r in records if "val/top1_student" in r][-1]
@@ -72,22 +73,13 @@ def top_k_overlap(a: list[float], b: list[float], k: int) -> float:
 
 
 def plot(inherited: list[float], alone: list[float], mflops: list[float], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
-    points = ax.scatter(inherited, alone, c=mflops, cmap="viridis")
-    fig.colorbar(points, label="MFLOPs")
-    ax.set_xlabel("inherited top-1 (%), after BN recalibration")
-    ax.set_ylabel("stand-alone top-1 (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
+    with saved_figure(path, (5.5, 4.5)) as (fig, ax):
+        points = ax.scatter(inherited, alone, c=mflops, cmap="viridis")
+        fig.colorbar(points, label="MFLOPs")
+        ax.set_xlabel("inherited top-1 (%), after BN recalibration")
+        ax.set_ylabel("stand-alone top-1 (%)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
 
 
 LOCAL = ["model.sharing=local", "model.local.warmup_epochs=1", "model.local.epochs_per_layer=0.5"]
@@ -96,7 +88,7 @@ SHARING = {"global": [], "local": LOCAL, "random": [*LOCAL, "model.local.assignm
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--config", type=Path, default=REPO / "configs/tiny_cpu.yaml")
     parser.add_argument("--run", type=Path, help="a trained supernet run (default: train one into OUT/supernet)")
     parser.add_argument("--data", type=Path, help="a prepared dataset (default: the bundled digits in data/digits)")
@@ -109,9 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.run is not None and len(args.sharing) > 1:
         parser.error("--run ranks one given supernet; --sharing trains one per strategy")
-    data = args.data or REPO / "data/digits"
-    if args.data is None:
-        prep.prepare("digits", data, ["webdataset", "ffcv"], quiet=True)
+    data = prepared_data(args.data)
     load_config(args.config)  # a bad recipe fails here, before any training
     summary = {}
     for sharing in args.sharing:

@@ -1,16 +1,16 @@
 """A paper model of the ImageNet recipe's step time on 16–64 GPUs, per ZeRO stage (not a measurement).
 
-    .venv/bin/python bench/scaling_model.py [--space alphanet] [--batch 32] [--tflops 2.8] [--zero3-overhead 3.2]
+    .venv/bin/python -m bench.scaling_model [--space alphanet] [--batch 32] [--tflops 2.8] [--zero3-overhead 3.2]
                                             [--nvlink-gbs 300] [--ib-gbs 100] [--gpus-per-node 8] [--grad-bytes 4]
 
 Compute per image comes from our exact FLOPs counter: one sandwich step runs the largest sub-network, the
 smallest and ``num_subnets - 2`` random ones (their mean FLOPs over 2,000 draws), forward + backward ≈ 3 ×
 forward, 2 FLOPs per multiply-add.  ``--tflops`` is the *effective* rate a GPU sustains on these small
-depthwise-heavy networks: its default, 2.8, is what ``bench/gpu_step.py`` measured for the DeepSpeed ZeRO-0
+depthwise-heavy networks: its default, 2.8, is what ``bench.gpu_step`` measured for the DeepSpeed ZeRO-0
 engine on one H200 in fp32 at 32 images (one run, 2026-11-30; far below the chip's peak: the step is bound
 by its thousands of small kernels and the Python that launches them).  ``--zero3-overhead`` is ZeRO-3's step
 time over ZeRO-0's on one GPU, where no byte crosses a link (the same run: 3.2, its per-module gather and
-release hooks); it multiplies ZeRO-3's compute.  Measure yours with ``bench/gpu_step.py`` or the trainer's
+release hooks); it multiplies ZeRO-3's compute.  Measure yours with ``bench.gpu_step`` or the trainer's
 ``time/step_ms`` and set both.  Communication per step, with ``P`` the supernet's parameters and ``b`` bytes per
 gradient element:
 
@@ -26,13 +26,9 @@ model (an upper bound on step time); DeepSpeed overlaps part of the reduction wi
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from bench.common import argument_parser
 from models import ArchSampler, ModelConfig, build_supernet, load_search_space, subnet_cost
 
 
@@ -48,12 +44,12 @@ def ring_seconds(bytes_: float, gpus: int, gpus_per_node: int, nvlink_gbs: float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--space", default="alphanet")
     parser.add_argument("--batch", type=int, default=32, help="images per GPU per step (the recipe: 32)")
     parser.add_argument("--num-subnets", type=int, default=4)
     parser.add_argument(
-        "--tflops", type=float, default=2.8, help="effective TFLOP/s per GPU (bench/gpu_step.py, ZeRO-0, one H200)"
+        "--tflops", type=float, default=2.8, help="effective TFLOP/s per GPU (bench.gpu_step, ZeRO-0, one H200)"
     )
     parser.add_argument(
         "--zero3-overhead", type=float, default=3.2, help="ZeRO-3 step time / ZeRO-0 step time on one GPU"

@@ -2,7 +2,7 @@
 math and against the reference's own pattern, with 2 processes on CPU (gloo); per-phase profile, peak
 memory and optimizer-state memory per rank.
 
-    .venv/bin/python bench/step_throughput.py [--steps 6] [--batch 16] [--space tiny] [--bf16 auto|on|off]
+    .venv/bin/python -m bench.step_throughput [--steps 6] [--batch 16] [--space tiny] [--bf16 auto|on|off]
 
 Engines, all running the same 4-sub-network sandwich step (largest on labels, two random and the smallest
 distilled from it) on the same batches, one torch thread per rank:
@@ -51,16 +51,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from bench.common import argument_parser, module_command, python_env, torchrun_command
+from bench.engines import (
+    PlainEngine,
+    deepspeed,
+    fresh_engine,
+    model_config,
+    peak_rss_bytes,
+    plain,
+    random_batch,
+    reset_peak_rss,
+    sandwich_step,
+    start_ranks,
+    timed_step,
+)
 
 COLLECTIVES = ("all_reduce", "allreduce", "reduce_scatter", "all_gather", "allgather", "broadcast")
 
@@ -74,37 +86,12 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def model_config(space: str):
-    """The supernet the bench trains: ``space``, 10 classes for the tiny space, ImageNet's 1,000 otherwise."""
-    from models import ModelConfig
-
-    return ModelConfig(search_space=space, num_classes=10 if space == "tiny" else 1000)
-
-
 def optimizer_state_bytes(optimizer) -> int:
     """Bytes of the SGD momentum buffers this rank holds (ZeRO 1–3 keep only their partition's)."""
     inner = getattr(optimizer, "optimizer", optimizer)
     return sum(
         v.numel() * v.element_size() for state in inner.state.values() for v in state.values() if torch.is_tensor(v)
     )
-
-
-def reset_peak_rss() -> None:
-    """Free what the previous engine left (garbage, and the C allocator's free pages, which it would otherwise
-    keep resident), then restart the kernel's high-water mark of this process's resident memory."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class Phases:
@@ -165,48 +152,6 @@ def top_ops(prof, count: int) -> list[tuple[str, float, int]]:
     return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in rows[:count]]
 
 
-class PlainEngine:
-    """Engine interface over a plain module: one flat all-reduce of every gradient at the last backward
-    (averaged over the process group's ranks), clip by value, one optimizer step."""
-
-    def __init__(self, net, optimizer):
-        self.net, self.optimizer, self.boundary = net, optimizer, False
-
-    def __call__(self, x):
-        return self.net(x)
-
-    def set_gradient_accumulation_boundary(self, boundary):
-        self.boundary = boundary
-
-    def backward(self, loss):
-        loss.backward()
-        if self.boundary:
-            import torch.distributed as dist
-            from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-            from trainer.collectives import all_reduce_
-
-            params = list(self.net.parameters())
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            grads = [p.grad for p in params]
-            flat = all_reduce_(_flatten_dense_tensors(grads))
-            flat /= dist.get_world_size()
-            for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-                g.copy_(synced)
-
-    def step(self):
-        from trainer.trainer_config import TrainerConfig
-
-        torch.nn.utils.clip_grad_value_(self.net.parameters(), TrainerConfig().grad_clip_value)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def train(self):
-        self.net.train()
-
-
 class ReferenceDDPEngine(PlainEngine):
     """The reference's pattern: DDP with ``find_unused_parameters``, so every backward all-reduces."""
 
@@ -220,15 +165,11 @@ class ReferenceDDPEngine(PlainEngine):
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler
     from models.depthwise import pytorch_depthwise
     from trainer.collectives import all_reduce_
-    from trainer.distributed import init_distributed, resolve
-    from trainer.engine import build_engine, build_optimizer, one_reduction
     from trainer.host_allocator import keep_freed_memory, share_one_arena
-    from trainer.sandwich import SandwichStep, sample_sandwich
-    from trainer.trainer_config import TrainerConfig
+    from trainer.samplers import sample_sandwich
 
     # before the process group starts its threads (the launcher's OMP_NUM_THREADS=1 spares numpy's BLAS thread)
     if args.allocator == "kept":
@@ -237,24 +178,21 @@ def worker(args) -> None:
             args.allocator = "glibc-default (no glibc here)"
         elif not shared:
             args.allocator = "kept, but threads in arenas of their own"
-    env = resolve()
-    init_distributed(env, TrainerConfig().dist_timeout_s)
+    env, _ = start_ranks()
     torch.set_num_threads(1)
     config = model_config(args.space)
-    label_loss, kd_loss = build_label_loss(LossConfig()), build_kd_loss(LossConfig())
     world = dist.get_world_size()
 
     def run(engine, module, reduction, *, bf16_autocast: bool = False, profile: bool = True) -> dict:
         """Timed steps, then one profiled step (``profile``); ``reduction()`` is the context of a step's backward
         passes (``trainer.engine.one_reduction`` for DeepSpeed, as the trainer steps)."""
-        sandwich = SandwichStep(label_loss, kd_loss, bf16_autocast=bf16_autocast)
+        sandwich = sandwich_step(bf16_autocast=bf16_autocast)
         sampler = ArchSampler(module.space, seed=0)
         gen = torch.Generator().manual_seed(env.rank)
         res = max(module.space.resolutions)
 
         def one_step(eng) -> tuple[float, float, float]:
-            images = torch.randn(args.batch, 3, res, res, generator=gen)
-            labels = torch.randint(0, config.num_classes, (args.batch,), generator=gen)
+            images, labels = random_batch(args.batch, res, config.num_classes, gen)
             dist.barrier()
             start = time.perf_counter()
             eng.train()
@@ -306,19 +244,15 @@ def worker(args) -> None:
         if env.rank == 0:
             print(f"  measured {name}: {result['rates'][-1]:.2f} samples/s", flush=True)
 
-    def plain(net):
-        opt = build_optimizer(net, TrainerConfig(), lr=0.01)
-        return PlainEngine(net, opt), net, opt, contextlib.nullcontext
-
     def reference(net):
-        opt = build_optimizer(net, TrainerConfig(), lr=0.01)
-        return ReferenceDDPEngine(net, opt), net, opt, contextlib.nullcontext
+        built = plain(net)
+        return built._replace(engine=ReferenceDDPEngine(net, built.optimizer))
 
     def deepspeed_stage(stage, **trainer_options):
         def make(net):
-            tc = TrainerConfig(zero_stage=stage, **trainer_options)
-            built = build_engine(net, tc, micro_batch=args.batch, world_size=env.world_size, lr=0.01)
-            return built.engine, built.module, built.engine.optimizer, lambda: one_reduction(built.engine, tc)
+            return deepspeed(
+                net, micro_batch=args.batch, world_size=env.world_size, zero_stage=stage, **trainer_options
+            )
 
         return make
 
@@ -344,7 +278,7 @@ def worker(args) -> None:
         engines += [(f"ZeRO-{s}, DeepSpeed defaults", deepspeed_stage(s, **defaults), {}) for s in (1, 2, 3)]
         engines.append(("plain PyTorch, pinned", plain, {"pinned": True}))
         engines.append(("ZeRO-3, block gather", deepspeed_stage(3, zero3_gather="block"), {}))
-        paired(args, env, engines, config, label_loss, kd_loss)
+        paired(args, env, engines, config)
         dist.barrier()
         dist.destroy_process_group()
         return
@@ -358,36 +292,6 @@ def worker(args) -> None:
         report(args, results)
     dist.barrier()
     dist.destroy_process_group()  # as the trainer does (an open gloo group can abort the exit)
-
-
-def fresh_engine(make, config, options: dict) -> tuple:
-    """``make(net) -> (engine, module, optimizer, reduction)`` on a supernet of ``config`` with fresh weights
-    (seed 0), laid out as ``options`` says: its ``channels_last`` and ``activation_checkpointing`` are taken
-    out of it.  ``reduction()`` is the context of a step's backward passes (``trainer.engine.one_reduction``)."""
-    from models import build_supernet
-
-    torch.manual_seed(0)
-    net = build_supernet(config)
-    net.channels_last = options.pop("channels_last", True)
-    net.activation_checkpointing = options.pop("activation_checkpointing", False)
-    return make(net)
-
-
-def timed_step(engine, module, reduction, sandwich, subnets, images, labels) -> tuple[float, float, int]:
-    """One sandwich step as the trainer runs it (``reduction()`` around the backward passes, then the optimizer
-    step), between barriers of all ranks: its wall-clock seconds, and this process's kernel seconds and minor
-    page faults meanwhile."""
-    import torch.distributed as dist
-
-    dist.barrier()
-    usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    engine.train()
-    with reduction():
-        sandwich(engine, module, subnets, images, labels)
-    engine.step()
-    dist.barrier()
-    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    return seconds, after.ru_stime - usage.ru_stime, after.ru_minflt - usage.ru_minflt
 
 
 @contextlib.contextmanager
@@ -405,7 +309,7 @@ def pinned_to_own_core(pinned: bool):
         os.sched_setaffinity(0, cores)
 
 
-def paired(args, env, engines, config, label_loss, kd_loss) -> None:
+def paired(args, env, engines, config) -> None:
     """``--paired``: the named engines built side by side, and every sandwich and batch run by each of them in
     turn (in the listed order, then reversed for the next step), so that a change of the machine's speed hits
     them alike; prints each engine's mean step time over the timed steps and its ratio to the first engine
@@ -414,7 +318,7 @@ def paired(args, env, engines, config, label_loss, kd_loss) -> None:
 
     from models import ArchSampler
     from models.depthwise import pytorch_depthwise
-    from trainer.sandwich import SandwichStep, sample_sandwich
+    from trainer.samplers import sample_sandwich
 
     table = {name: (make, options) for name, make, options in engines}
     names = args.paired
@@ -425,7 +329,7 @@ def paired(args, env, engines, config, label_loss, kd_loss) -> None:
     for name in names:
         make, options = table[name][0], dict(table[name][1])
         engine, module, _, reduction = fresh_engine(make, config, options)
-        sandwich = SandwichStep(label_loss, kd_loss, bf16_autocast=options.get("bf16_autocast", False))
+        sandwich = sandwich_step(bf16_autocast=options.get("bf16_autocast", False))
         built[name] = (
             engine,
             module,
@@ -439,8 +343,7 @@ def paired(args, env, engines, config, label_loss, kd_loss) -> None:
     res = max(space.resolutions)
     totals, kernel, faults = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
     for step in range(args.steps + 1):  # the first step is a warm-up
-        images = torch.randn(args.batch, 3, res, res, generator=gen)
-        labels = torch.randint(0, config.num_classes, (args.batch,), generator=gen)
+        images, labels = random_batch(args.batch, res, config.num_classes, gen)
         subnets = sample_sandwich(space, sampler, 4)
         for name in names if step % 2 == 0 else names[::-1]:
             engine, module, reduction, sandwich, onednn, pinned = built[name]
@@ -537,9 +440,9 @@ def report_activation_memory(args) -> None:
     high-water mark or allocator pages."""
     peaks = {}
     for case in ("stored", "recomputed"):
-        command = [sys.executable, str(Path(__file__).resolve()), "--memory", "--activations", case]
-        command += ["--space", args.space, "--batch", str(args.batch)]
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        command = module_command(__spec__.name, "--memory", "--activations", case, "--space", args.space)
+        command += ["--batch", str(args.batch)]
+        done = subprocess.run(command, capture_output=True, text=True, env=python_env(OMP_NUM_THREADS="1"))
         peaks[case] = float(done.stdout.split()[-1]) if done.returncode == 0 else float("nan")
     print(
         f"\nactivation memory: one forward + backward of the largest sub-network at batch {args.batch} raised the "
@@ -549,7 +452,7 @@ def report_activation_memory(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--space", default="tiny")
@@ -582,9 +485,9 @@ def main() -> None:
     if args.memory:
         activation_memory(args)
         return
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).resolve())]
-    command += ["--worker", "--steps", str(args.steps), "--batch", str(args.batch), "--space", args.space]
+    env = python_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    command = torchrun_command(__spec__.name, 2, "--worker", "--steps", str(args.steps), "--batch", str(args.batch))
+    command += ["--space", args.space]
     command += ["--top", str(args.top), "--bf16", args.bf16, "--allocator", args.allocator] + (
         ["--paired", *args.paired] if args.paired else []
     )

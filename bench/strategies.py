@@ -1,39 +1,39 @@
 """Teachers and samplers: in-place vs voted self-distillation (SD-DARTS) and uniform vs attentive sampling
 (AttentiveNAS), the same recipe over several seeds.
 
-    .venv/bin/python bench/strategies.py [--data ROOT] [--seeds 3] [--epochs 12] [--out runs/strategies]
+    .venv/bin/python -m bench.strategies [--data ROOT] [--seeds 3] [--epochs 12] [--out runs/strategies]
 
 Each variant trains ``configs/tiny_cpu.yaml`` (adaptive KD) in its own process: the default (in-place
 teacher, uniform sampling); ``inplace_and_voted`` with K = 1 and K = 2 snapshots (one every
 ``--snapshot-steps`` steps after 2 warm-up epochs, KL, λ = 1); attentive sampling ``best_up`` and
 ``worst_up`` (3 candidates).  Then, after BatchNorm recalibration, top-1 of the smallest, the fixed
 mid-size and the largest sub-networks (mean ± std over seeds) and the mean step time per variant,
-relative to the default's, as in ``bench/kd_ablation.py``.
+relative to the default's, as in ``bench.kd_ablation``.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from ablation import REPO, add_arguments, run_ablation
+from bench.ablation import add_arguments, run_ablation
+from bench.common import REPO, argument_parser
 
 
 def variants(snapshot_steps: int) -> dict[str, list[str]]:
-    voted = ["trainer.teacher=inplace_and_voted", f"trainer.voted.every_steps={snapshot_steps}"]
-    voted += ["trainer.voted.warmup_epochs=2", "trainer.voted.kd_loss=kl", "trainer.voted.weight=1.0"]
-    attentive = ["trainer.sampler=attentive", "trainer.attentive.candidates=3"]
+    voted = ["task.teacher.name=inplace_and_voted", f"task.teacher.every_steps={snapshot_steps}"]
+    voted += ["task.teacher.warmup_epochs=2", "task.teacher.kd_loss=kl", "task.teacher.weight=1.0"]
+    attentive = ["task.sampler.name=attentive", "task.sampler.candidates=3"]
     return {
         "inplace, uniform (default)": [],
-        "inplace + voted K=1": [*voted, "trainer.voted.snapshots=1"],
-        "inplace + voted K=2": [*voted, "trainer.voted.snapshots=2"],
-        "attentive best_up": [*attentive, "trainer.attentive.choice=best_up"],
-        "attentive worst_up": [*attentive, "trainer.attentive.choice=worst_up"],
+        "inplace + voted K=1": [*voted, "task.teacher.snapshots=1"],
+        "inplace + voted K=2": [*voted, "task.teacher.snapshots=2"],
+        "attentive best_up": [*attentive, "task.sampler.choice=best_up"],
+        "attentive worst_up": [*attentive, "task.sampler.choice=worst_up"],
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     add_arguments(parser)
     parser.add_argument("--snapshot-steps", type=int, default=20, help="optimizer steps between snapshots")
     parser.add_argument("--out", type=Path, default=REPO / "runs/strategies")

@@ -1,6 +1,7 @@
 """Cross-entropy and knowledge-distillation divergences, selected by name from the config."""
 
-from losses.config import KD_LOSSES, LossConfig, build_kd_loss, build_label_loss
+from losses.build import build_kd_loss, build_label_loss
+from losses.config import LossConfig
 from losses.cross_entropy import LabelSmoothingCrossEntropy
 from losses.divergences import (
     AdaptiveAlphaDivergence,
@@ -10,6 +11,7 @@ from losses.divergences import (
     ReverseKLDivergence,
     SymmetricKLDivergence,
 )
+from losses.registry import KD_LOSSES, check_kd_loss, kd_loss_names
 
 __all__ = [
     "KD_LOSSES",
@@ -23,4 +25,6 @@ __all__ = [
     "SymmetricKLDivergence",
     "build_kd_loss",
     "build_label_loss",
+    "check_kd_loss",
+    "kd_loss_names",
 ]

@@ -1,33 +1,24 @@
-"""The loss section of a run config and the builders it drives."""
+"""The loss section of a run config."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from losses.cross_entropy import LabelSmoothingCrossEntropy
-from losses.divergences import (
-    AdaptiveAlphaDivergence,
-    AdaptiveChoice,
-    AlphaDivergence,
-    KDLoss,
-    KLDivergence,
-    ReverseKLDivergence,
-    SymmetricKLDivergence,
-)
+from losses.registry import check_kd_loss
 from typedconfig import Range, check_ranges
 
-KDLossName = Literal["adaptive_alpha", "alpha", "kl", "reverse_kl", "symmetric_kl", "none"]
+AdaptiveChoice = Literal["reference", "exact"]
 
 
 @dataclass(kw_only=True, slots=True)
 class LossConfig:
     """Losses of the sandwich rule: label-smoothed CE for the largest net, a KD loss for the others."""
 
-    kd_loss: KDLossName = "adaptive_alpha"
-    """KD loss of the distilled sub-networks: adaptive_alpha | alpha | kl | reverse_kl | symmetric_kl; ``none``:
-    every sub-network trains on the label-smoothed CE (the paper's "w/o KD" rows)."""
+    kd_loss: str = "adaptive_alpha"
+    """KD loss of the distilled sub-networks: a registered name (``losses.kd_loss_names()``; an unknown one is an
+    error that lists them); ``none``: every sub-network trains on the label-smoothed CE (the paper's "w/o KD"
+    rows)."""
     alpha: float = 1.0
     """α of ``kd_loss: alpha``."""
     alpha_minus: float = -1.0
@@ -49,23 +40,6 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "loss")
+        check_kd_loss(self.kd_loss, "loss.kd_loss", none_allowed=True)
         if self.kd_loss == "adaptive_alpha" and not self.alpha_minus < self.alpha_plus:
             raise ValueError(f"loss.alpha_minus ({self.alpha_minus}) must be < loss.alpha_plus ({self.alpha_plus})")
-
-
-KD_LOSSES: dict[str, Callable[[LossConfig], KDLoss]] = {
-    "adaptive_alpha": lambda c: AdaptiveAlphaDivergence(c.alpha_minus, c.alpha_plus, c.clip, c.adaptive_choice),
-    "alpha": lambda c: AlphaDivergence(c.alpha, c.clip),
-    "kl": lambda c: KLDivergence(c.temperature),
-    "reverse_kl": lambda c: ReverseKLDivergence(),
-    "symmetric_kl": lambda c: SymmetricKLDivergence(),
-}
-
-
-def build_kd_loss(config: LossConfig) -> KDLoss | None:
-    """The KD loss named by ``config.kd_loss`` (None for ``none``: no distillation)."""
-    return None if config.kd_loss == "none" else KD_LOSSES[config.kd_loss](config)
-
-
-def build_label_loss(config: LossConfig) -> LabelSmoothingCrossEntropy:
-    return LabelSmoothingCrossEntropy(config.label_smoothing)

@@ -9,16 +9,21 @@ Every loss has two faces:
 
 All arithmetic runs in at least float32 (bf16/fp16 inputs are upcast) and in log space: a probability that
 underflows to zero gives a zero term, never NaN or inf.
+
+Each loss is registered in :data:`losses.registry.KD_LOSSES` under the name ``loss.kd_loss`` takes, and builds
+itself from the ``loss:`` section with ``from_config``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from losses.config import AdaptiveChoice, LossConfig
+from losses.registry import KD_LOSSES
 
 _LOG_FLOAT32_MAX = math.log(torch.finfo(torch.float32).max)
 
@@ -124,7 +129,13 @@ class _ValueWithGradient(torch.autograd.Function):
 
 
 class KDLoss(nn.Module):
-    """Base class: subclasses implement ``per_sample_loss`` (training) and ``divergence`` (logging)."""
+    """Base class: subclasses implement ``per_sample_loss`` (training) and ``divergence`` (logging), and
+    ``from_config`` when they take parameters from the ``loss:`` section."""
+
+    @classmethod
+    def from_config(cls, config: LossConfig) -> KDLoss:
+        """The loss with its parameters from the ``loss:`` section (none by default)."""
+        return cls()
 
     def per_sample_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -141,6 +152,7 @@ class KDLoss(nn.Module):
         return self.per_sample_loss(student_logits, teacher_logits).mean()
 
 
+@KD_LOSSES.register("alpha")
 class AlphaDivergence(KDLoss):
     """D_α(p‖q) trained with clipped importance weights min((p/q)^α, β) when ``clip`` = β is set.
 
@@ -155,6 +167,10 @@ class AlphaDivergence(KDLoss):
             raise ValueError(f"clip must be positive, got {clip}")
         self.alpha = float(alpha)
         self.clip = clip
+
+    @classmethod
+    def from_config(cls, config: LossConfig) -> AlphaDivergence:
+        return cls(config.alpha, config.clip)
 
     def divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         log_q, log_p = _log_probs(student_logits, teacher_logits)
@@ -182,9 +198,7 @@ class AlphaDivergence(KDLoss):
         return f"alpha={self.alpha}, clip={self.clip}"
 
 
-AdaptiveChoice = Literal["reference", "exact"]
-
-
+@KD_LOSSES.register("adaptive_alpha")
 class AdaptiveAlphaDivergence(KDLoss):
     """Per sample, the α− or the α+ branch, whichever value is larger (AlphaNet §3.3).
 
@@ -211,6 +225,10 @@ class AdaptiveAlphaDivergence(KDLoss):
         self.minus = AlphaDivergence(alpha_minus, clip)
         self.plus = AlphaDivergence(alpha_plus, clip)
         self.choice = choice
+
+    @classmethod
+    def from_config(cls, config: LossConfig) -> AdaptiveAlphaDivergence:
+        return cls(config.alpha_minus, config.alpha_plus, config.clip, config.adaptive_choice)
 
     def _branches(self, log_q: torch.Tensor, log_p: torch.Tensor):
         """(picks α− per sample, chosen value, chosen gradient)."""
@@ -241,6 +259,7 @@ class AdaptiveAlphaDivergence(KDLoss):
         )
 
 
+@KD_LOSSES.register("kl")
 class KLDivergence(KDLoss):
     """KL(p_T‖q_T) at temperature T; the training loss is scaled by T² (Hinton et al., 2015)."""
 
@@ -249,6 +268,10 @@ class KLDivergence(KDLoss):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
+
+    @classmethod
+    def from_config(cls, config: LossConfig) -> KLDivergence:
+        return cls(config.temperature)
 
     def divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         log_q, log_p = _log_probs(student_logits / self.temperature, teacher_logits / self.temperature)
@@ -259,13 +282,19 @@ class KLDivergence(KDLoss):
         return kl_per_sample(log_p, log_q) * self.temperature**2
 
 
+@KD_LOSSES.register("reverse_kl")
 class ReverseKLDivergence(AlphaDivergence):
-    """KL(q‖p): mode-seeking; the α → 0 limit of the alpha-divergence."""
+    """KL(q‖p): mode-seeking; the α → 0 limit of the alpha-divergence (never clipped)."""
 
     def __init__(self):
         super().__init__(alpha=0.0)
 
+    @classmethod
+    def from_config(cls, config: LossConfig) -> ReverseKLDivergence:
+        return cls()  # not AlphaDivergence's: neither loss.alpha nor loss.clip applies
 
+
+@KD_LOSSES.register("symmetric_kl")
 class SymmetricKLDivergence(KDLoss):
     """Jeffreys divergence KL(p‖q) + KL(q‖p)."""
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one script: the trainer on CUDA with NCCL (fp32 ZeRO-0, a kill-free resume,
 # ZeRO-1 with bf16 weights, ZeRO-2, ZeRO-3 with bf16 autocast), the search of a GPU-trained supernet with an
-# export, and bench/gpu_step.py at full size.  Each check writes its log to $OUT (default /tmp/gpu_check) and
+# export, and bench.gpu_step at full size.  Each check writes its log to $OUT (default /tmp/gpu_check) and
 # the script ends with a one-line verdict per check.
 #
 #   scripts/gpu_check.sh                 # on a machine with one CUDA GPU, from the repository root
@@ -54,7 +54,7 @@ TRAIN=(trainer/run.py --config configs/tiny_cpu.yaml --set "trainer.epochs=$EPOC
 check prepare 120 "$PY" -m data_pipeline.prepare --source digits --out data/digits --formats webdataset --quiet
 check train_zero0_part1 150 "${DS[@]}" "${TRAIN[@]}" "run_dir=$RUNS/z0" trainer.max_steps=40
 check train_zero0_resume 150 "${DS[@]}" "${TRAIN[@]}" "run_dir=$RUNS/z0"
-check bench_gpu_step 300 "$PY" bench/gpu_step.py $BENCH_ARGS
+check bench_gpu_step 300 "$PY" -m bench.gpu_step $BENCH_ARGS
 check train_zero1_bf16 150 "${DS[@]}" "${TRAIN[@]}" "run_dir=$RUNS/z1bf16" trainer.zero_stage=1 trainer.bf16=true
 check train_zero2 150 "${DS[@]}" "${TRAIN[@]}" "run_dir=$RUNS/z2" trainer.zero_stage=2
 check train_zero3_autocast 150 "${DS[@]}" "${TRAIN[@]}" "run_dir=$RUNS/z3ac" trainer.zero_stage=3 \

@@ -114,7 +114,7 @@ def test_local_sharing_routing_and_overrides_under_checkpointing():
     assert_same(plain, checkpointed, step(plain), step(checkpointed))
     assert any(p.grad is not None for p in checkpointed.candidate_blocks.parameters())
 
-    # overrides (a look-ahead's stepped weights), reset before the backward as trainer.local_sharing does
+    # overrides (a look-ahead's stepped weights), reset before the backward as trainer.sharing.local does
     grads = []
     for net in (plain, checkpointed):
         net.zero_grad(set_to_none=True)

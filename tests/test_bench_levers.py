@@ -1,19 +1,16 @@
 """The step bench's levers that the trainer does not use: thread placement (``plain PyTorch, pinned``) and
-``torch.compile`` (``bench/compile_levers.py``)."""
+``torch.compile`` (``bench.compile_levers``)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from trainer_helpers import child_env
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-
-from step_throughput import pinned_to_own_core  # noqa: E402
+from bench.step_throughput import pinned_to_own_core
 
 needs_affinity = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
 
@@ -54,11 +51,11 @@ def _rows(stdout: str, header: str) -> list[str]:
 
 @pytest.mark.slow
 def test_the_compile_bench_times_fused_batchnorm_silu_and_a_compiled_subnet(tmp_path):
-    """``bench/compile_levers.py`` on the tiny space: one BatchNorm + SiLU shape of the largest sub-network (its
+    """``bench.compile_levers`` on the tiny space: one BatchNorm + SiLU shape of the largest sub-network (its
     batch and channels) and the smallest sub-network compiled; every ratio is the row's eager over compiled time."""
-    command = [sys.executable, str(ROOT / "bench" / "compile_levers.py"), "--space", "tiny", "--batch", "2"]
+    command = [sys.executable, "-m", "bench.compile_levers", "--space", "tiny", "--batch", "2"]
     command += ["--subnets", "smallest", "--max-shapes", "2", "--reps", "1"]
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    env = child_env(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     fused = _rows(done.stdout, "input (N, C, H, W)")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from trainer_helpers import child_env
 
 from trainer.collectives import all_reduce_, collective_device
 
@@ -64,15 +65,14 @@ def test_under_nccl_a_cpu_tensor_is_reduced_on_the_current_gpu(monkeypatch, one_
 
 
 def test_the_gpu_bench_runs_its_engines_on_the_cpu(tmp_path):
-    """``bench/gpu_step.py --cpu``: the script the GPU runs, end to end on the tiny space, through the same
+    """``bench.gpu_step --cpu``: the script the GPU runs, end to end on the tiny space, through the same
     all-reduce path (the plain loop's gradients and DeepSpeed's optimizer step)."""
-    import os
     import subprocess
     import sys
 
-    command = [sys.executable, str(ROOT / "bench" / "gpu_step.py"), "--cpu", "--space", "tiny", "--batch", "2"]
+    command = [sys.executable, "-m", "bench.gpu_step", "--cpu", "--space", "tiny", "--batch", "2"]
     command += ["--steps", "1", "--only", "plain PyTorch", "DeepSpeed ZeRO-1"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env = child_env(drop=("RANK", "WORLD_SIZE", "MASTER_PORT"))
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     table = done.stdout[done.stdout.index("batch 2 on one CPU process:") :].splitlines()[2:4]
@@ -83,16 +83,15 @@ def test_the_gpu_bench_runs_its_engines_on_the_cpu(tmp_path):
 
 
 def test_the_paired_step_bench_runs_engines_side_by_side(tmp_path):
-    """``bench/step_throughput.py --paired``: the named engines (the trainer's ZeRO-2, stepping as the trainer
+    """``bench.step_throughput --paired``: the named engines (the trainer's ZeRO-2, stepping as the trainer
     does, beside the plain loop) on the same 2-rank steps; each row's samples/s agrees with its ms per step and
     the ratio is the first engine's time over its own."""
-    import os
     import subprocess
     import sys
 
-    command = [sys.executable, str(ROOT / "bench" / "step_throughput.py"), "--space", "tiny", "--batch", "2"]
+    command = [sys.executable, "-m", "bench.step_throughput", "--space", "tiny", "--batch", "2"]
     command += ["--steps", "1", "--paired", "plain PyTorch", "DeepSpeed ZeRO-2", "plain PyTorch, pinned"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env = child_env(drop=("RANK", "WORLD_SIZE", "MASTER_PORT"))
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
@@ -111,15 +110,14 @@ def test_the_paired_step_bench_runs_engines_side_by_side(tmp_path):
 
 
 def test_the_host_allocator_bench_runs_both_allocators(tmp_path):
-    """``bench/host_allocator.py``: glibc's defaults, then the trainer's kept memory, each in its own 2-rank run;
+    """``bench.host_allocator``: glibc's defaults, then the trainer's kept memory, each in its own 2-rank run;
     each row has its peak RSS at every mark, and the printed ratio is the two rows' times."""
-    import os
     import subprocess
     import sys
 
-    command = [sys.executable, str(ROOT / "bench" / "host_allocator.py"), "--space", "tiny", "--batch", "2"]
+    command = [sys.executable, "-m", "bench.host_allocator", "--space", "tiny", "--batch", "2"]
     command += ["--steps", "3"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env = child_env(drop=("RANK", "WORLD_SIZE", "MASTER_PORT"))
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from data_helpers import rewrite_tar
 from torchvision.transforms.v2 import functional as TF
+from trainer_helpers import child_env
 
 from data_pipeline import DataConfig, DataError, build_loader, normalize, rescale
 from data_pipeline import prepare as prep
@@ -339,14 +340,12 @@ def test_ffcv_runs_on_a_one_core_allocation(digits):
         pytest.skip("no CPU affinity on this platform")
     code = (
         "import os, sys; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
-        "sys.path.insert(0, sys.argv[2]); "
         "from pathlib import Path; from data_pipeline import DataConfig, build_loader; "
         "c = DataConfig(format='ffcv', root=Path(sys.argv[1]), batch_size=16, num_workers=2, eval_resize=36); "
         "shapes = {tuple(b.images.shape[1:]) for b in build_loader(c, 'val', train=False)}; "
         "print(sorted(shapes), flush=True); os._exit(0)"  # a whole epoch, then no interpreter teardown race
     )
-    repo = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", code, str(digits), str(repo)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code, str(digits)], capture_output=True, text=True, env=child_env())
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("[(3, 32, 32)]")
 
@@ -413,14 +412,13 @@ def test_a_process_with_idle_workers_exits(digits):
     """Idle workers ignore SIGTERM (SLURM's), which is how multiprocessing ends daemon processes at exit: the
     loader ends them first, or the interpreter would wait for them for ever."""
     code = (
-        "import sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
+        "import sys; from pathlib import Path; "
         "from data_pipeline import DataConfig, build_loader; "
         "c = DataConfig(root=Path(sys.argv[1]), batch_size=16, num_workers=2, eval_resize=36); "
         "loader = build_loader(c, 'val', train=False); print(sum(len(b) for b in loader))"
     )
-    repo = Path(__file__).resolve().parent.parent
     out = subprocess.run(
-        [sys.executable, "-c", code, str(digits), str(repo)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code, str(digits)], capture_output=True, text=True, timeout=120, env=child_env()
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "300"

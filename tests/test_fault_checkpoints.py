@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from trainer_helpers import free_port, overrides, run_in_process
+from trainer_helpers import child_env, free_port, overrides, run_in_process
 
 from trainer.checkpoint import CheckpointError, committed_tags, latest_tag, rng_state, set_rng_state
 from trainer.safe_checkpoint import CheckpointFileError, safe_load
@@ -149,9 +149,8 @@ def test_a_failed_save_commits_nothing(repo, digits, tmp_path, single_rank, monk
 
 # ---- two real ranks through the deepspeed launcher -------------------------------------------------------
 def launch_faulty(repo, fault: str, rank: int, step: int, args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = child_env(drop=launcher, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     command += ["tests/workers/faulty_rank.py", fault, str(rank), str(step)]
     command += ["--config", "configs/tiny_cpu.yaml", "--set", *args]
@@ -242,8 +241,7 @@ def test_kill_9_in_the_middle_of_a_checkpoint_write(repo, digits, tmp_path):
     bit-identical to a run that was never interrupted."""
     from trainer.consolidate import consolidated_state_dict
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["DS_ACCELERATOR"] = "cpu"
+    env = child_env(drop=("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"), DS_ACCELERATOR="cpu")
 
     def run(fault: str, run_dir: Path) -> subprocess.CompletedProcess:
         args = overrides(run_dir, digits, **{"trainer.max_steps": 6})

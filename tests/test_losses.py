@@ -21,7 +21,9 @@ from losses import (
     ReverseKLDivergence,
     SymmetricKLDivergence,
     build_kd_loss,
+    kd_loss_names,
 )
+from typedconfig import from_mapping
 
 
 # ---- independent references, written from the formulas with NumPy in float64 ----------------------------
@@ -338,7 +340,7 @@ def test_property_non_negative_and_matches_closed_form(s, t, alpha):
 
 
 @settings(max_examples=60, deadline=None)
-@given(t=logit_rows, shift=st.floats(-50, 50), name=st.sampled_from(sorted(KD_LOSSES)))
+@given(t=logit_rows, shift=st.floats(-50, 50), name=st.sampled_from(kd_loss_names()))
 def test_property_zero_when_student_equals_teacher(t, shift, name):
     loss = build_kd_loss(LossConfig(kd_loss=name, alpha=-0.5))
     s = torch.tensor(t + shift, requires_grad=True)  # a constant shift leaves the softmax unchanged
@@ -365,10 +367,34 @@ def test_every_named_loss_builds_from_config():
     assert isinstance(build_kd_loss(LossConfig()), AdaptiveAlphaDivergence)
     assert build_kd_loss(LossConfig()).choice == "reference"
     assert build_kd_loss(LossConfig(adaptive_choice="exact")).choice == "exact"
-    built = {name: build_kd_loss(LossConfig(kd_loss=name, alpha=-0.5, temperature=2.0)) for name in KD_LOSSES}
+    built = {name: build_kd_loss(LossConfig(kd_loss=name, alpha=-0.5, temperature=2.0)) for name in kd_loss_names()}
     assert isinstance(built["alpha"], AlphaDivergence) and built["alpha"].alpha == -0.5
     assert isinstance(built["kl"], KLDivergence) and built["kl"].temperature == 2.0
     assert isinstance(built["reverse_kl"], ReverseKLDivergence)
     assert isinstance(built["symmetric_kl"], SymmetricKLDivergence)
     with pytest.raises(ValueError, match="alpha_minus"):
         LossConfig(alpha_minus=1.0, alpha_plus=1.0)
+
+
+def test_every_loss_is_registered_once_under_its_config_name():
+    assert kd_loss_names() == ["adaptive_alpha", "alpha", "kl", "reverse_kl", "symmetric_kl"]
+    assert KD_LOSSES.get("reverse_kl") is ReverseKLDivergence
+    assert build_kd_loss(LossConfig(kd_loss="none")) is None
+    # reverse KL is the α = 0 alpha-divergence, never clipped: loss.alpha and loss.clip do not reach it
+    reverse = build_kd_loss(LossConfig(kd_loss="reverse_kl", alpha=0.5, clip=2.0))
+    assert (reverse.alpha, reverse.clip) == (0.0, None)
+
+
+def test_an_unknown_kd_loss_is_one_line_listing_the_registered_names():
+    with pytest.raises(ValueError) as err:
+        LossConfig(kd_loss="alpha_beta")
+    names = "adaptive_alpha, alpha, kl, reverse_kl, symmetric_kl"
+    assert (
+        str(err.value) == f"loss.kd_loss: unknown KD loss 'alpha_beta'; registered: {names} (or none: no distillation)"
+    )
+    from trainer.teachers.voted import VotedConfig
+
+    assert VotedConfig(kd_loss="symmetric_kl").kd_loss == "symmetric_kl"
+    with pytest.raises(ValueError, match=rf"^task.teacher.kd_loss: unknown KD loss 'none'; registered: {names}$"):
+        VotedConfig(kd_loss="none")  # the vote term is a KD loss: "none" is no choice there
+    assert from_mapping(LossConfig, {"kd_loss": "none"}).kd_loss == "none"  # the YAML value stays a plain string

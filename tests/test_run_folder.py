@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from trainer_helpers import overrides, run_in_process
+from trainer_helpers import child_env, overrides, run_in_process
 
 from trainer.config import load_config, write_resolved
 from trainer.run_folder import CHANGES_NAME, RunFolderError, RunFolderLock, check_config_change, record_config_change
@@ -37,8 +37,7 @@ def test_a_lock_held_by_another_process_is_refused_and_dies_with_it(tmp_path):
             sys.executable,
             "-c",
             textwrap.dedent(f"""
-                import sys, time
-                sys.path.insert(0, {str(REPO)!r})
+                import time
                 from trainer.run_folder import RunFolderLock
                 RunFolderLock({str(tmp_path)!r}).acquire()
                 print("held", flush=True)
@@ -47,6 +46,7 @@ def test_a_lock_held_by_another_process_is_refused_and_dies_with_it(tmp_path):
         ],
         stdout=subprocess.PIPE,
         text=True,
+        env=child_env(),
     )
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -3,20 +3,18 @@ averaged over ranks, clipped by value, then one Nesterov SGD step — for ZeRO 0
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from trainer_helpers import child_env
+from workers.sandwich_equivalence import batches_for
 
 from losses import LossConfig, build_kd_loss, build_label_loss
 from models import ArchSampler, ModelConfig, build_supernet
 from trainer.optim import param_groups
 from trainer.samplers import sample_sandwich
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
-from sandwich_equivalence import batches_for
 
 
 def reference_weights(steps: int = 3, world: int = 2) -> dict[str, torch.Tensor]:
@@ -71,7 +69,7 @@ def run_worker(repo, tmp_path, stage: int, *extra: str) -> dict[str, torch.Tenso
     """Weights after 3 sandwich steps of the DeepSpeed engine on 2 processes (rank 0's copy)."""
     out = tmp_path / f"stage{stage}{''.join(extra)}.pt"
     port = str(29600 + stage + 10 * len(extra) + 20 * ("block" in extra))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
+    env = child_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_PORT=port)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     command += ["tests/workers/sandwich_equivalence.py", str(stage), str(out), *extra]
     result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)

@@ -224,8 +224,8 @@ def test_demo_recipe_reaches_its_accuracy(repo, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     tuned = tmp_path / "tuned"
     tune = [sys.executable, "trainer/run.py", "--config", "configs/tiny_finetune_cpu.yaml", "--run-dir", str(tuned)]
-    tune += ["--set", f"data.root={data}", f"standalone.student.export={run}/search/exports/tiny_m"]
-    tune += [f"standalone.teacher.run={run}", "trainer.epochs=2", "trainer.eval_every_epochs=1"]
+    tune += ["--set", f"data.root={data}", f"task.student.export={run}/search/exports/tiny_m"]
+    tune += [f"task.teacher.run={run}", "trainer.epochs=2", "trainer.eval_every_epochs=1"]
     first = subprocess.run([*tune, "trainer.max_steps=40"], cwd=repo, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     second = subprocess.run(tune, cwd=repo, env=env, capture_output=True, text=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from torch import nn
-from trainer_helpers import free_port
+from trainer_helpers import child_env, free_port
 
 from trainer.distributed import (
     SHM_DIR,
@@ -276,7 +276,7 @@ def test_a_cpu_run_leaves_no_shared_memory_behind(tmp_path, ranks):
     its segment behind."""
 
     port = free_port()
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "LOCAL_SIZE": str(ranks)}
+    env = child_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", LOCAL_SIZE=str(ranks))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
     command += ["--master_port", str(port)]
     command += ["tests/workers/shm_release.py", str(tmp_path)]

@@ -1,11 +1,26 @@
-"""Running the Trainer inside the test process (one rank, one process group for the whole session)."""
+"""Running the Trainer inside the test process (one rank, one process group for the whole session), and the
+environment of the processes that tests start."""
 
 from __future__ import annotations
 
+import os
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 from trainer.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def child_env(*, drop: Iterable[str] = (), **variables: str) -> dict[str, str]:
+    """The environment of a Python process a test starts: this process's without the variables ``drop`` names,
+    with ``variables`` set, and the repository first on ``PYTHONPATH``, so that a worker script (whose own folder
+    Python puts first on its path) or ``python -m bench.NAME`` run from another folder imports this checkout's
+    packages."""
+    env = {k: v for k, v in os.environ.items() if k not in set(drop)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return {**env, **variables}
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@
 FAULT is ``none``; ``raise`` (the rank raises in its training step STEP); ``disk_full`` (the rank's write
 of its trainer state for the checkpoint at STEP fails with ENOSPC); or ``kill_in_save`` (the rank is
 SIGKILLed while the model states of STEP are half written).  Other ranks run unchanged; without a
-launcher it runs as one plain process (rank 0).
+launcher it runs as one plain process (rank 0).  The repository must be on ``PYTHONPATH`` (the test sets it).
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ import os
 import signal
 import sys
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:] = [str(REPO), *(p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent)]
 
 
 def inject(fault: str, rank: int, step: int) -> None:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import torch
 from torch import nn
 
-from losses import build_kd_loss
+from losses import build_kd_loss, check_kd_loss
 from trainer.teachers import TEACHERS, TeacherConfig, TeacherContext
 from trainer.teachers.inplace import InplaceTeacher
 from typedconfig import ConfigError, Range, check_ranges
@@ -35,11 +35,13 @@ class VotedConfig(TeacherConfig):
     """λ of the vote's KD term (SD-DARTS: 1)."""
     warmup_epochs: Annotated[float, Range(ge=0)] = 0.0
     """W: no snapshot is taken (and no vote added) before this many epochs."""
-    kd_loss: Literal["kl", "reverse_kl", "symmetric_kl", "alpha", "adaptive_alpha"] = "kl"
-    """The KD loss of the vote term (SD-DARTS uses KL), with the ``loss:`` section's parameters."""
+    kd_loss: str = "kl"
+    """The KD loss of the vote term (SD-DARTS uses KL): a registered name, as ``loss.kd_loss`` but not ``none``,
+    with the ``loss:`` section's parameters."""
 
     def __post_init__(self) -> None:
         check_ranges(self, "task.teacher")
+        check_kd_loss(self.kd_loss, "task.teacher.kd_loss")
 
 
 @dataclass(kw_only=True, slots=True)
