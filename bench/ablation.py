@@ -25,7 +25,7 @@ from models import load_named_archs
 from models.flops import subnet_cost
 from trainer.config import load_config
 from trainer.consolidate import consolidate, load_supernet
-from trainer.evaluate import collect_calibration, evaluate_arch
+from trainer.runtime.evaluate import collect_calibration, evaluate_arch
 
 
 def train(config: Path, run_dir: Path, data: Path, seed: int, epochs: int, loss_overrides: list[str]) -> None:

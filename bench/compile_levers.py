@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.compile_levers [--space alphanet] [--batch 4] [--subnets smallest largest] [--reps 3]
 
-One process, one thread, the trainer's host allocator (``trainer.host_allocator``), channels-last, fp32,
+One process, one thread, the trainer's host allocator (``trainer.runtime.host_allocator``), channels-last, fp32,
 training mode; every time is forward + backward, the best of ``--reps``, eager and compiled taking turns.
 
 1. **BatchNorm + SiLU fused.**  Every BatchNorm of a sub-network that a SiLU follows (the expansion and
@@ -148,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from models import build_supernet
-    from trainer.host_allocator import keep_freed_memory
+    from trainer.runtime.host_allocator import keep_freed_memory
 
     keep_freed_memory()
     torch.set_num_threads(1)

@@ -36,7 +36,7 @@ class Built(NamedTuple):
     module: torch.nn.Module
     optimizer: Any
     reduction: Callable[[], contextlib.AbstractContextManager]
-    """The context around a step's backward passes (``trainer.engine.one_reduction`` for DeepSpeed)."""
+    """The context around a step's backward passes (``trainer.runtime.engine.one_reduction`` for DeepSpeed)."""
 
 
 class PlainEngine:
@@ -58,7 +58,7 @@ class PlainEngine:
             import torch.distributed as dist
             from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-            from trainer.collectives import all_reduce_
+            from trainer.runtime.collectives import all_reduce_
 
             params = list(self.net.parameters())
             for p in params:
@@ -83,7 +83,7 @@ class PlainEngine:
 
 def plain(net: torch.nn.Module, device: torch.device | None = None) -> Built:
     """Our math in a hand-written loop (:class:`PlainEngine`) with the trainer's optimizer, on ``device``."""
-    from trainer.engine import build_optimizer
+    from trainer.runtime.engine import build_optimizer
     from trainer.trainer_config import TrainerConfig
 
     if device is not None:
@@ -93,9 +93,9 @@ def plain(net: torch.nn.Module, device: torch.device | None = None) -> Built:
 
 
 def deepspeed(net: torch.nn.Module, *, micro_batch: int, world_size: int, **trainer_options) -> Built:
-    """The engine ``trainer/run.py`` trains with (``trainer.engine.build_engine``), configured by the
-    ``trainer:`` options given, stepping as the trainer does (``trainer.engine.one_reduction``)."""
-    from trainer.engine import build_engine, one_reduction
+    """The engine ``trainer/run.py`` trains with (``trainer.runtime.engine.build_engine``), configured by the
+    ``trainer:`` options given, stepping as the trainer does (``trainer.runtime.engine.one_reduction``)."""
+    from trainer.runtime.engine import build_engine, one_reduction
     from trainer.trainer_config import TrainerConfig
 
     tc = TrainerConfig(**trainer_options)
@@ -117,7 +117,7 @@ def fresh_engine(make: Callable[[torch.nn.Module], Built], config, options: dict
 
 def start_ranks():
     """This process's rank in the process group, started as the trainer starts it: (its environment, its device)."""
-    from trainer.distributed import init_distributed, resolve
+    from trainer.runtime.distributed import init_distributed, resolve
     from trainer.trainer_config import TrainerConfig
 
     env = resolve()

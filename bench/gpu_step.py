@@ -10,7 +10,7 @@ resolution) on the same sub-networks and batches:
 
 - **plain PyTorch** (``bench.engines.PlainEngine``): our math in a hand-written loop, channels-last,
   also NCHW, and each with bf16 autocast (``trainer.bf16_autocast``);
-- **DeepSpeed ZeRO-0..3** (``trainer.engine.build_engine``, what ``trainer/run.py`` trains with), fp32, and
+- **DeepSpeed ZeRO-0..3** (``trainer.runtime.engine.build_engine``, what ``trainer/run.py`` trains with), fp32, and
   ZeRO-1 with bf16 autocast and with bf16 weights (``trainer.bf16``, DeepSpeed's BF16 optimizer).
 
 The effective rate counts what the FLOPs counter counts (``models.flops``: 2 FLOPs per multiply-add of
@@ -63,7 +63,7 @@ def main() -> None:
     import torch.distributed as dist
 
     from models import ArchSampler, build_supernet
-    from trainer.distributed import configure_threads, init_distributed, resolve
+    from trainer.runtime.distributed import configure_threads, init_distributed, resolve
     from trainer.samplers import sample_sandwich
     from trainer.trainer_config import TrainerConfig
 

@@ -6,7 +6,7 @@ time per step, kernel time and page faults per step, and the peak resident memor
 The allocator is a setting of the whole process, so each one runs in its own 2-rank process group (gloo, one
 torch thread per rank), glibc's defaults first, then the kept memory, ``--rounds`` times in turn; the same
 supernet, sandwiches and batches in each.  The engine is DeepSpeed at ``--stage`` (1: the ImageNet recipe's),
-stepping as the trainer does (``trainer.engine.one_reduction``).  Figures are rank 0's: the mean over the
+stepping as the trainer does (``trainer.runtime.engine.one_reduction``).  Figures are rank 0's: the mean over the
 steps after the first, and the high-water mark of its resident memory after each fifth of the steps.
 """
 
@@ -64,7 +64,7 @@ def main() -> None:
 
 
 def worker(args) -> None:
-    from trainer.host_allocator import keep_freed_memory, share_one_arena
+    from trainer.runtime.host_allocator import keep_freed_memory, share_one_arena
 
     # before the process group starts its threads (the launcher's OMP_NUM_THREADS=1 spares numpy's BLAS thread)
     if args.worker == "kept" and not (share_one_arena() and keep_freed_memory()):

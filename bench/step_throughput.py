@@ -19,7 +19,7 @@ distilled from it) on the same batches, one torch thread per rank:
   channel at a time, ~15× the fp32 step, and a profiled step recorded over 10 GB of operator events per
   rank; ``--bf16 on`` measures it there anyway, without the profile.  DeepSpeed ZeRO-1 (the ImageNet
   recipe's engine) is also run with bf16 autocast, on the same condition;
-- **DeepSpeed ZeRO-0..3**: the engine ``trainer/run.py`` trains with (``trainer.engine.build_engine``).
+- **DeepSpeed ZeRO-0..3**: the engine ``trainer/run.py`` trains with (``trainer.runtime.engine.build_engine``).
 
 Every engine is measured twice, all of them in order and then all in reverse order, and the mean of its two
 measurements is its samples/s: a drift of the machine's speed over the run, which on a shared machine is
@@ -167,8 +167,8 @@ def worker(args) -> None:
 
     from models import ArchSampler
     from models.depthwise import pytorch_depthwise
-    from trainer.collectives import all_reduce_
-    from trainer.host_allocator import keep_freed_memory, share_one_arena
+    from trainer.runtime.collectives import all_reduce_
+    from trainer.runtime.host_allocator import keep_freed_memory, share_one_arena
     from trainer.samplers import sample_sandwich
 
     # before the process group starts its threads (the launcher's OMP_NUM_THREADS=1 spares numpy's BLAS thread)
@@ -185,7 +185,7 @@ def worker(args) -> None:
 
     def run(engine, module, reduction, *, bf16_autocast: bool = False, profile: bool = True) -> dict:
         """Timed steps, then one profiled step (``profile``); ``reduction()`` is the context of a step's backward
-        passes (``trainer.engine.one_reduction`` for DeepSpeed, as the trainer steps)."""
+        passes (``trainer.runtime.engine.one_reduction`` for DeepSpeed, as the trainer steps)."""
         sandwich = sandwich_step(bf16_autocast=bf16_autocast)
         sampler = ArchSampler(module.space, seed=0)
         gen = torch.Generator().manual_seed(env.rank)

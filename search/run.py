@@ -42,9 +42,9 @@ from search.pareto import write_front  # noqa: E402
 from search.widths import width_archs, width_table, write_widths  # noqa: E402
 from trainer.config import RunConfig, load_config  # noqa: E402
 from trainer.consolidate import load_supernet  # noqa: E402
-from trainer.distributed import configure_threads, init_distributed, local_device, local_world_size, resolve  # noqa: E402
-from trainer.evaluate import calibrated_subnet, collect_calibration, evaluate_arch  # noqa: E402
-from trainer.safe_checkpoint import CheckpointFileError  # noqa: E402
+from trainer.runtime.distributed import configure_threads, init_distributed, local_device, local_world_size, resolve  # noqa: E402
+from trainer.runtime.evaluate import calibrated_subnet, collect_calibration, evaluate_arch  # noqa: E402
+from trainer.state.safe_checkpoint import CheckpointFileError  # noqa: E402
 from typedconfig import ConfigError, add_set_argument, apply_overrides, from_mapping, load_yaml  # noqa: E402
 
 

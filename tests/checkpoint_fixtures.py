@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from trainer_helpers import overrides
 
-from trainer.checkpoint import tag_for as tag
 from trainer.consolidate import consolidated_state_dict
+from trainer.state.checkpoint import tag_for as tag
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "checkpoints"
 RECORD_NAME = "continuation.json"

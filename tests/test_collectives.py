@@ -1,4 +1,4 @@
-"""Every all-reduce goes through ``trainer.collectives.all_reduce_``, which moves a tensor the backend cannot
+"""Every all-reduce goes through ``trainer.runtime.collectives.all_reduce_``, which moves a tensor the backend cannot
 take (a CPU tensor under NCCL) to a device it can: the first GPU run stopped at its first optimizer step
 without it."""
 
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from trainer_helpers import child_env
 
-from trainer.collectives import all_reduce_, collective_device
+from trainer.runtime.collectives import all_reduce_, collective_device
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("trainer", "search", "models", "losses", "data_pipeline", "bench")

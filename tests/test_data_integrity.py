@@ -17,8 +17,8 @@ from trainer_helpers import overrides, run_in_process
 from data_pipeline import DataError
 from data_pipeline import prepare as prep
 from data_pipeline.integrity import DataWatch, split_files
-from trainer.checkpoint import committed_tags
 from trainer.config import load_config
+from trainer.state.checkpoint import committed_tags
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ import pytest
 import torch
 from trainer_helpers import child_env, free_port, overrides, run_in_process
 
-from trainer.checkpoint import CheckpointError, committed_tags, latest_tag, rng_state, set_rng_state
-from trainer.safe_checkpoint import CheckpointFileError, safe_load
+from trainer.state.checkpoint import CheckpointError, committed_tags, latest_tag, rng_state, set_rng_state
+from trainer.state.safe_checkpoint import CheckpointFileError, safe_load
 
 
 class RunsCode:

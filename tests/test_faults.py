@@ -130,7 +130,7 @@ def test_out_of_range_values_exit_2_naming_the_key(repo, override, fragment):
 
 
 def test_a_cut_or_foreign_metrics_line_is_dropped_on_resume(tmp_path):
-    from trainer.metrics import truncate_jsonl
+    from trainer.runtime.metrics import truncate_jsonl
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n[1, 2]\n{"step": 3, "lo')

@@ -1,4 +1,4 @@
-"""``trainer.host_allocator``: with the trainer's settings freed memory is reused without new page faults, also
+"""``trainer.runtime.host_allocator``: with the trainer's settings freed memory is reused without new page faults, also
 when a thread other than the main one allocates (gloo's workers do); glibc's defaults fault every page in again.
 One arena takes only before a second thread has allocated, and says so."""
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 # and cannot be undone.
 SCRIPT = r"""
 import json, resource, sys, threading
-from trainer.host_allocator import keep_freed_memory, share_one_arena
+from trainer.runtime.host_allocator import keep_freed_memory, share_one_arena
 shared = share_one_arena() if sys.argv[1] == "kept" else None
 import torch
 kept = keep_freed_memory() if sys.argv[1] == "kept" else None
@@ -67,7 +67,7 @@ def test_freed_memory_is_reused_without_page_faults(repo):
 def test_one_arena_is_refused_once_a_thread_has_its_own(repo):
     script = r"""
 import json, threading
-from trainer import host_allocator
+from trainer.runtime import host_allocator
 before = host_allocator.arena_count()
 worker = threading.Thread(target=lambda: bytearray(1 << 20))
 worker.start()

@@ -16,15 +16,31 @@ from pathlib import Path
 FLOORS: dict[str, float] = {
     # Module prefix → floor; a module is on the floor of its longest matching prefix.  A module may import modules
     # of lower floors and modules of its own prefix; a module of another prefix on its own floor only where PEERS
-    # says so.  Sub-floors are fractions of their package's floor, e.g. for trainer/:
-    #     "trainer.runtime": 2.1, "trainer.samplers": 2.2, "trainer.tasks": 2.3, "trainer.loop": 2.4,
-    # with the modules of trainer/ that no sub-prefix matches on floor 2, below all four.
+    # says so.  Sub-floors are fractions of their package's floor (trainer/ below); a module of a package that no
+    # sub-prefix matches is on the package's own floor, below its sub-floors.
     "fileops": 0,
     "typedconfig": 0,
     "data_pipeline": 1,
     "losses": 1,
     "models": 1,
     "trainer": 2,
+    # trainer/, bottom to top: the key table; the trainer section; runtime (ranks, engine, data, logs); state
+    # (checkpoints); consolidation; the pieces (samplers, teachers, sharing) and the tasks that compose them; the
+    # root config that names them; the run folder's guards; the loop; the entry point.
+    "trainer.config_keys": 2.0,
+    "trainer.trainer_config": 2.05,
+    "trainer.state.safe_checkpoint": 2.08,  # safe loads and atomic writes, which the engine installs
+    "trainer.runtime": 2.1,
+    "trainer.state": 2.2,
+    "trainer.consolidate": 2.25,
+    "trainer.samplers": 2.3,
+    "trainer.teachers": 2.3,
+    "trainer.sharing": 2.35,
+    "trainer.tasks": 2.4,
+    "trainer.config": 2.5,
+    "trainer.run_folder": 2.6,
+    "trainer.loop": 2.7,
+    "trainer.run": 2.8,
     "search": 3,
     "bench": 4,
     "scripts": 4,
@@ -34,9 +50,8 @@ PEERS: set[tuple[str, str]] = {
     # (importer's prefix, imported prefix) on one floor: the first's modules may import the second's.
     ("tests", "bench"),  # tests run the benches and test their helpers
 }
-SYS_PATH_EDITORS = {"trainer/run.py", "search/run.py", "trainer/search.py"}
-"""Entry points run as scripts, which put the repository root first on ``sys.path`` (``trainer/search.py`` is
-the search's former entry point, deprecated)."""
+SYS_PATH_EDITORS = {"trainer/run.py", "search/run.py"}
+"""Entry points run as scripts, which put the repository root first on ``sys.path``."""
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_PATH = "tests"

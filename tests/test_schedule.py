@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from trainer.schedule import lr_at
+from trainer.runtime.schedule import lr_at
 
 
 def test_warmup_times_cosine_is_the_reference_rule():

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from data_pipeline import prepare as prep
-from trainer.checkpoint import latest_tag
+from trainer.state.checkpoint import latest_tag
 
 pytestmark = pytest.mark.slow
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}

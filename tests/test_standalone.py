@@ -86,7 +86,7 @@ def test_fixed_teacher_chain_trains_caches_resumes_and_reloads(repo, digits_shar
     resumes bit-identically and its final export reloads with the accuracy it reported."""
     from data_pipeline import build_loader
     from data_pipeline.device_transforms import normalize
-    from trainer.evaluate import accuracy_counts
+    from trainer.runtime.evaluate import accuracy_counts
 
     teacher_run = tmp_path / "teacher"
     teacher_args = {

@@ -13,7 +13,7 @@ from workers.sandwich_equivalence import batches_for
 
 from losses import LossConfig, build_kd_loss, build_label_loss
 from models import ArchSampler, ModelConfig, build_supernet
-from trainer.optim import param_groups
+from trainer.runtime.optim import param_groups
 from trainer.samplers import sample_sandwich
 
 

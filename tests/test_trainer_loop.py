@@ -8,7 +8,7 @@ import json
 import torch
 from trainer_helpers import overrides, run_in_process
 
-from trainer.checkpoint import Checkpointer, latest_tag
+from trainer.state.checkpoint import Checkpointer, latest_tag
 
 
 def test_should_save_rule(tmp_path):

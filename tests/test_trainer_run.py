@@ -17,8 +17,8 @@ import torch
 from trainer_helpers import free_port, overrides, run_in_process
 
 from data_pipeline import prepare as prep
-from trainer.checkpoint import latest_tag
 from trainer.config import load_config
+from trainer.state.checkpoint import latest_tag
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +49,8 @@ def test_checkpoints_retention_resume_and_foreign_config(repo, digits, tmp_path,
     assert trainer.resumed_from == "step000000006" and results["global_step"] == 8
 
     # A different config is refused with a clear message; allowed, a different model config still is.
-    from trainer.checkpoint import CheckpointError
     from trainer.run_folder import RunFolderError
+    from trainer.state.checkpoint import CheckpointError
 
     with pytest.raises(RunFolderError, match=r"model.dropout: 0.1 -> 0.3"):
         run_in_process(repo, overrides(run, digits, **{"model.dropout": 0.3}))

@@ -16,7 +16,7 @@ import yaml
 from torch import nn
 from trainer_helpers import child_env, free_port
 
-from trainer.distributed import (
+from trainer.runtime.distributed import (
     SHM_DIR,
     DistributedEnvError,
     configure_threads,
@@ -27,9 +27,9 @@ from trainer.distributed import (
     port_for_job,
     resolve,
 )
-from trainer.ds_config import build_ds_config, global_batch_size
-from trainer.optim import ClippedSGD, param_groups
-from trainer.schedule import lr_at
+from trainer.runtime.ds_config import build_ds_config, global_batch_size
+from trainer.runtime.optim import ClippedSGD, param_groups
+from trainer.runtime.schedule import lr_at
 from trainer.trainer_config import TrainerConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -296,7 +296,7 @@ def test_zero_1_accumulates_in_grad_without_per_parameter_hooks_unless_asked(sin
     so the N backward passes of a step accumulate in ``.grad`` as in plain PyTorch; on, it hooks every
     parameter. The setting reaches ZeRO-2's optimizer too; ZeRO-3 keeps DeepSpeed's."""
     from models import ModelConfig, build_supernet
-    from trainer.engine import build_engine
+    from trainer.runtime.engine import build_engine
 
     init_distributed(resolve(), 60.0)  # the session's one in-process group (DeepSpeed cannot make a second)
     torch.manual_seed(0)
@@ -314,12 +314,12 @@ def test_zero_1_accumulates_in_grad_without_per_parameter_hooks_unless_asked(sin
 
 @pytest.mark.parametrize("coalesce", [True, False])
 def test_zero_2_reduces_a_step_once_when_coalescing(single_rank, monkeypatch, coalesce):
-    """``trainer.engine.one_reduction`` around a step's 4 backward passes: ZeRO-2 reduces its gradient bucket
+    """``trainer.runtime.engine.one_reduction`` around a step's 4 backward passes: ZeRO-2 reduces its gradient bucket
     once, at the block's end (``trainer.coalesce_grad_reduction``, the default), instead of after every backward
     pass; the optimizer step then applies (the engine is at its accumulation boundary)."""
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, ModelConfig, build_supernet
-    from trainer.engine import build_engine, one_reduction
+    from trainer.runtime.engine import build_engine, one_reduction
     from trainer.samplers import sample_sandwich
     from trainer.tasks.sandwich import SandwichStep
 
@@ -348,7 +348,7 @@ def test_zero_3_marks_the_network_or_its_blocks_as_leaf_modules():
     from deepspeed.utils import z3_leaf_module
 
     from models import ModelConfig, build_supernet
-    from trainer.engine import mark_zero3_leaves
+    from trainer.runtime.engine import mark_zero3_leaves
 
     whole = build_supernet(ModelConfig(search_space="tiny", num_classes=10))
     assert mark_zero3_leaves(whole, "network") == [type(whole)]
@@ -365,7 +365,7 @@ def test_a_zero_3_network_leaf_sees_an_input_that_requires_a_gradient_only_while
     """DeepSpeed reduces a leaf's gradients from its full backward hook, which fires when the gradient of the leaf's
     input is computed: for the whole network that is the images, which need one (the update equivalence test fails
     with "Cannot reduce scatter" without it)."""
-    from trainer.engine import _input_requires_grad
+    from trainer.runtime.engine import _input_requires_grad
 
     images = torch.randn(2, 3, 8, 8)
     (given, flag) = _input_requires_grad(nn.Identity(), (images, True))

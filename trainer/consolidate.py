@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from fileops import atomic_output
 from models.config import ModelConfig
-from trainer.checkpoint import latest_tag
-from trainer.safe_checkpoint import CheckpointFileError, safe_load
+from trainer.state.checkpoint import latest_tag
+from trainer.state.safe_checkpoint import CheckpointFileError, safe_load
 
 WEIGHTS_NAME = "supernet.safetensors"
 

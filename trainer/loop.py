@@ -17,21 +17,21 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import EpochSummary
-from trainer import host_allocator
-from trainer.checkpoint import Checkpointer, check_resumable, rng_state, set_rng_state
 from trainer.config import RunConfig, model_hash, write_resolved
-from trainer.distributed import configure_threads, init_distributed, local_world_size, resolve
-from trainer.ds_config import global_batch_size
-from trainer.engine import build_engine
-from trainer.host_allocator import keep_freed_memory
-from trainer.metrics import MetricsLogger
 from trainer.run_folder import RunFolderLock, check_config_change, record_config_change
+from trainer.runtime import host_allocator
 from trainer.runtime.data import build_run_data
+from trainer.runtime.distributed import configure_threads, init_distributed, local_world_size, resolve
+from trainer.runtime.ds_config import global_batch_size
+from trainer.runtime.engine import build_engine
 from trainer.runtime.guards import TrainingStopped, bad_data, check_bad_steps
+from trainer.runtime.host_allocator import keep_freed_memory
+from trainer.runtime.metrics import MetricsLogger
 from trainer.runtime.ranks import agree, gathered_objects, mean_over_ranks
 from trainer.runtime.requeue import requeue_if_asked
+from trainer.runtime.schedule import lr_at
 from trainer.runtime.timing import StepTiming
-from trainer.schedule import lr_at
+from trainer.state.checkpoint import Checkpointer, check_resumable, rng_state, set_rng_state
 from trainer.tasks import RunContext, build_task
 
 __all__ = ["Trainer", "TrainingStopped"]

@@ -17,7 +17,7 @@ sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolv
 import argparse  # noqa: E402
 import faulthandler  # noqa: E402
 
-from trainer.host_allocator import share_one_arena  # noqa: E402
+from trainer.runtime.host_allocator import share_one_arena  # noqa: E402
 
 # Before numpy and torch are imported (they start threads): glibc fixes its arena limit when a second thread first
 # allocates.  One arena is the part of trainer.keep_freed_host_memory that cannot wait for the config.
@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config_or_exit(args)
 
     from data_pipeline import DataError
-    from trainer.checkpoint import CheckpointError
-    from trainer.distributed import DistributedEnvError
     from trainer.loop import Trainer, TrainingStopped
     from trainer.run_folder import RunFolderError
+    from trainer.runtime.distributed import DistributedEnvError
+    from trainer.state.checkpoint import CheckpointError
     from typedconfig import ConfigError
 
     try:

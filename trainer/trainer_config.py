@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from trainer.schedule import LRSchedule
 from typedconfig import Range, check_ranges
+
+LRSchedule = Literal["warmup_times_cosine", "warmup_then_cosine"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -51,7 +52,7 @@ class TrainerConfig:
     zero3_gather: Literal["network", "block"] = "network"
     """ZeRO-3: what DeepSpeed gathers parameters for, in one go.  ``network``: the whole network, once per
     forward pass and once per backward pass, released after each (the network is DeepSpeed's one leaf module;
-    ``trainer.engine.mark_zero3_leaves``).  ``block``: each block of the network, gathered before it runs and
+    ``trainer.runtime.engine.mark_zero3_leaves``).  ``block``: each block of the network, gathered before it runs and
     released after, so that only one block's parameters are whole at a time, for a network whose parameters do
     not fit on one device (the AlphaNet supernet's are 96 MB in fp32).  Same updates either way (tested).
     ``bench/step_throughput.py --paired`` measured ZeRO-3 at 0.86× the plain loop with ``network`` against 0.64×
@@ -66,7 +67,7 @@ class TrainerConfig:
     """Forward passes under bfloat16 autocast with fp32 weights, fp32 losses and fp32 gradients (accumulated and
     reduced in fp32; any ZeRO stage).  Faster only where the hardware has bf16 instructions (AVX-512 BF16 or
     AMX on CPUs, Ampere and later GPUs); on a CPU without them it is several times slower than fp32
-    (``trainer.precision``)."""
+    (``trainer.runtime.precision``)."""
     gradient_accumulation_steps: Annotated[int, Range(ge=1)] = 1
     """Mini-batches per optimizer step (each runs the full sandwich)."""
     checkpoint_every_steps: Annotated[int, Range(ge=1)] = 1000
@@ -89,7 +90,7 @@ class TrainerConfig:
     """torch threads of each rank; null: the cores the process may use ÷ the ranks on its node."""
     keep_freed_host_memory: bool = True
     """Each rank's ``malloc`` keeps freed memory for the next step instead of returning it to the kernel
-    (``trainer.host_allocator``, glibc only): 3–14 % faster steps on 2 CPU ranks at full size, 0–5 % more
+    (``trainer.runtime.host_allocator``, glibc only): 3–14 % faster steps on 2 CPU ranks at full size, 0–5 % more
     peak resident memory.  Off: glibc's defaults, except that ``trainer/run.py`` has given the
     rank's threads one arena before it read the config."""
     channels_last: bool = True

@@ -87,7 +87,7 @@ class AlphaNetSupernet(nn.Module):
     """Stem → stages of dynamic MBConv blocks → MBPool head → classifier, all sliceable."""
 
     zero3_leaf_types = (DynamicMBConvBlock,)
-    """Under ZeRO-3 a block's parameters are gathered together (``trainer.engine.mark_zero3_leaves``)."""
+    """Under ZeRO-3 a block's parameters are gathered together (``trainer.runtime.engine.mark_zero3_leaves``)."""
 
     channels_last = True
     """Run the convolutions on channels-last tensors (see :func:`models.ops.conv_layout`); a runtime switch

@@ -57,7 +57,7 @@ class SlimmableSupernet(nn.Module):
     ``only``: build the layers for that one sub-network (the standalone model :meth:`extract` returns)."""
 
     zero3_leaf_types = (SlimBlockModule,)
-    """Under ZeRO-3 a block's parameters are gathered together (``trainer.engine.mark_zero3_leaves``)."""
+    """Under ZeRO-3 a block's parameters are gathered together (``trainer.runtime.engine.mark_zero3_leaves``)."""
 
     channels_last = True
     """Run the convolutions on channels-last tensors (see :func:`models.ops.conv_layout`); a runtime switch

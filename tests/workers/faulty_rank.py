@@ -20,7 +20,8 @@ from pathlib import Path
 def inject(fault: str, rank: int, step: int) -> None:
     import torch
 
-    from trainer import checkpoint, loop
+    from trainer import loop
+    from trainer.state import checkpoint
 
     if fault == "none" or int(os.environ.get("RANK", "0")) != rank:
         return

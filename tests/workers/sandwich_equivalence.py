@@ -23,9 +23,9 @@ def main() -> None:
     gather = "block" if "block" in sys.argv[3:] else "network"
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, ModelConfig, build_supernet
-    from trainer.distributed import init_distributed, resolve
-    from trainer.engine import build_engine, one_reduction
-    from trainer.evaluate import gathered
+    from trainer.runtime.distributed import init_distributed, resolve
+    from trainer.runtime.engine import build_engine, one_reduction
+    from trainer.runtime.evaluate import gathered
     from trainer.samplers import sample_sandwich
     from trainer.tasks.sandwich import SandwichStep
     from trainer.trainer_config import TrainerConfig

@@ -17,7 +17,7 @@ def main() -> None:
     import deepspeed.comm.comm as ds_comm
     import torch.distributed as dist
 
-    from trainer.distributed import init_distributed, resolve, shared_allreduce_buffer
+    from trainer.runtime.distributed import init_distributed, resolve, shared_allreduce_buffer
     from trainer.trainer_config import TrainerConfig
 
     env = resolve()

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer.collectives import all_reduce_
+from trainer.runtime.collectives import all_reduce_
 
 
 def _several(world: int) -> bool:

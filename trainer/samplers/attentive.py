@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 import torch
 import torch.distributed as dist
 
-from trainer.collectives import all_reduce_
+from trainer.runtime.collectives import all_reduce_
 from trainer.samplers import SAMPLERS, Probe, Sampler, SamplerConfig, SamplerContext
 from typedconfig import Range, check_ranges
 

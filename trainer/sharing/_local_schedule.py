@@ -44,7 +44,7 @@ from models.mbconv.local_sharing import (
     operator_at,
     stage_operators,
 )
-from trainer.collectives import all_reduce_
+from trainer.runtime.collectives import all_reduce_
 from trainer.samplers import Subnet
 from typedconfig import ConfigError
 

@@ -20,9 +20,9 @@ from data_pipeline.device_transforms import normalize, rescale
 from losses import build_kd_loss, build_label_loss
 from losses.divergences import KDLoss
 from models import build_supernet, subnet_cost
-from trainer.engine import one_reduction
-from trainer.evaluate import collect_calibration, evaluate_arch
-from trainer.precision import forward_logits
+from trainer.runtime.engine import one_reduction
+from trainer.runtime.evaluate import collect_calibration, evaluate_arch
+from trainer.runtime.precision import forward_logits
 from trainer.samplers import SAMPLERS, SamplerConfig, SamplerContext, Subnet, build_sampler, sandwich_subnets
 from trainer.sharing import SharingContext, build_sharing, check_sharing_config
 from trainer.tasks import TASKS, RunContext, Task, TaskConfig

@@ -17,8 +17,8 @@ from data_pipeline import build_loader
 from data_pipeline.device_transforms import normalize
 from losses import build_kd_loss, build_label_loss
 from trainer.config_keys import RESOLVED_CONFIG_NAME, config_hash
-from trainer.engine import one_reduction
-from trainer.evaluate import accuracy_counts, collect_calibration, gathered, percentages
+from trainer.runtime.engine import one_reduction
+from trainer.runtime.evaluate import accuracy_counts, collect_calibration, gathered, percentages
 from trainer.tasks import TASKS, RunContext, Task
 from trainer.tasks.one_network.config import NetworkSource, OneNetworkConfig
 from trainer.tasks.one_network.distill import FixedTeacher, StandaloneStep, teacher_logit_cache

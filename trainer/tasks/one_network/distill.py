@@ -17,7 +17,7 @@ from torch import nn
 from data_pipeline.device_transforms import normalize, rescale
 from fileops import atomic_output
 from losses.divergences import KDLoss
-from trainer.precision import forward_logits
+from trainer.runtime.precision import forward_logits
 from trainer.tasks.one_network.networks import Network
 
 

@@ -21,7 +21,7 @@ from models.export import ARCH, WEIGHTS, fp32_state
 from models.ops import DynamicLinear
 from trainer.config_keys import RESOLVED_CONFIG_NAME, current_keys
 from trainer.consolidate import load_supernet
-from trainer.evaluate import calibrated_subnet
+from trainer.runtime.evaluate import calibrated_subnet
 from trainer.tasks.one_network.config import NetworkSource
 from typedconfig import ConfigError, from_mapping, load_yaml
 

@@ -15,9 +15,9 @@ import deepspeed
 import torch
 from torch import nn
 
-from trainer.ds_config import build_ds_config
-from trainer.optim import ClippedSGD, param_groups
-from trainer.safe_checkpoint import install_guarded_engine
+from trainer.runtime.ds_config import build_ds_config
+from trainer.runtime.optim import ClippedSGD, param_groups
+from trainer.state.safe_checkpoint import install_guarded_engine
 from trainer.trainer_config import TrainerConfig
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.collectives import all_reduce_
+from trainer.runtime.collectives import all_reduce_
 
 
 class ClippedSGD(torch.optim.SGD):

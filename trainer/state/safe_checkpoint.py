@@ -8,7 +8,7 @@ is refused with :class:`CheckpointFileError` naming it; so is a file that cannot
 :class:`GuardedCheckpointEngine` replaces DeepSpeed's checkpoint engine on our engines.  It loads through
 :func:`safe_load`, and it writes each file to a temporary name, fsyncs and renames it.  A write that
 fails (disk full, permissions) is *recorded* instead of raised, so every rank still reaches DeepSpeed's
-own barriers and then the all-reduced success flag in :class:`trainer.checkpoint.Checkpointer`; raising
+own barriers and then the all-reduced success flag in :class:`trainer.state.checkpoint.Checkpointer`; raising
 on one rank inside DeepSpeed's save would leave the others waiting in a barrier until the timeout.
 """
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
-LRSchedule = Literal["warmup_times_cosine", "warmup_then_cosine"]
+from trainer.trainer_config import LRSchedule
 
 
 def warmup_factor(step: int, warmup_steps: int, start_factor: float) -> float:

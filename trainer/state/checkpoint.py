@@ -6,7 +6,7 @@ Every file is written to a temporary name, fsynced and renamed.  ``<run>/checkpo
 newest committed tag; rank 0 writes it only after an all-reduce says that every rank wrote all of its
 files, so a checkpoint with a missing or partial file is never committed (a failed one is removed and
 training stops with the failing ranks' errors).  Resuming reads only data (``weights_only``, see
-:mod:`trainer.safe_checkpoint`); when a file of the newest committed checkpoint cannot be read on any
+:mod:`trainer.state.safe_checkpoint`); when a file of the newest committed checkpoint cannot be read on any
 rank, every rank falls back to the previous retained one, and the log says which file and why.
 """
 
@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from fileops import atomic_output, atomic_write_text
-from trainer.collectives import all_reduce_
-from trainer.safe_checkpoint import CheckpointFileError, GuardedCheckpointEngine, safe_load
+from trainer.runtime.collectives import all_reduce_
+from trainer.state.safe_checkpoint import CheckpointFileError, GuardedCheckpointEngine, safe_load
 
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step(\d{9})$")
@@ -227,5 +227,7 @@ class Checkpointer:
 def _guarded(engine) -> GuardedCheckpointEngine:
     guarded = engine.checkpoint_engine
     if not isinstance(guarded, GuardedCheckpointEngine):
-        raise TypeError("the engine was not built by trainer.engine.build_engine (no guarded checkpoint engine)")
+        raise TypeError(
+            "the engine was not built by trainer.runtime.engine.build_engine (no guarded checkpoint engine)"
+        )
     return guarded

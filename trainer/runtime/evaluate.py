@@ -22,7 +22,7 @@ from data_pipeline.batch import Batch
 from data_pipeline.device_transforms import normalize, rescale
 from data_pipeline.loader import ResumableLoader
 from models import ArchConfig, StaticSubnet, extract_subnet
-from trainer.collectives import all_reduce_
+from trainer.runtime.collectives import all_reduce_
 
 
 def gathered(module: nn.Module, zero_stage: int):
