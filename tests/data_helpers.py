@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_pipeline import DataConfig
+
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
     rng = np.random.default_rng(seed)
@@ -43,3 +45,14 @@ def rewrite_tar(src: Path, dst: Path, edit) -> None:
             out = tarfile.TarInfo(info.name)
             out.size = len(result)
             tout.addfile(out, io.BytesIO(result))
+
+
+def config(root: Path, fmt: str, **kw) -> DataConfig:
+    """The loader tests' data section: small batches, two workers, a mild crop."""
+    base = dict(format=fmt, root=root, batch_size=16, num_workers=2, eval_resize=36, crop_scale=(0.3, 1.0))
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def all_batches(loader):
+    return [(b.images.clone(), b.labels.clone()) for b in loader]
