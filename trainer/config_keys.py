@@ -95,7 +95,7 @@ def current_keys(data: dict[str, Any], *, source: str | Path | None = None, note
         for key in found:
             notes.append(
                 f"config{f' {source}' if source else ''}: '{key}' is now '{RENAMED[key]}' (the old key is read "
-                f"until {REMOVED_IN}; see docs/config.md)"
+                f"until {REMOVED_IN}; see docs/architecture.md)"
             )
     return data
 

@@ -56,11 +56,11 @@ Probe = Callable[[Any], torch.Tensor]
 
 @dataclass(kw_only=True, slots=True)
 class SamplerConfig:
-    """``task.sampler``: ``{name: NAME, ...}`` with the keys of the sampler named (see ``docs/config.md``)."""
+    """``task.sampler``: ``{name: NAME, ...}`` with the keys of the sampler named (see ``docs/architecture.md``)."""
 
     registry: ClassVar[Registry] = SAMPLERS
     name: str = "uniform"
-    """The sampler (``uniform``, ``attentive``, ``flops_uniform``, ...)."""
+    """The sampler: a name registered in :data:`SAMPLERS` (``uniform``, ``attentive``, ...)."""
 
 
 @dataclass(slots=True)

@@ -25,7 +25,7 @@ TASKS = Registry("task", package="trainer.tasks")
 
 @dataclass(kw_only=True, slots=True)
 class TaskConfig:
-    """``task``: ``{name: NAME, ...}`` with the keys of the task named (see ``docs/config.md``)."""
+    """``task``: ``{name: NAME, ...}`` with the keys of the task named (see ``docs/architecture.md``)."""
 
     registry: ClassVar[Registry] = TASKS
     name: str = "sandwich"

@@ -41,7 +41,7 @@ class SandwichConfig(TaskConfig):
     sampler: SamplerConfig = field(default_factory=lambda: SAMPLERS.config_class("uniform")())
     """How the N−2 middle sub-networks are drawn: ``uniform`` (every gene independently, the AlphaNet
     reference), ``attentive`` (AttentiveNAS: the best or worst of a few candidates near a FLOPs target, by their
-    loss on the mini-batch), ``flops_uniform`` (a FLOPs target drawn uniformly, then an architecture near it)."""
+    loss on the mini-batch); every piece registered in ``trainer.samplers`` (docs/architecture.md)."""
     teacher: TeacherConfig = field(default_factory=lambda: TEACHERS.config_class("inplace")())
     """Who teaches the sub-networks: ``inplace`` (the largest sub-network's detached logits, AlphaNet),
     ``voted`` (SD-DARTS: the vote of the last K snapshots of the supernet replaces the in-place teacher once a

@@ -24,7 +24,7 @@ TEACHERS = Registry("teacher", package="trainer.teachers")
 
 @dataclass(kw_only=True, slots=True)
 class TeacherConfig:
-    """``task.teacher``: ``{name: NAME, ...}`` with the keys of the teacher named (see ``docs/config.md``)."""
+    """``task.teacher``: ``{name: NAME, ...}`` with the keys of the teacher named (see ``docs/architecture.md``)."""
 
     registry: ClassVar[Registry] = TEACHERS
     name: str = "inplace"
