@@ -32,8 +32,8 @@ def train(config: Path, run_dir: Path, data: Path, seed: int, epochs: int, loss_
     """One training run in its own process (DeepSpeed initialises one process group per process)."""
     if (run_dir / "supernet.safetensors").is_file():
         return
-    overrides = [f"run_dir={run_dir}", f"data.root={data}", f"seed={seed}", f"trainer.epochs={epochs}"]
-    overrides += ["trainer.eval_every_epochs=0", "trainer.tensorboard=false", *loss_overrides]
+    overrides = [f"run_dir={run_dir}", f"data.root={data}", f"seed={seed}", f"optimizer.epochs={epochs}"]
+    overrides += ["eval.every_epochs=0", "log.tensorboard=false", *loss_overrides]
     run_trainer(config, overrides, run_dir.parent / f"{run_dir.name}.log")
     consolidate(run_dir)
 

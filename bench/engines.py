@@ -71,9 +71,9 @@ class PlainEngine:
                 g.copy_(synced)
 
     def step(self):
-        from trainer.trainer_config import TrainerConfig
+        from trainer.sections import OptimizerConfig
 
-        torch.nn.utils.clip_grad_value_(self.net.parameters(), TrainerConfig().grad_clip_value)
+        torch.nn.utils.clip_grad_value_(self.net.parameters(), OptimizerConfig().grad_clip_value)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -84,23 +84,28 @@ class PlainEngine:
 def plain(net: torch.nn.Module, device: torch.device | None = None) -> Built:
     """Our math in a hand-written loop (:class:`PlainEngine`) with the trainer's optimizer, on ``device``."""
     from trainer.runtime.engine import build_optimizer
-    from trainer.trainer_config import TrainerConfig
+    from trainer.sections import OptimizerConfig
 
     if device is not None:
         net = net.to(device)
-    optimizer = build_optimizer(net, TrainerConfig(), lr=LR)
+    optimizer = build_optimizer(net, OptimizerConfig(), lr=LR)
     return Built(PlainEngine(net, optimizer), net, optimizer, contextlib.nullcontext)
 
 
 def deepspeed(net: torch.nn.Module, *, micro_batch: int, world_size: int, **trainer_options) -> Built:
     """The engine ``trainer/run.py`` trains with (``trainer.runtime.engine.build_engine``), configured by the
-    ``trainer:`` options given, stepping as the trainer does (``trainer.runtime.engine.one_reduction``)."""
+    ``engine:`` / ``optimizer:`` options given (``bf16=True``: ``precision: bf16``), stepping as the trainer does
+    (``trainer.runtime.engine.one_reduction``)."""
     from trainer.runtime.engine import build_engine, one_reduction
-    from trainer.trainer_config import TrainerConfig
+    from trainer.sections import EngineConfig, OptimizerConfig
 
-    tc = TrainerConfig(**trainer_options)
-    built = build_engine(net, tc, micro_batch=micro_batch, world_size=world_size, lr=LR)
-    return Built(built.engine, built.module, built.engine.optimizer, lambda: one_reduction(built.engine, tc))
+    if trainer_options.pop("bf16", False):
+        trainer_options["precision"] = "bf16"
+    engine_keys = set(EngineConfig.__dataclass_fields__)
+    ec = EngineConfig(**{k: v for k, v in trainer_options.items() if k in engine_keys})
+    oc = OptimizerConfig(**{k: v for k, v in trainer_options.items() if k not in engine_keys})
+    built = build_engine(net, ec, oc, micro_batch=micro_batch, world_size=world_size, lr=LR)
+    return Built(built.engine, built.module, built.engine.optimizer, lambda: one_reduction(built.engine, ec))
 
 
 def fresh_engine(make: Callable[[torch.nn.Module], Built], config, options: dict) -> Built:
@@ -118,10 +123,10 @@ def fresh_engine(make: Callable[[torch.nn.Module], Built], config, options: dict
 def start_ranks():
     """This process's rank in the process group, started as the trainer starts it: (its environment, its device)."""
     from trainer.runtime.distributed import init_distributed, resolve
-    from trainer.trainer_config import TrainerConfig
+    from trainer.sections import EngineConfig
 
     env = resolve()
-    return env, init_distributed(env, TrainerConfig().dist_timeout_s)
+    return env, init_distributed(env, EngineConfig().dist_timeout_s)
 
 
 def sandwich_step(*, bf16_autocast: bool = False):

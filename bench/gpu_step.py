@@ -9,9 +9,9 @@ scaling model adds communication to.  Engines, all running the trainer's 4-sub-n
 resolution) on the same sub-networks and batches:
 
 - **plain PyTorch** (``bench.engines.PlainEngine``): our math in a hand-written loop, channels-last,
-  also NCHW, and each with bf16 autocast (``trainer.bf16_autocast``);
+  also NCHW, and each with bf16 autocast (``engine.precision: bf16_autocast``);
 - **DeepSpeed ZeRO-0..3** (``trainer.runtime.engine.build_engine``, what ``trainer/run.py`` trains with), fp32, and
-  ZeRO-1 with bf16 autocast and with bf16 weights (``trainer.bf16``, DeepSpeed's BF16 optimizer).
+  ZeRO-1 with bf16 autocast and with bf16 weights (``engine.precision: bf16``, DeepSpeed's BF16 optimizer).
 
 The effective rate counts what the FLOPs counter counts (``models.flops``: 2 FLOPs per multiply-add of
 every convolution and the classifier, forward + backward = 3 × forward) for the sub-networks actually
@@ -65,12 +65,12 @@ def main() -> None:
     from models import ArchSampler, build_supernet
     from trainer.runtime.distributed import configure_threads, init_distributed, resolve
     from trainer.samplers import sample_sandwich
-    from trainer.trainer_config import TrainerConfig
+    from trainer.sections import EngineConfig
 
     env = resolve()
     if env.world_size != 1:
         sys.exit("bench.gpu_step runs as one process (world size 1)")
-    device = init_distributed(env, TrainerConfig().dist_timeout_s)
+    device = init_distributed(env, EngineConfig().dist_timeout_s)
     assert device.type == ("cuda" if cuda else "cpu"), device
 
     def synchronize() -> None:

@@ -1,4 +1,4 @@
-"""The trainer's engine under glibc's default ``malloc`` and under the trainer's (``trainer.keep_freed_host_memory``):
+"""The trainer's engine under glibc's default ``malloc`` and under the trainer's (``engine.keep_freed_host_memory``):
 time per step, kernel time and page faults per step, and the peak resident memory as the steps go on.
 
     .venv/bin/python -m bench.host_allocator [--space alphanet] [--batch 4] [--steps 60] [--stage 1] [--rounds 1]

@@ -57,8 +57,8 @@ def train_alone(config: Path, table: Path, name: str, arch_key: str, data: Path,
     run_dir = out / f"{budget}"
     metrics = run_dir / "metrics.jsonl"
     if not (run_dir / "final").is_dir():
-        overrides = [f"run_dir={run_dir}", f"data.root={data}", f"trainer.epochs={epochs}"]
-        overrides += ["trainer.eval_every_epochs=0", "trainer.tensorboard=false"]
+        overrides = [f"run_dir={run_dir}", f"data.root={data}", f"optimizer.epochs={epochs}"]
+        overrides += ["eval.every_epochs=0", "log.tensorboard=false"]
         overrides += ["task.name=one_network", f"task.student.arch={table}:{name}", "task.label_weight=1.0"]
         run_trainer(config, overrides, out / f"{budget}.log")
     records = [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -35,14 +35,14 @@ the optimizer's own update.  Peak RSS is the rank's high-water mark while that e
 at once, every step's sandwich and batch run by each in turn, for ratios that the machine's drift cannot
 move (no profile, no memory figures).  It can also name ``ZeRO-1, DeepSpeed defaults`` (and 2, 3): the stage
 with DeepSpeed's own ``contiguous_gradients`` and a reduction after every backward pass, which the trainer
-changes (``trainer.contiguous_gradients``, ``trainer.coalesce_grad_reduction``), and ``plain PyTorch, pinned``:
+changes (``engine.contiguous_gradients``, ``engine.coalesce_grad_reduction``), and ``plain PyTorch, pinned``:
 the plain loop with each rank's thread held on a core of its own during its steps (thread placement; the
 trainer does not pin), and ``ZeRO-3, block gather``: ZeRO-3 gathering each block's parameters before it runs
-rather than the whole network's (``trainer.zero3_gather: block``).  It also prints the kernel time and minor
+rather than the whole network's (``engine.zero3_gather: block``).  It also prints the kernel time and minor
 page faults of each engine's steps on rank 0.
 
 ``--allocator kept`` (the default) sets each rank's ``malloc`` as the trainer does
-(``trainer.keep_freed_host_memory``: freed memory kept for the next step); ``--allocator glibc-default`` leaves
+(``engine.keep_freed_host_memory``: freed memory kept for the next step); ``--allocator glibc-default`` leaves
 glibc's defaults, under which the large tensors of every step are mapped afresh and faulted in again.  It is
 process-wide, so every engine of a run (the reference-style step too) runs under the same allocator.
 """
@@ -273,7 +273,7 @@ def worker(args) -> None:
     engines += [(f"DeepSpeed ZeRO-{stage}", deepspeed_stage(stage), {}) for stage in (0, 1, 2, 3)]
     if bf16:  # the engine of the ImageNet recipe, as a user would switch bf16 on
         engines.append(("ZeRO-1 + bf16 autocast", deepspeed_stage(1), {"bf16_autocast": True, "profile": native_bf16}))
-    if args.paired:  # also DeepSpeed's own defaults, which the trainer changes (``trainer.contiguous_gradients``...)
+    if args.paired:  # also DeepSpeed's own defaults, which the trainer changes (``engine.contiguous_gradients``...)
         defaults = {"contiguous_gradients": True, "coalesce_grad_reduction": False}
         engines += [(f"ZeRO-{s}, DeepSpeed defaults", deepspeed_stage(s, **defaults), {}) for s in (1, 2, 3)]
         engines.append(("plain PyTorch, pinned", plain, {"pinned": True}))
@@ -473,7 +473,7 @@ def main() -> None:
         "--allocator",
         choices=("kept", "glibc-default"),
         default="kept",
-        help="each rank's malloc: kept = trainer.keep_freed_host_memory, as the trainer runs (default)",
+        help="each rank's malloc: kept = engine.keep_freed_host_memory, as the trainer runs (default)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)

@@ -49,16 +49,16 @@ check() {  # check NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remembe
 } 2>&1 | grep -v "^\[" | tee "$OUT/env.log"
 
 DS=("$PY" -c "from deepspeed.launcher.runner import main; main()" --num_gpus 1)
-TRAIN=(trainer/run.py --config configs/tiny_cpu.yaml --set "trainer.epochs=$EPOCHS" trainer.eval_every_epochs=2)
+TRAIN=(trainer/run.py --config configs/tiny_cpu.yaml --set "optimizer.epochs=$EPOCHS" eval.every_epochs=2)
 
 check prepare 120 "$PY" -m data_pipeline.prepare --source digits --out data/digits --formats webdataset --quiet
-check train_zero0_part1 150 "${DS[@]}" "${TRAIN[@]}" "run_dir=$RUNS/z0" trainer.max_steps=40
+check train_zero0_part1 150 "${DS[@]}" "${TRAIN[@]}" "run_dir=$RUNS/z0" optimizer.max_steps=40
 check train_zero0_resume 150 "${DS[@]}" "${TRAIN[@]}" "run_dir=$RUNS/z0"
 check bench_gpu_step 300 "$PY" -m bench.gpu_step $BENCH_ARGS
-check train_zero1_bf16 150 "${DS[@]}" "${TRAIN[@]}" "run_dir=$RUNS/z1bf16" trainer.zero_stage=1 trainer.bf16=true
-check train_zero2 150 "${DS[@]}" "${TRAIN[@]}" "run_dir=$RUNS/z2" trainer.zero_stage=2
-check train_zero3_autocast 150 "${DS[@]}" "${TRAIN[@]}" "run_dir=$RUNS/z3ac" trainer.zero_stage=3 \
-    trainer.bf16_autocast=true
+check train_zero1_bf16 150 "${DS[@]}" "${TRAIN[@]}" "run_dir=$RUNS/z1bf16" engine.zero_stage=1 engine.precision=bf16
+check train_zero2 150 "${DS[@]}" "${TRAIN[@]}" "run_dir=$RUNS/z2" engine.zero_stage=2
+check train_zero3_autocast 150 "${DS[@]}" "${TRAIN[@]}" "run_dir=$RUNS/z3ac" engine.zero_stage=3 \
+    engine.precision=bf16_autocast
 check search_export 150 "$PY" search/run.py --config configs/search_tiny_cpu.yaml --run "$RUNS/z0" \
     --export tiny_m pareto@0.5
 

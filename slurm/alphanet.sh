@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # AlphaNet supernet training on SLURM: 2-8 nodes x 8 GPUs (16-64 GPUs), one task per GPU.
 #   sbatch slurm/alphanet.sh                                   # settings below
-#   sbatch --nodes=4 --export=ALL,RUN_DIR=runs/a4n slurm/alphanet.sh trainer.zero_stage=2
+#   sbatch --nodes=4 --export=ALL,RUN_DIR=runs/a4n slurm/alphanet.sh engine.zero_stage=2
 # Extra arguments are --set overrides of the config. On the USR1 signal (300 s before the time
 # limit, or `scancel --signal=USR1 JOBID`) every rank saves at the next step boundary, then rank 0
 # requeues the job, which resumes from that checkpoint with the same command.

@@ -1,4 +1,4 @@
-"""``trainer.activation_checkpointing``: a checkpointed forward + backward equals the plain one (outputs, gradients,
+"""``engine.activation_checkpointing``: a checkpointed forward + backward equals the plain one (outputs, gradients,
 drop-path masks) and updates BatchNorm running statistics once; local sharing's routing and overrides, and a
 set_arch between forward and backward, recompute what the forward ran; a short run trains the same numbers."""
 
@@ -143,8 +143,8 @@ def test_standalone_runs_refuse_it(repo):
     from trainer.config import load_config
 
     with pytest.raises(ConfigError) as caught:
-        load_config(repo / "configs/tiny_finetune_cpu.yaml", ["trainer.activation_checkpointing=true"])
-    assert caught.value.key == "trainer.activation_checkpointing"
+        load_config(repo / "configs/tiny_finetune_cpu.yaml", ["engine.activation_checkpointing=true"])
+    assert caught.value.key == "engine.activation_checkpointing"
 
 
 def losses(run: Path) -> dict[int, dict[str, float]]:
@@ -157,11 +157,11 @@ def test_a_run_trains_the_same_with_checkpointing_and_may_resume_without(repo, d
     """Straight plain run vs. a run checkpointing activations for 3 steps, resumed without it (no
     --allow-config-change needed: the switch changes neither the weights nor the data order)."""
     plain, mixed = tmp_path / "plain", tmp_path / "mixed"
-    args = {"trainer.max_steps": 4, "trainer.checkpoint_every_steps": 100}
+    args = {"optimizer.max_steps": 4, "checkpoint.every_steps": 100}
     reference, _ = run_in_process(repo, overrides(plain, digits_shards, **args))
     first, _ = run_in_process(
         repo,
-        overrides(mixed, digits_shards, **{**args, "trainer.max_steps": 3, "trainer.activation_checkpointing": True}),
+        overrides(mixed, digits_shards, **{**args, "optimizer.max_steps": 3, "engine.activation_checkpointing": True}),
     )
     assert first.trained.activation_checkpointing
     resumed, _ = run_in_process(repo, overrides(mixed, digits_shards, **args))
@@ -174,4 +174,4 @@ def test_a_run_trains_the_same_with_checkpointing_and_may_resume_without(repo, d
     for key, value in reference.module.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=1e-5, msg=key)
     changes = [json.loads(line) for line in (mixed / "config_changes.jsonl").read_text().splitlines()]
-    assert changes[-1]["changes"]["trainer.activation_checkpointing"] == [True, False]
+    assert changes[-1]["changes"]["engine.activation_checkpointing"] == [True, False]

@@ -111,7 +111,7 @@ def test_attentive_run_trains_the_best_candidate_and_resumes_exactly(
             assert archs[1 + slot] == min(scored, key=lambda pair: pair[1])[0]
 
     resumed = tmp_path / "resumed"
-    run_in_process(repo, overrides(resumed, digits_shards, **{**extra, "trainer.max_steps": 4}))
+    run_in_process(repo, overrides(resumed, digits_shards, **{**extra, "optimizer.max_steps": 4}))
     trainer, _ = run_in_process(repo, overrides(resumed, digits_shards, **extra))
     assert trainer.resumed_from == "step000000004"
     assert middle_archs(resumed) == middle_archs(straight)

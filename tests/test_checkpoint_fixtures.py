@@ -6,7 +6,7 @@ they were written (``tests/fixtures/make_checkpoint_fixtures.py``; never rewritt
 it with the current code and the recorded command (one rank, ZeRO-0, the bundled digits), and checks:
 
 - it resumed from step 2, not from scratch, and the only config change against the folder's ``config.yaml``
-  is the operational ``trainer.max_steps``;
+  is the operational ``optimizer.max_steps``;
 - the model hash stored in the checkpoint is the one the current code computes for that config
   (``trainer.config.model_hash``);
 - the continuation is the recorded one: every logged value of steps 3-4, the final validation, the client
@@ -120,7 +120,7 @@ def test_a_fixture_checkpoint_resumes_and_continues_as_recorded(
     trainer, results = run_in_process(repo, command, recipe=recipe)
 
     assert trainer.resumed_from == tag(CHECKPOINT_STEP) and results["global_step"] == FINAL_STEP
-    assert trainer.config_changes == {"trainer.max_steps": (CHECKPOINT_STEP, FINAL_STEP)}
+    assert trainer.config_changes == {"optimizer.max_steps": (CHECKPOINT_STEP, FINAL_STEP)}
     current_hash = model_hash(load_config(repo / recipe, command))
     assert stored_hash == record["checkpoint_model_hash"] == current_hash == trainer.model_hash
 

@@ -128,7 +128,7 @@ def test_repeated_set_flags_all_apply_in_order(repo):
             "--config",
             "configs/tiny_cpu.yaml",
             "--set",
-            "trainer.max_steps=10",
+            "optimizer.max_steps=10",
             "seed=4",
             "--set",
             "run_dir=/tmp/x",
@@ -136,9 +136,9 @@ def test_repeated_set_flags_all_apply_in_order(repo):
             "seed=5",
         ]
     )
-    assert args.overrides == ["trainer.max_steps=10", "seed=4", "run_dir=/tmp/x", "seed=5"]
+    assert args.overrides == ["optimizer.max_steps=10", "seed=4", "run_dir=/tmp/x", "seed=5"]
     config = load_config(repo / args.config, args.overrides)
-    assert (config.trainer.max_steps, str(config.run_dir), config.seed) == (10, "/tmp/x", 5)
+    assert (config.optimizer.max_steps, str(config.run_dir), config.seed) == (10, "/tmp/x", 5)
     out = subprocess.run(
         [
             sys.executable,
@@ -147,7 +147,7 @@ def test_repeated_set_flags_all_apply_in_order(repo):
             "--config",
             "configs/tiny_cpu.yaml",
             "--set",
-            "trainer.max_steps=10",
+            "optimizer.max_steps=10",
             "--set",
             "run_dir=/tmp/x",
         ],
@@ -157,7 +157,7 @@ def test_repeated_set_flags_all_apply_in_order(repo):
     )
     assert out.returncode == 0, out.stderr
     resolved = yaml.safe_load(out.stdout)
-    assert (resolved["trainer"]["max_steps"], resolved["run_dir"]) == (10, "/tmp/x")
+    assert (resolved["optimizer"]["max_steps"], resolved["run_dir"]) == (10, "/tmp/x")
 
 
 def test_resolved_config_is_written_and_reloads_equal(tmp_path, repo):
@@ -203,12 +203,12 @@ def test_shipped_recipes_are_valid(repo, name):
 
 def test_imagenet_recipe_is_the_papers(repo):
     c = load_config(repo / "configs/alphanet_imagenet.yaml")
-    assert (c.trainer.epochs, c.trainer.lr_per_256, c.trainer.warmup_epochs, c.trainer.weight_decay) == (
+    assert (c.optimizer.epochs, c.optimizer.lr_per_256, c.optimizer.warmup_epochs, c.optimizer.weight_decay) == (
         360,
         0.1,
         5.0,
         1e-5,
     )
-    assert (c.trainer.grad_clip_value, c.loss.clip, c.loss.alpha_minus, c.loss.alpha_plus) == (1.0, 5.0, -1.0, 1.0)
+    assert (c.optimizer.grad_clip_value, c.loss.clip, c.loss.alpha_minus, c.loss.alpha_plus) == (1.0, 5.0, -1.0, 1.0)
     assert (c.model.dropout, c.model.drop_connect, c.loss.label_smoothing, c.data.auto_augment) == (0.2, 0.2, 0.1, "v0")
     assert c.data.batch_size == 32 and c.model.search_space == "alphanet"

@@ -38,8 +38,8 @@ def test_old_yaml_keys_resolve_with_one_note_each(tmp_path):
     assert (task.sampler.candidates, task.sampler.choice, task.teacher.name) == (2, "worst_up", "inplace")
     # the in-place teacher never read trainer.voted: dropped, not an unknown key of the in-place teacher
     assert not hasattr(task.teacher, "snapshots")
-    assert len(notes) == 5 and all("is now" in note and note.count("\n") == 0 for note in notes)
-    assert any("'trainer.attentive' is now 'task.sampler'" in note for note in notes)
+    assert len(notes) == 1 and "\n" not in notes[0]  # one line for the file
+    assert "trainer.attentive -> task.sampler" in notes[0] and "trainer.num_subnets -> task.num_subnets" in notes[0]
 
 
 def test_old_set_flags_resolve_and_win_over_the_file(repo):
@@ -49,7 +49,7 @@ def test_old_set_flags_resolve_and_win_over_the_file(repo):
     new = load_config(
         repo / "configs/tiny_cpu.yaml", ["task.teacher.name=voted", "task.teacher.snapshots=2", "task.num_subnets=3"]
     )
-    assert config == new and config.task.teacher.snapshots == 2 and len(notes) == 3
+    assert config == new and config.task.teacher.snapshots == 2 and len(notes) == 1
     assert current_overrides(["standalone.label_weight=0.5", "seed=1"]) == [
         "task.name=one_network",
         "task.label_weight=0.5",
@@ -76,6 +76,18 @@ def _as_written_by_0_1(config) -> dict:
     mapping = to_mapping(config)
     task = mapping.pop("task")
     teacher, sampler = task["teacher"], task["sampler"]
+    mapping["trainer"] = {
+        **mapping.pop("optimizer"),
+        **{k: v for k, v in mapping.pop("engine").items() if k != "precision"},
+        "bf16": config.engine.bf16,
+        "bf16_autocast": config.engine.bf16_autocast,
+        "checkpoint_every_steps": mapping["checkpoint"]["every_steps"],
+        "keep_checkpoints": mapping.pop("checkpoint")["keep"],
+        "eval_every_epochs": mapping["eval"]["every_epochs"],
+        "calib_batches": mapping.pop("eval")["calib_batches"],
+        "log_every_steps": mapping["log"]["every_steps"],
+        "tensorboard": mapping.pop("log")["tensorboard"],
+    }
     mapping["trainer"].update(
         num_subnets=task["num_subnets"],
         sampler=sampler.pop("name"),
@@ -90,7 +102,27 @@ def _as_written_by_0_1(config) -> dict:
 def test_one_network_section_before_the_move(repo):
     old = current_keys({"standalone": {"student": {"arch": "largest"}}, "trainer": {"num_subnets": 4}})
     assert old["task"] == {"name": "one_network", "student": {"arch": "largest"}}
-    assert "num_subnets" not in old["trainer"]
+    assert "trainer" not in old  # num_subnets was its only key, and a one-network run never read it
+
+
+def test_the_trainer_section_moves_to_its_sections_by_concern(repo):
+    """0.1's one ``trainer:`` section: its keys land in optimizer, engine, checkpoint, eval and log; the two bf16
+    booleans become ``engine.precision``; a key it never had is an error naming it."""
+    moved = current_keys(
+        {"trainer": {"epochs": 3, "zero_stage": 1, "bf16": True, "keep_checkpoints": 2, "calib_batches": 4}}
+    )
+    assert moved == {
+        "optimizer": {"epochs": 3},
+        "engine": {"zero_stage": 1, "precision": "bf16"},
+        "checkpoint": {"keep": 2},
+        "eval": {"calib_batches": 4},
+    }
+    with pytest.raises(ConfigError, match=r"trainer\.epoch\b"):
+        current_keys({"trainer": {"epoch": 3}})
+    assert current_overrides(["trainer.keep_checkpoints=1", "trainer.bf16=false"]) == [
+        "checkpoint.keep=1",
+        "engine.precision=fp32",
+    ]
 
 
 def test_contradicting_old_and_new_keys_are_an_error():

@@ -74,7 +74,7 @@ def test_a_file_changed_or_removed_during_the_run_is_noticed(digits):
 
 def test_a_corrupt_beton_stops_the_run_before_any_checkpoint(repo, digits, tmp_path, single_rank):
     flip_middle(digits / "train.beton", length=64 << 10)
-    args = {"data.format": "ffcv", "trainer.checkpoint_every_steps": 1, "trainer.max_steps": 3}
+    args = {"data.format": "ffcv", "checkpoint.every_steps": 1, "optimizer.max_steps": 3}
     _, results = run_in_process(repo, overrides(tmp_path / "unchecked", digits, **args, **{"data.verify": "never"}))
     assert results["global_step"] == 3  # the decoder accepts the corrupt file: without the hash it trains on it
     run = tmp_path / "checked"
@@ -86,7 +86,7 @@ def test_a_corrupt_beton_stops_the_run_before_any_checkpoint(repo, digits, tmp_p
 
 def test_a_shard_cut_while_the_run_reads_it_stops_the_run(repo, digits, tmp_path, single_rank):
     run = tmp_path / "run"
-    args = overrides(run, digits, **{"trainer.checkpoint_every_steps": 1, "trainer.max_steps": 4})
+    args = overrides(run, digits, **{"checkpoint.every_steps": 1, "optimizer.max_steps": 4})
     from trainer.loop import Trainer
 
     trainer = Trainer(load_config(repo / "configs/tiny_cpu.yaml", args))
@@ -111,7 +111,7 @@ def test_a_beton_cut_in_place_while_mapped_ends_the_run_with_a_message(repo, dig
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     args = overrides(
-        run, digits, **{"data.format": "ffcv", "data.num_workers": 1, "trainer.max_steps": 400, "trainer.epochs": 5}
+        run, digits, **{"data.format": "ffcv", "data.num_workers": 1, "optimizer.max_steps": 400, "optimizer.epochs": 5}
     )
     command = [sys.executable, "trainer/run.py", "--config", "configs/tiny_cpu.yaml", "--set", *args]
     log = tmp_path / "log.txt"

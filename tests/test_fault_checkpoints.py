@@ -93,7 +93,7 @@ def digits(digits_shards) -> Path:
 
 def first_run(repo, digits, run: Path, steps: int = 4):
     """A run with committed checkpoints every 2 steps up to ``steps`` (the newest two retained)."""
-    run_in_process(repo, overrides(run, digits, **{"trainer.max_steps": steps}))
+    run_in_process(repo, overrides(run, digits, **{"optimizer.max_steps": steps}))
     assert committed_tags(run / "checkpoints") == [f"step{s:09d}" for s in range(steps, 0, -2)][:2]
 
 
@@ -108,7 +108,7 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous(repo, digits
     else:
         bad = newest / "mp_rank_00_model_states.pt"
         bad.write_bytes(bad.read_bytes()[:1000])
-    trainer, results = run_in_process(repo, overrides(run, digits, **{"trainer.max_steps": 6}))
+    trainer, results = run_in_process(repo, overrides(run, digits, **{"optimizer.max_steps": 6}))
     assert trainer.resumed_from == "step000000002"
     assert any(str(bad) in line for line in trainer.resume_warnings), trainer.resume_warnings
     assert results["global_step"] == 6 and latest_tag(run / "checkpoints") == "step000000006"
@@ -121,7 +121,7 @@ def test_no_readable_checkpoint_is_a_clear_error(repo, digits, tmp_path, single_
     for tag in committed_tags(run / "checkpoints"):
         (run / "checkpoints" / tag / "trainer_rank0.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="no committed checkpoint can be read"):
-        run_in_process(repo, overrides(run, digits, **{"trainer.max_steps": 6}))
+        run_in_process(repo, overrides(run, digits, **{"optimizer.max_steps": 6}))
 
 
 @pytest.mark.parametrize("which", ["trainer_rank0.pt", "mp_rank_00_model_states.pt"])
@@ -138,12 +138,12 @@ def test_a_failed_save_commits_nothing(repo, digits, tmp_path, single_rank, monk
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(CheckpointError, match="No space left on device") as info:
-        run_in_process(repo, overrides(run, digits, **{"trainer.max_steps": 6}))
+        run_in_process(repo, overrides(run, digits, **{"optimizer.max_steps": 6}))
     assert which.split(".")[0] in str(info.value) and "step000000002" in str(info.value)
     assert latest_tag(run / "checkpoints") == "step000000002"
     assert not (run / "checkpoints" / "step000000004").exists()  # the partial checkpoint is removed
     monkeypatch.setattr(torch, "save", save)
-    trainer, results = run_in_process(repo, overrides(run, digits, **{"trainer.max_steps": 6}))
+    trainer, results = run_in_process(repo, overrides(run, digits, **{"optimizer.max_steps": 6}))
     assert trainer.resumed_from == "step000000002" and results["global_step"] == 6
 
 
@@ -182,7 +182,7 @@ def test_a_rank_that_raises_ends_the_job_at_once(repo, digits, tmp_path):
 @pytest.mark.slow
 def test_a_rank_whose_disk_is_full_commits_nothing(repo, digits, tmp_path):
     run, log = tmp_path / "run", tmp_path / "job.log"
-    args = overrides(run, digits, **{"trainer.max_steps": 6})
+    args = overrides(run, digits, **{"optimizer.max_steps": 6})
     start = time.time()
     proc = launch_faulty(repo, "disk_full", 1, 4, args, log)
     rc = proc.wait(timeout=300)
@@ -200,7 +200,7 @@ def test_a_rank_whose_disk_is_full_commits_nothing(repo, digits, tmp_path):
 def test_sigterm_to_the_whole_process_tree_saves_and_resumes(repo, digits, tmp_path):
     """What SLURM does on preemption or scancel: SIGTERM to every process of the step, data workers too."""
     run, log = tmp_path / "run", tmp_path / "job.log"
-    args = overrides(run, digits, **{"trainer.max_steps": 40, "trainer.checkpoint_every_steps": 100})
+    args = overrides(run, digits, **{"optimizer.max_steps": 40, "checkpoint.every_steps": 100})
     args += ["data.num_workers=2"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -244,7 +244,7 @@ def test_kill_9_in_the_middle_of_a_checkpoint_write(repo, digits, tmp_path):
     env = child_env(drop=("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"), DS_ACCELERATOR="cpu")
 
     def run(fault: str, run_dir: Path) -> subprocess.CompletedProcess:
-        args = overrides(run_dir, digits, **{"trainer.max_steps": 6})
+        args = overrides(run_dir, digits, **{"optimizer.max_steps": 6})
         command = [sys.executable, "tests/workers/faulty_rank.py", fault, "0", "4", "--config", "configs/tiny_cpu.yaml"]
         return subprocess.run(
             [*command, "--set", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600

@@ -55,8 +55,8 @@ def test_billion_laughs_is_refused_quickly(tmp_path, repo):
 @pytest.mark.parametrize(
     "text, key",
     [
-        ("trainer:\n  lr_per_256: .nan\n", "trainer.lr_per_256"),
-        ("trainer:\n  momentum: .inf\n", "trainer.momentum"),
+        ("trainer:\n  lr_per_256: .nan\n", "optimizer.lr_per_256"),
+        ("trainer:\n  momentum: .inf\n", "optimizer.momentum"),
         ("loss:\n  temperature: -.inf\n", "loss.temperature"),
         ("data:\n  std: [0.2, .nan, 0.2]\n", "data.std[1]"),
     ],
@@ -70,7 +70,7 @@ def test_non_finite_numbers_are_refused(tmp_path, text, key):
 
 def test_non_finite_override_is_refused(repo):
     with pytest.raises(ConfigError, match="finite"):
-        load_config(repo / "configs/tiny_cpu.yaml", ["trainer.lr_per_256=.nan"])
+        load_config(repo / "configs/tiny_cpu.yaml", ["optimizer.lr_per_256=.nan"])
 
 
 @pytest.mark.parametrize(
@@ -112,7 +112,7 @@ def test_a_few_aliases_still_work(tmp_path):
     "override, fragment",
     [
         ("seed=-1", "seed must be >= 0"),
-        ("trainer.momentum=1.5", "trainer.momentum must be in [0, 1)"),
+        ("optimizer.momentum=1.5", "optimizer.momentum must be in [0, 1)"),
         ("data.std=[0.2, 0, 0.2]", "data.std must be > 0"),
         ("search.population=0", None),  # not a run key: refused as unknown
     ],

@@ -28,11 +28,11 @@ FLOORS: dict[str, float] = {
     "losses": 1,
     "models": 1,
     "trainer": 2,
-    # trainer/, bottom to top: the key table; the trainer section; runtime (ranks, engine, data, logs); state
+    # trainer/, bottom to top: the key table; the sections by concern; runtime (ranks, engine, data, logs); state
     # (checkpoints); consolidation; the pieces (samplers, teachers, sharing) and the tasks that compose them; the
     # root config that names them; the run folder's guards; the loop; the entry point.
     "trainer.config_keys": 2.0,
-    "trainer.trainer_config": 2.05,
+    "trainer.sections": 2.05,
     "trainer.state.safe_checkpoint": 2.08,  # safe loads and atomic writes, which the engine installs
     "trainer.runtime": 2.1,
     "trainer.state": 2.2,

@@ -209,7 +209,7 @@ def local_overrides(run: Path, digits: Path, **extra) -> list[str]:
         "model.local.warmup_epochs": 0.022,
         "model.local.epochs_per_layer": 0.011,
         "model.local.meta_every": 2,
-        "trainer.max_steps": 14,
+        "optimizer.max_steps": 14,
         **extra,
     }
     return overrides(run, digits, **settings)
@@ -234,7 +234,7 @@ def test_a_locally_shared_run_decides_every_layer_and_resumes_bit_identically(
     assert [s for s, m in steps.items() if "local/layer_decided" in m] == list(range(3, 13))
     assert any("local/meta_loss" in m for m in steps.values()) and any("local/lambda" in m for m in steps.values())
 
-    run_in_process(repo, local_overrides(resumed, digits_shards, **{"trainer.max_steps": 6}))
+    run_in_process(repo, local_overrides(resumed, digits_shards, **{"optimizer.max_steps": 6}))
     trainer2, _ = run_in_process(repo, local_overrides(resumed, digits_shards))
     assert trainer2.resumed_from == "step000000006"
     assert metrics(resumed) == steps
@@ -260,7 +260,7 @@ def test_a_locally_shared_run_decides_every_layer_and_resumes_bit_identically(
     [
         ({"task.sampler": "attentive"}, "task.sampler"),
         ({"task.teacher": "voted"}, "task.teacher"),
-        ({"trainer.zero_stage": 3}, "trainer.zero_stage"),
+        ({"engine.zero_stage": 3}, "engine.zero_stage"),
         ({"task.num_subnets": 3}, "task.num_subnets"),
         ({"model.search_space": "tiny_slim_mbv2"}, "model.search_space"),  # a family without local sharing
     ],
@@ -288,4 +288,4 @@ def test_the_local_recipes_fit_their_schedule_in_the_run(repo, recipe):
     local = config.model.local
     blocks = len(block_positions(load_search_space(config.model.search_space)))
     assert config.model.sharing == "local" and local.candidates == 2
-    assert local.warmup_epochs + blocks * local.epochs_per_layer < config.trainer.epochs  # fine-tuning remains
+    assert local.warmup_epochs + blocks * local.epochs_per_layer < config.optimizer.epochs  # fine-tuning remains

@@ -1,4 +1,4 @@
-"""``trainer.channels_last`` and ``trainer.bf16_autocast``: what the convolutions receive, and that the numbers
+"""``engine.channels_last`` and ``engine.precision: bf16_autocast``: what the convolutions receive, and that the numbers
 stay those of the plain NCHW fp32 step (exactly up to float rounding for the layout, within bf16's precision
 for autocast, with fp32 weights, gradients and losses)."""
 
@@ -12,8 +12,8 @@ from models import ArchSampler, ModelConfig, build_supernet, extract_subnet
 from models.depthwise import runs_in_float32
 from models.ops import DynamicDepthwiseConv2d, centre_crop_kernel
 from trainer.samplers import sample_sandwich
+from trainer.sections import EngineConfig
 from trainer.tasks.sandwich import SandwichStep
-from trainer.trainer_config import TrainerConfig
 
 
 class PlainEngine:
@@ -122,10 +122,23 @@ def test_bf16_autocast_runs_convolutions_in_bf16_and_keeps_fp32_gradients():
             assert (grads[name] - grad).norm() < 0.15 * grad.norm(), name
 
 
-def test_bf16_autocast_and_bf16_weights_are_exclusive():
-    assert TrainerConfig(bf16_autocast=True, zero_stage=2).bf16_autocast
-    with pytest.raises(ValueError, match="choose one"):
-        TrainerConfig(bf16=True, bf16_autocast=True, zero_stage=1)
+def test_precision_is_one_choice_and_the_old_flags_map_to_it(repo):
+    """``engine.precision``: fp32, bf16 (ZeRO-1 only) or bf16_autocast (any stage); 0.1's two booleans map to it,
+    and both on is refused."""
+    from trainer.config import load_config
+    from trainer.config_keys import current_keys
+    from typedconfig import ConfigError
+
+    engine = EngineConfig(precision="bf16_autocast", zero_stage=2)
+    assert engine.bf16_autocast and not engine.bf16
+    assert EngineConfig(precision="bf16", zero_stage=1).bf16
+    with pytest.raises(ValueError, match="zero_stage 1"):
+        EngineConfig(precision="bf16", zero_stage=2)
+    old = load_config(repo / "configs/tiny_cpu.yaml", ["trainer.bf16_autocast=true"]).engine
+    assert old.precision == "bf16_autocast"
+    assert current_keys({"trainer": {"bf16": False, "bf16_autocast": False}})["engine"] == {"precision": "fp32"}
+    with pytest.raises(ConfigError, match="one choice"):
+        current_keys({"trainer": {"bf16": True, "bf16_autocast": True}})
 
 
 def test_pointwise_convolutions_run_as_a_matrix_product_with_conv2d_s_numbers(monkeypatch):

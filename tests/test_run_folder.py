@@ -62,39 +62,39 @@ def test_a_lock_held_by_another_process_is_refused_and_dies_with_it(tmp_path):
 
 def test_a_changed_hyperparameter_is_refused_unless_allowed(tmp_path):
     write_resolved(tiny(tmp_path))
-    changed = tiny(tmp_path, "trainer.lr_per_256=0.5", "trainer.max_steps=9")
-    with pytest.raises(RunFolderError, match=r"trainer.lr_per_256: 0.2 -> 0.5") as info:
+    changed = tiny(tmp_path, "optimizer.lr_per_256=0.5", "optimizer.max_steps=9")
+    with pytest.raises(RunFolderError, match=r"optimizer.lr_per_256: 0.2 -> 0.5") as info:
         check_config_change(changed, tmp_path, allow=False)
     assert "max_steps" not in str(info.value)  # operational keys are not reasons to refuse
     changes = check_config_change(changed, tmp_path, allow=True)
-    assert changes == {"trainer.lr_per_256": (0.2, 0.5), "trainer.max_steps": (None, 9)}
+    assert changes == {"optimizer.lr_per_256": (0.2, 0.5), "optimizer.max_steps": (None, 9)}
     record_config_change(tmp_path, changes, step=6)
-    record_config_change(tmp_path, {"trainer.epochs": (2, 3)}, step=8)
+    record_config_change(tmp_path, {"optimizer.epochs": (2, 3)}, step=8)
     lines = [json.loads(line) for line in (tmp_path / CHANGES_NAME).read_text().splitlines()]
     assert [line["step"] for line in lines] == [6, 8]
-    assert lines[0]["changes"]["trainer.lr_per_256"] == [0.2, 0.5]
+    assert lines[0]["changes"]["optimizer.lr_per_256"] == [0.2, 0.5]
 
 
 def test_operational_changes_and_a_fresh_folder_pass(tmp_path):
     assert check_config_change(tiny(tmp_path), tmp_path, allow=False) == {}  # nothing recorded yet
     write_resolved(tiny(tmp_path))
-    same = check_config_change(tiny(tmp_path, "data.num_workers=0", "trainer.log_every_steps=1"), tmp_path, allow=False)
-    assert set(same) == {"data.num_workers", "trainer.log_every_steps"}
+    same = check_config_change(tiny(tmp_path, "data.num_workers=0", "log.every_steps=1"), tmp_path, allow=False)
+    assert set(same) == {"data.num_workers", "log.every_steps"}
 
 
 def test_the_trainer_refuses_a_locked_folder_and_records_allowed_changes(repo, digits_shards, tmp_path, single_rank):
     run = tmp_path / "run"
-    run_in_process(repo, overrides(run, digits_shards, **{"trainer.max_steps": 2}))
+    run_in_process(repo, overrides(run, digits_shards, **{"optimizer.max_steps": 2}))
     lock = RunFolderLock(run)
     lock.acquire()
     try:
         with pytest.raises(RunFolderError, match="in use by a live run"):
-            run_in_process(repo, overrides(run, digits_shards, **{"trainer.max_steps": 4}))
+            run_in_process(repo, overrides(run, digits_shards, **{"optimizer.max_steps": 4}))
     finally:
         lock.release()
-    args = overrides(run, digits_shards, **{"trainer.max_steps": 4, "trainer.weight_decay": 0.001})
+    args = overrides(run, digits_shards, **{"optimizer.max_steps": 4, "optimizer.weight_decay": 0.001})
     trainer, results = run_in_process(repo, args, allow_config_change=True)
     assert trainer.resumed_from == "step000000002" and results["global_step"] == 4
     (line,) = (run / CHANGES_NAME).read_text().splitlines()
-    assert json.loads(line)["changes"]["trainer.weight_decay"] == [1e-05, 0.001]
-    assert load_config(run / "config.yaml").trainer.weight_decay == 0.001
+    assert json.loads(line)["changes"]["optimizer.weight_decay"] == [1e-05, 0.001]
+    assert load_config(run / "config.yaml").optimizer.weight_decay == 0.001

@@ -132,11 +132,11 @@ def metric_lines(run: Path) -> dict[int, dict]:
 
 
 def test_tiny_slimmable_recipe_trains_resumes_and_reports_every_width(repo, digits_shards, tmp_path, single_rank):
-    extra = {"trainer.max_steps": 6, "trainer.calib_batches": 2}
+    extra = {"optimizer.max_steps": 6, "eval.calib_batches": 2}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _, results = run_in_process(repo, overrides(straight, digits_shards, **extra), recipe=RECIPE)
     assert results["global_step"] == 6 and results["val"]["largest"]["samples"] > 0
-    run_in_process(repo, overrides(resumed, digits_shards, **{**extra, "trainer.max_steps": 4}), recipe=RECIPE)
+    run_in_process(repo, overrides(resumed, digits_shards, **{**extra, "optimizer.max_steps": 4}), recipe=RECIPE)
     trainer, _ = run_in_process(repo, overrides(resumed, digits_shards, **extra), recipe=RECIPE)
     assert trainer.resumed_from == "step000000004"
     assert metric_lines(resumed) == metric_lines(straight)  # bit-identical continuation

@@ -128,10 +128,10 @@ def test_preempted_job_saves_requeues_resumes_and_matches(cluster, repo, tmp_pat
     common = tiny_args(
         cluster,
         **{
-            "trainer.max_steps": 30,
-            "trainer.checkpoint_every_steps": 1000,
-            "trainer.log_every_steps": 1,
-            "trainer.eval_every_epochs": 0,
+            "optimizer.max_steps": 30,
+            "checkpoint.every_steps": 1000,
+            "log.every_steps": 1,
+            "eval.every_epochs": 0,
             "data.batch_size": 16,
         },
     )

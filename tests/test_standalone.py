@@ -93,10 +93,10 @@ def test_fixed_teacher_chain_trains_caches_resumes_and_reloads(repo, digits_shar
         "task.student.arch": "configs/tiny_models.yaml:tiny_l",
         "task.teacher": "null",
         "task.teacher_logits": "on_the_fly",
-        "trainer.epochs": 1,
-        "trainer.max_steps": 30,
-        "trainer.warmup_epochs": 0,
-        "trainer.checkpoint_every_steps": 100,
+        "optimizer.epochs": 1,
+        "optimizer.max_steps": 30,
+        "optimizer.warmup_epochs": 0,
+        "checkpoint.every_steps": 100,
     }
     _, results = run_in_process(repo, overrides(teacher_run, digits_shards, **teacher_args), recipe=DISTILL)
     teacher_top1 = results["val"]["student"]["top1"]
@@ -129,7 +129,7 @@ def test_fixed_teacher_chain_trains_caches_resumes_and_reloads(repo, digits_shar
 
     assert search.main(["--config", str(repo / "configs/search_tiny_cpu.yaml"), "--run-dir", str(straight)]) == 2
 
-    run_in_process(repo, overrides(resumed, digits_shards, **{**student, "trainer.max_steps": 4}), recipe=DISTILL)
+    run_in_process(repo, overrides(resumed, digits_shards, **{**student, "optimizer.max_steps": 4}), recipe=DISTILL)
     trainer, _ = run_in_process(repo, overrides(resumed, digits_shards, **student), recipe=DISTILL)
     assert trainer.resumed_from == "step000000004"
     assert student_losses(resumed) == student_losses(straight)  # bit-identical continuation
@@ -148,15 +148,15 @@ def test_finetune_inherits_the_supernet_and_transfers_to_new_classes(repo, digit
     from trainer.tasks.one_network import build_student_and_teacher
 
     supernet_run = tmp_path / "supernet"
-    run_in_process(repo, overrides(supernet_run, digits_shards, **{"trainer.max_steps": 2}))
+    run_in_process(repo, overrides(supernet_run, digits_shards, **{"optimizer.max_steps": 2}))
 
     tune = {
         "task.student.export": "null",
         "task.student.run": supernet_run,
         "task.student.arch": "smallest",
         "task.teacher.run": supernet_run,
-        "trainer.max_steps": 3,
-        "trainer.eval_every_epochs": 0,
+        "optimizer.max_steps": 3,
+        "eval.every_epochs": 0,
     }
     from trainer.config import load_config
 
@@ -189,7 +189,7 @@ def test_finetune_inherits_the_supernet_and_transfers_to_new_classes(repo, digit
         "task.teacher": "null",
         "task.new_classifier": "true",
         "loss.kd_loss": "none",
-        "trainer.max_steps": 3,
+        "optimizer.max_steps": 3,
     }
     moved = tmp_path / "transfer"
     args = overrides(moved, digits_shards, **transfer)
@@ -218,7 +218,7 @@ def test_transfer_recipe_has_the_papers_settings(repo):
     from trainer.config import load_config
 
     config = load_config(repo / "configs" / "transfer_alphanet.yaml")
-    tc = config.trainer
+    tc = config.optimizer
     assert (tc.momentum, tc.epochs, config.loss.label_smoothing, config.model.dropout) == (0.9, 150, 0.1, 0.5)
     assert config.data.batch_size == 64 and config.task.new_classifier and config.task.teacher is None
 

@@ -88,7 +88,7 @@ def initial_weights() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("extra", [("ckpt",), ("block",), ("block", "ckpt")])
 def test_zero_3_gathering_either_way_equals_plain_pytorch(extra, expected, tmp_path, repo):
     """ZeRO-3 gathering the whole network at once (the default: it is DeepSpeed's one leaf module) or block by
-    block (``block``: ``trainer.zero3_gather: block``, each block a leaf gathered before it runs), with activation
+    block (``block``: ``engine.zero3_gather: block``, each block a leaf gathered before it runs), with activation
     checkpointing (``ckpt``: recomputing a block's activations in the backward pass needs its parameters again,
     and finds them) or without: the same updates as the plain loop (the default without checkpointing is the
     stage-3 case of the test below)."""

@@ -30,11 +30,11 @@ def test_loop_saves_at_epoch_ends_validates_and_resumes(repo, digits_shards, tmp
     run = tmp_path / "run"
     args = {
         "data.batch_size": 64,
-        "trainer.gradient_accumulation_steps": 8,
-        "trainer.max_steps": 3,
-        "trainer.checkpoint_every_steps": 100,
-        "trainer.eval_every_epochs": 1,
-        "trainer.calib_batches": 1,
+        "optimizer.gradient_accumulation_steps": 8,
+        "optimizer.max_steps": 3,
+        "checkpoint.every_steps": 100,
+        "eval.every_epochs": 1,
+        "eval.calib_batches": 1,
     }
     trainer, results = run_in_process(repo, overrides(run, digits_shards, **args))
     assert trainer.steps_per_epoch == 2 and results["global_step"] == 3 and results["skipped_steps"] == 0
@@ -50,7 +50,7 @@ def test_loop_saves_at_epoch_ends_validates_and_resumes(repo, digits_shards, tmp
     assert all(0.0 <= r["val/top1_smallest"] <= 100.0 for r in records if "val/top1_smallest" in r)
 
     # The same command with a larger max_steps resumes from step 3 and goes on in epoch 1.
-    trainer, results = run_in_process(repo, overrides(run, digits_shards, **{**args, "trainer.max_steps": 4}))
+    trainer, results = run_in_process(repo, overrides(run, digits_shards, **{**args, "optimizer.max_steps": 4}))
     assert trainer.resumed_from == "step000000003" and results["global_step"] == 4
     assert latest_tag(ckpt) == "step000000004"
     assert (rank_state(run, "step000000004")["epoch"], rank_state(run, "step000000004")["position"]) == (2, 0)
@@ -58,7 +58,7 @@ def test_loop_saves_at_epoch_ends_validates_and_resumes(repo, digits_shards, tmp
     assert steps == sorted(steps) and steps.count(3) == 2  # step 3's loss and validation, once each
 
     # Rerunning the finished run only validates.
-    trainer, results = run_in_process(repo, overrides(run, digits_shards, **{**args, "trainer.max_steps": 4}))
+    trainer, results = run_in_process(repo, overrides(run, digits_shards, **{**args, "optimizer.max_steps": 4}))
     assert results["global_step"] == 4 and "val" in results and latest_tag(ckpt) == "step000000004"
 
 
@@ -72,7 +72,7 @@ def test_every_epoch_summary_reaches_the_metrics_file_with_skipped_samples(repo,
         str(make_image_folder(tmp_path / "folder", classes=2, per_class=9, corrupt=1)), data, ["webdataset"], quiet=True
     )
     run = tmp_path / "run"
-    args = overrides(run, data, **{"data.batch_size": 4, "trainer.epochs": 2, "trainer.max_steps": "null"})
+    args = overrides(run, data, **{"data.batch_size": 4, "optimizer.epochs": 2, "optimizer.max_steps": "null"})
     trainer, results = run_in_process(repo, args)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     summaries = [r for r in records if "epoch/images" in r]
@@ -97,7 +97,7 @@ def test_log_reports_time_waiting_for_data(repo, digits_shards, tmp_path, single
 
     monkeypatch.setattr(Trainer, "_steps", slow_loader)
     run = tmp_path / "run"
-    run_in_process(repo, overrides(run, digits_shards, **{"trainer.max_steps": 3}))
+    run_in_process(repo, overrides(run, digits_shards, **{"optimizer.max_steps": 3}))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps_logged = [r for r in records if "loss/largest" in r]
     assert len(steps_logged) == 3
@@ -109,7 +109,7 @@ def test_zero_2_steps_reduce_once_with_the_updates_of_per_backward_reduction(
     repo, digits_shards, tmp_path, single_rank, monkeypatch
 ):
     """The loop runs a step's backward passes (2 mini-batches × 4 sub-networks) inside ``one_reduction``: under
-    ZeRO-2 one bucket reduction per step (``trainer.coalesce_grad_reduction``, the default) instead of one per
+    ZeRO-2 one bucket reduction per step (``engine.coalesce_grad_reduction``, the default) instead of one per
     backward pass, and the same losses step after step as with DeepSpeed's per-backward reduction."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
@@ -118,12 +118,12 @@ def test_zero_2_steps_reduce_once_with_the_updates_of_per_backward_reduction(
     monkeypatch.setattr(
         DeepSpeedZeroOptimizer, "reduce_ipg_grads", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
     )
-    args = {"trainer.zero_stage": 2, "trainer.gradient_accumulation_steps": 2, "trainer.max_steps": 3}
+    args = {"engine.zero_stage": 2, "optimizer.gradient_accumulation_steps": 2, "optimizer.max_steps": 3}
     losses, reductions = {}, {}
     for coalesce in (True, False):
         run = tmp_path / f"coalesce_{coalesce}"
         calls.clear()
-        run_in_process(repo, overrides(run, digits_shards, **args, **{"trainer.coalesce_grad_reduction": coalesce}))
+        run_in_process(repo, overrides(run, digits_shards, **args, **{"engine.coalesce_grad_reduction": coalesce}))
         reductions[coalesce] = len(calls)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         losses[coalesce] = [[r[k] for k in sorted(r) if k.startswith("loss/")] for r in records if "loss/largest" in r]

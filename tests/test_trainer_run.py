@@ -45,7 +45,7 @@ def test_checkpoints_retention_resume_and_foreign_config(repo, digits, tmp_path,
     assert len(val) == 1 and 0 <= val[0]["val/top1_smallest"] <= 100
 
     # Same command with a larger max_steps resumes from step 6 (not from scratch).
-    trainer, results = run_in_process(repo, overrides(run, digits, **{"trainer.max_steps": 8}))
+    trainer, results = run_in_process(repo, overrides(run, digits, **{"optimizer.max_steps": 8}))
     assert trainer.resumed_from == "step000000006" and results["global_step"] == 8
 
     # A different config is refused with a clear message; allowed, a different model config still is.
@@ -85,7 +85,7 @@ def test_signal_saves_at_the_next_step_boundary(repo, digits, tmp_path, single_r
 
     monkeypatch.setattr(loop.Trainer, "train_step", step_then_signal)
     run = tmp_path / "run"
-    _, results = run_in_process(repo, overrides(run, digits, **{"trainer.checkpoint_every_steps": 100}))
+    _, results = run_in_process(repo, overrides(run, digits, **{"checkpoint.every_steps": 100}))
     assert results["stopped_by_signal"] and results["global_step"] == 3
     assert latest_tag(run / "checkpoints") == "step000000003"
 
@@ -105,7 +105,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(repo, digits, tmp_path, 
     run = tmp_path / "run"
     with pytest.raises(loop.TrainingStopped) as err:
         run_in_process(
-            repo, overrides(run, digits, **{"trainer.max_steps": 20, "trainer.max_consecutive_bad_steps": 3})
+            repo, overrides(run, digits, **{"optimizer.max_steps": 20, "optimizer.max_consecutive_bad_steps": 3})
         )
     message = str(err.value)
     assert "3 consecutive steps" in message and "step000000002" in message
@@ -152,7 +152,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_kill_9_and_rerun_resumes_exactly(repo, digits, tmp_path):
     args = overrides(
-        tmp_path / "x", digits, **{"trainer.max_steps": 14, "trainer.checkpoint_every_steps": 4, "data.num_workers": 1}
+        tmp_path / "x", digits, **{"optimizer.max_steps": 14, "checkpoint.every_steps": 4, "data.num_workers": 1}
     )
     args = [a for a in args if not a.startswith("run_dir=")]
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
@@ -225,8 +225,8 @@ def test_demo_recipe_reaches_its_accuracy(repo, tmp_path):
     tuned = tmp_path / "tuned"
     tune = [sys.executable, "trainer/run.py", "--config", "configs/tiny_finetune_cpu.yaml", "--run-dir", str(tuned)]
     tune += ["--set", f"data.root={data}", f"task.student.export={run}/search/exports/tiny_m"]
-    tune += [f"task.teacher.run={run}", "trainer.epochs=2", "trainer.eval_every_epochs=1"]
-    first = subprocess.run([*tune, "trainer.max_steps=40"], cwd=repo, env=env, capture_output=True, text=True)
+    tune += [f"task.teacher.run={run}", "optimizer.epochs=2", "eval.every_epochs=1"]
+    first = subprocess.run([*tune, "optimizer.max_steps=40"], cwd=repo, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     second = subprocess.run(tune, cwd=repo, env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
@@ -245,7 +245,7 @@ def test_plain_process_and_torchrun_entry_points(repo, digits, tmp_path):
         "--config",
         "configs/tiny_cpu.yaml",
         "--set",
-        *overrides(tmp_path / "plain", digits, **{"trainer.max_steps": 2}),
+        *overrides(tmp_path / "plain", digits, **{"optimizer.max_steps": 2}),
     ]
     plain = subprocess.run(
         [sys.executable, "trainer/run.py", *args],
@@ -261,7 +261,7 @@ def test_plain_process_and_torchrun_entry_points(repo, digits, tmp_path):
         "--config",
         "configs/tiny_cpu.yaml",
         "--set",
-        *overrides(tmp_path / "torchrun", digits, **{"trainer.max_steps": 2}),
+        *overrides(tmp_path / "torchrun", digits, **{"optimizer.max_steps": 2}),
     ]
     torchrun = subprocess.run(
         [
@@ -283,7 +283,7 @@ def test_plain_process_and_torchrun_entry_points(repo, digits, tmp_path):
     )
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     assert "2 rank(s)" in torchrun.stdout
-    # trainer.keep_freed_host_memory, on by default (glibc), with the one arena trainer/run.py sets before imports
+    # engine.keep_freed_host_memory, on by default (glibc), with the one arena trainer/run.py sets before imports
     assert "freed host memory kept (one malloc arena)" in torchrun.stdout
     assert (tmp_path / "torchrun" / "checkpoints" / "step000000002" / "trainer_rank1.pt").is_file()
     bad = subprocess.run(

@@ -30,7 +30,7 @@ from trainer.runtime.distributed import (
 from trainer.runtime.ds_config import build_ds_config, global_batch_size
 from trainer.runtime.optim import ClippedSGD, param_groups
 from trainer.runtime.schedule import lr_at
-from trainer.trainer_config import TrainerConfig
+from trainer.sections import EngineConfig, OptimizerConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,15 +145,16 @@ def test_slurm_port_rule_is_the_resolver_s():
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_ds_config_batch_arithmetic_and_explicit_settings(stage):
-    tc = TrainerConfig(zero_stage=stage, gradient_accumulation_steps=2, bf16=stage == 1)
-    config = build_ds_config(tc, micro_batch=32, world_size=64)
+    tc = EngineConfig(zero_stage=stage, precision="bf16" if stage == 1 else "fp32")
+    oc = OptimizerConfig(gradient_accumulation_steps=2)
+    config = build_ds_config(tc, oc, micro_batch=32, world_size=64)
     assert config["train_batch_size"] == 32 * 64
     assert config["gradient_accumulation_steps"] == 1  # the trainer accumulates with explicit boundaries
     assert config["gradient_clipping"] == 0.0  # clipping by value happens in the optimizer
     assert config["zero_optimization"]["stage"] == stage
     assert config["zero_allow_untested_optimizer"] is True
     assert ("bf16" in config) == (stage == 1) and ("data_types" in config) == (stage == 1)
-    assert global_batch_size(tc, micro_batch=32, world_size=64) == 4096
+    assert global_batch_size(oc, micro_batch=32, world_size=64) == 4096
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -194,7 +195,7 @@ def test_clipped_sgd_clips_by_value_and_skips_non_finite():
 
 def test_trainer_config_rejects_impossible_values():
     with pytest.raises(ValueError, match="zero_stage"):
-        TrainerConfig(zero_stage=4)
+        EngineConfig(zero_stage=4)
     from trainer.tasks.sandwich import SandwichConfig
 
     with pytest.raises(ValueError, match="num_subnets"):
@@ -261,11 +262,13 @@ def test_without_kd_every_subnet_trains_on_the_labels():
 
 
 def test_bf16_accumulates_in_fp32_and_needs_zero_1():
-    config = build_ds_config(TrainerConfig(bf16=True, zero_stage=1), micro_batch=4, world_size=2)
+    config = build_ds_config(
+        EngineConfig(precision="bf16", zero_stage=1), OptimizerConfig(), micro_batch=4, world_size=2
+    )
     assert config["data_types"]["grad_accum_dtype"] == "fp32" and config["communication_data_type"] == "fp32"
     for stage in (0, 2, 3):
         with pytest.raises(ValueError, match="zero_stage 1"):
-            TrainerConfig(bf16=True, zero_stage=stage)
+            EngineConfig(precision="bf16", zero_stage=stage)
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
@@ -292,7 +295,7 @@ def test_a_cpu_run_leaves_no_shared_memory_behind(tmp_path, ranks):
 
 @pytest.mark.parametrize("contiguous", [False, True])
 def test_zero_1_accumulates_in_grad_without_per_parameter_hooks_unless_asked(single_rank, contiguous):
-    """``trainer.contiguous_gradients`` off (the default): DeepSpeed's ZeRO-1 installs no hook on any parameter,
+    """``engine.contiguous_gradients`` off (the default): DeepSpeed's ZeRO-1 installs no hook on any parameter,
     so the N backward passes of a step accumulate in ``.grad`` as in plain PyTorch; on, it hooks every
     parameter. The setting reaches ZeRO-2's optimizer too; ZeRO-3 keeps DeepSpeed's."""
     from models import ModelConfig, build_supernet
@@ -301,21 +304,22 @@ def test_zero_1_accumulates_in_grad_without_per_parameter_hooks_unless_asked(sin
     init_distributed(resolve(), 60.0)  # the session's one in-process group (DeepSpeed cannot make a second)
     torch.manual_seed(0)
     net = build_supernet(ModelConfig(search_space="tiny", num_classes=10))
-    tc = TrainerConfig(zero_stage=1, contiguous_gradients=contiguous)
-    built = build_engine(net, tc, micro_batch=2, world_size=1, lr=0.1)
+    tc = EngineConfig(zero_stage=1, contiguous_gradients=contiguous)
+    built = build_engine(net, tc, OptimizerConfig(), micro_batch=2, world_size=1, lr=0.1)
     zero = built.engine.optimizer
     assert zero.contiguous_gradients is contiguous
     trainable = sum(p.requires_grad for p in net.parameters())
     assert len(zero._grad_acc_hooks) == (trainable if contiguous else 0)
     for stage in (2, 3):
-        zero_config = build_ds_config(TrainerConfig(zero_stage=stage), micro_batch=2, world_size=1)["zero_optimization"]
+        ds_config = build_ds_config(EngineConfig(zero_stage=stage), OptimizerConfig(), micro_batch=2, world_size=1)
+        zero_config = ds_config["zero_optimization"]
         assert zero_config.get("contiguous_gradients", "default") == (False if stage == 2 else "default")
 
 
 @pytest.mark.parametrize("coalesce", [True, False])
 def test_zero_2_reduces_a_step_once_when_coalescing(single_rank, monkeypatch, coalesce):
     """``trainer.runtime.engine.one_reduction`` around a step's 4 backward passes: ZeRO-2 reduces its gradient bucket
-    once, at the block's end (``trainer.coalesce_grad_reduction``, the default), instead of after every backward
+    once, at the block's end (``engine.coalesce_grad_reduction``, the default), instead of after every backward
     pass; the optimizer step then applies (the engine is at its accumulation boundary)."""
     from losses import LossConfig, build_kd_loss, build_label_loss
     from models import ArchSampler, ModelConfig, build_supernet
@@ -326,8 +330,8 @@ def test_zero_2_reduces_a_step_once_when_coalescing(single_rank, monkeypatch, co
     init_distributed(resolve(), 60.0)  # the session's one in-process group (DeepSpeed cannot make a second)
     torch.manual_seed(0)
     net = build_supernet(ModelConfig(search_space="tiny", num_classes=10))
-    tc = TrainerConfig(zero_stage=2, coalesce_grad_reduction=coalesce)
-    built = build_engine(net, tc, micro_batch=4, world_size=1, lr=0.1)
+    tc = EngineConfig(zero_stage=2, coalesce_grad_reduction=coalesce)
+    built = build_engine(net, tc, OptimizerConfig(), micro_batch=4, world_size=1, lr=0.1)
     engine, zero = built.engine, built.engine.optimizer
     reductions = []
     original = zero.reduce_ipg_grads
@@ -379,9 +383,9 @@ def test_a_zero_3_network_leaf_sees_an_input_that_requires_a_gradient_only_while
 
 
 def test_zero3_gather_is_network_or_block():
-    assert TrainerConfig().zero3_gather == "network"
+    assert EngineConfig().zero3_gather == "network"
     from typedconfig import ConfigError, from_mapping
 
-    assert from_mapping(TrainerConfig, {"zero3_gather": "block"}).zero3_gather == "block"
+    assert from_mapping(EngineConfig, {"zero3_gather": "block"}).zero3_gather == "block"
     with pytest.raises(ConfigError, match="zero3_gather"):
-        from_mapping(TrainerConfig, {"zero3_gather": "layer"})
+        from_mapping(EngineConfig, {"zero3_gather": "layer"})

@@ -53,7 +53,7 @@ def test_zero_3_is_refused_with_a_reason(repo):
     from trainer.config import load_config
 
     with pytest.raises(ConfigError, match="ZeRO-3"):
-        load_config(repo / "configs" / "tiny_cpu.yaml", ["task.teacher=voted", "trainer.zero_stage=3"])
+        load_config(repo / "configs" / "tiny_cpu.yaml", ["task.teacher=voted", "engine.zero_stage=3"])
 
 
 def losses(run: Path) -> dict[int, dict]:
@@ -76,7 +76,7 @@ def test_a_run_with_snapshots_resumes_bit_identically(repo, digits_shards, tmp_p
         assert after["loss/smallest"] == pytest.approx(after["vote_kd/smallest"], rel=1e-6)
     else:
         assert after["loss/smallest"] > after["vote_kd/smallest"]
-    run_in_process(repo, overrides(resumed, digits_shards, **{**extra, "trainer.max_steps": 3}))
+    run_in_process(repo, overrides(resumed, digits_shards, **{**extra, "optimizer.max_steps": 3}))
     trainer, _ = run_in_process(repo, overrides(resumed, digits_shards, **extra))
     assert trainer.resumed_from == "step000000003"
     assert losses(resumed) == steps

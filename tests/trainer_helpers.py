@@ -51,14 +51,14 @@ def overrides(run_dir: Path, digits: Path, **extra) -> list[str]:
         "data.root": digits,
         "data.batch_size": 16,
         "data.num_workers": 0,
-        "trainer.epochs": 2,
-        "trainer.max_steps": 6,
-        "trainer.checkpoint_every_steps": 2,
-        "trainer.log_every_steps": 1,
-        "trainer.eval_every_epochs": 0,
-        "trainer.calib_batches": 2,
-        "trainer.tensorboard": False,
-        "trainer.keep_checkpoints": 2,
+        "optimizer.epochs": 2,
+        "optimizer.max_steps": 6,
+        "checkpoint.every_steps": 2,
+        "log.every_steps": 1,
+        "eval.every_epochs": 0,
+        "eval.calib_batches": 2,
+        "log.tensorboard": False,
+        "checkpoint.keep": 2,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -21,8 +21,8 @@ from losses.config import LossConfig
 from models.config import ModelConfig
 from models.families import Space, load_search_space
 from trainer.config_keys import RESOLVED_CONFIG_NAME, config_hash, current_keys, current_overrides
+from trainer.sections import CheckpointConfig, EngineConfig, EvalConfig, LogConfig, OptimizerConfig
 from trainer.tasks import TASKS, TaskConfig
-from trainer.trainer_config import TrainerConfig
 from typedconfig import (
     ConfigError,
     Range,
@@ -55,7 +55,11 @@ class RunConfig:
     task: TaskConfig = field(default_factory=_default_task)
     """What a step trains: ``sandwich`` (a supernet, with its sampler, teacher) or ``one_network`` (distil,
     fine-tune, transfer one network)."""
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         check_ranges(self, "")

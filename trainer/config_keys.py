@@ -22,6 +22,44 @@ RESOLVED_CONFIG_NAME = "config.yaml"
 REMOVED_IN = "0.3"
 """The release that stops reading the old keys below."""
 
+_OPTIMIZER = [
+    "epochs",
+    "max_steps",
+    "lr_per_256",
+    "warmup_epochs",
+    "lr_schedule",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "grad_clip_value",
+    "gradient_accumulation_steps",
+    "max_consecutive_bad_steps",
+]
+_ENGINE = [
+    "zero_stage",
+    "contiguous_gradients",
+    "coalesce_grad_reduction",
+    "zero3_gather",
+    "channels_last",
+    "activation_checkpointing",
+    "threads_per_rank",
+    "keep_freed_host_memory",
+    "dist_timeout_s",
+]
+SECTION_KEYS: dict[str, str] = {
+    **{f"trainer.{key}": f"optimizer.{key}" for key in _OPTIMIZER},
+    **{f"trainer.{key}": f"engine.{key}" for key in _ENGINE},
+    "trainer.checkpoint_every_steps": "checkpoint.every_steps",
+    "trainer.keep_checkpoints": "checkpoint.keep",
+    "trainer.eval_every_epochs": "eval.every_epochs",
+    "trainer.calib_batches": "eval.calib_batches",
+    "trainer.log_every_steps": "log.every_steps",
+    "trainer.tensorboard": "log.tensorboard",
+}
+"""The ``trainer:`` section's keys that moved one for one to a section by concern."""
+PRECISION_FLAGS = {"trainer.bf16": "bf16", "trainer.bf16_autocast": "bf16_autocast"}
+"""Two booleans for one choice, now ``engine.precision``: true is that precision, false ``fp32``."""
+
 RENAMED: dict[str, str] = {
     "standalone": "task (name: one_network)",
     "trainer.num_subnets": "task.num_subnets",
@@ -29,6 +67,8 @@ RENAMED: dict[str, str] = {
     "trainer.attentive": "task.sampler",
     "trainer.teacher": "task.teacher.name",
     "trainer.voted": "task.teacher",
+    **SECTION_KEYS,
+    **{key: "engine.precision" for key in PRECISION_FLAGS},
 }
 """Old key (a section stands for every key under it) → today's, as the deprecation note prints it."""
 
@@ -48,6 +88,46 @@ def _section(mapping: dict, key: str, source: Any) -> dict:
     if not isinstance(value, dict):
         raise ConfigError(f"expected a mapping, got {type(value).__name__}", key=key, source=source)
     return value
+
+
+def _move_sections(data: dict[str, Any], source: Any) -> list[str]:
+    """The ``trainer:`` section's remaining keys into their sections by concern (in place); the old keys found."""
+    trainer = data.get("trainer")
+    if not isinstance(trainer, dict):
+        if trainer is None:
+            data.pop("trainer", None)
+        return []
+    found = []
+    del data["trainer"]
+    precision = [flag for flag in PRECISION_FLAGS if trainer.get(flag.split(".")[1])]
+    if len(precision) > 1:
+        raise ConfigError("trainer.bf16 and trainer.bf16_autocast are one choice: engine.precision", source=source)
+    for key, value in trainer.items():
+        old = f"trainer.{key}"
+        if old in PRECISION_FLAGS:
+            found.append(old)
+            continue
+        if old not in SECTION_KEYS:
+            raise ConfigError(
+                "unknown key; the trainer section's keys moved to optimizer, engine, checkpoint, eval and log "
+                "(docs/architecture.md)",
+                key=old,
+                source=source,
+            )
+        found.append(old)
+        section, name = SECTION_KEYS[old].split(".")
+        _section(data, section, source).setdefault(name, value)
+    flags = [flag for flag in PRECISION_FLAGS if f"{flag.split('.')[1]}" in trainer]
+    if flags:
+        engine = _section(data, "engine", source)
+        engine.setdefault("precision", PRECISION_FLAGS[precision[0]] if precision else "fp32")
+    return found
+
+
+def _note(where: str, found: list[str]) -> str:
+    """One line for every old key found in one place."""
+    moved = ", ".join(f"{key} -> {RENAMED[key]}" for key in dict.fromkeys(found))
+    return f"{where}: keys renamed in 0.2, read until {REMOVED_IN} (docs/architecture.md): {moved}"
 
 
 def current_keys(data: dict[str, Any], *, source: str | Path | None = None, notes: list[str] | None = None) -> dict:
@@ -91,12 +171,9 @@ def current_keys(data: dict[str, Any], *, source: str | Path | None = None, note
                         piece.setdefault(key, value)
                 if not piece:
                     del task[field]
-    if notes is not None:
-        for key in found:
-            notes.append(
-                f"config{f' {source}' if source else ''}: '{key}' is now '{RENAMED[key]}' (the old key is read "
-                f"until {REMOVED_IN}; see docs/architecture.md)"
-            )
+    found += _move_sections(data, source)
+    if notes is not None and found:
+        notes.append(_note(f"config{f' {source}' if source else ''}", found))
     return data
 
 
@@ -119,7 +196,7 @@ _OVERRIDE_PATHS = (
 def current_overrides(overrides: list[str], *, notes: list[str] | None = None) -> list[str]:
     """``--set KEY=VALUE`` flags with old keys rewritten to today's (``standalone.X`` also sets
     ``task.name=one_network`` first); each old key found adds one line to ``notes``."""
-    result = []
+    result, found = [], []
     for text in overrides:
         key, sep, value = text.partition("=")
         key = key.strip()
@@ -127,10 +204,18 @@ def current_overrides(overrides: list[str], *, notes: list[str] | None = None) -
             if key == old or (not exact and key.startswith(old + ".")):
                 if old == "standalone":
                     result.append("task.name=one_network")
-                if notes is not None:
-                    found = old if old in RENAMED else key
-                    notes.append(f"--set {key}: '{found}' is now '{RENAMED[found]}' (read until {REMOVED_IN})")
+                found.append(old)
                 key = new + key[len(old) :]
                 break
+        else:
+            if key in SECTION_KEYS or key in PRECISION_FLAGS:
+                found.append(key)
+                if key in PRECISION_FLAGS:
+                    on = str(value).strip().lower() in ("true", "yes", "on", "1")
+                    key, value = "engine.precision", PRECISION_FLAGS[key] if on else "fp32"
+                else:
+                    key = SECTION_KEYS[key]
         result.append(f"{key}{sep}{value}")
+    if notes is not None and found:
+        notes.append(_note("--set", found))
     return result

@@ -70,12 +70,12 @@ class Trainer:
     def _build_distributed(self, local_rank_arg: int | None) -> None:
         self.env = resolve(local_rank_arg=local_rank_arg)
         # before the process group starts its threads (trainer/run.py has given them one arena already)
-        self.kept_freed_memory = self.config.trainer.keep_freed_host_memory and keep_freed_memory()
-        self.device = init_distributed(self.env, self.config.trainer.dist_timeout_s)
+        self.kept_freed_memory = self.config.engine.keep_freed_host_memory and keep_freed_memory()
+        self.device = init_distributed(self.env, self.config.engine.dist_timeout_s)
         self.rank, self.world = self.env.rank, self.env.world_size
         if self.env.is_main:  # before any collective: a second run on this folder stops here, at once
             self.lock.acquire()
-        self.threads = configure_threads(self.config.trainer.threads_per_rank, local_world_size())
+        self.threads = configure_threads(self.config.engine.threads_per_rank, local_world_size())
         random.seed(self.config.seed + self.rank)
         np.random.seed(self.config.seed + self.rank)
 
@@ -85,14 +85,15 @@ class Trainer:
         self.task = build_task(self.config, rank=self.rank, world=self.world, device=self.device)
         self.trained = self.task.trained
         if hasattr(self.trained, "channels_last"):  # our networks (a torchvision one keeps its layout)
-            self.trained.channels_last = self.config.trainer.channels_last
+            self.trained.channels_last = self.config.engine.channels_last
         torch.manual_seed(seed + 1000 * (self.rank + 1))  # ... then per-rank dropout / drop-path draws
 
     def _build_engine(self) -> None:
-        tc, micro = self.config.trainer, self.config.data.batch_size
-        self.global_batch = global_batch_size(tc, micro_batch=micro, world_size=self.world)
-        self.base_lr = tc.lr_per_256 * self.global_batch / 256
-        built = build_engine(self.trained, tc, micro_batch=micro, world_size=self.world, lr=self.base_lr)
+        optimizer, micro = self.config.optimizer, self.config.data.batch_size
+        self.global_batch = global_batch_size(optimizer, micro_batch=micro, world_size=self.world)
+        self.base_lr = optimizer.lr_per_256 * self.global_batch / 256
+        shape = {"micro_batch": micro, "world_size": self.world, "lr": self.base_lr}
+        built = build_engine(self.trained, self.config.engine, optimizer, **shape)
         self.engine, self.module, self.optimizer = built.engine, built.module, built.optimizer
 
     def _build_data(self) -> None:
@@ -113,11 +114,11 @@ class Trainer:
             )
         )
         self.notes += self.task.notes
-        self.what = self.task.describe() + (" (bf16 autocast)" if self.config.trainer.bf16_autocast else "")
+        self.what = self.task.describe() + (" (bf16 autocast)" if self.config.engine.bf16_autocast else "")
 
     def _build_checkpointer_and_resume(self) -> None:
-        tc, folder = self.config.trainer, self.run_dir / "checkpoints"
-        every, keep = tc.checkpoint_every_steps, tc.keep_checkpoints
+        folder = self.run_dir / "checkpoints"
+        every, keep = self.config.checkpoint.every_steps, self.config.checkpoint.keep
         self.checkpointer = Checkpointer(folder, self.rank, self.world, keep=keep, every_steps=every)
         self.model_hash = model_hash(self.config)  # the model's identity and the task's
         self.global_step = self.bad_steps = self.skipped_total = 0
@@ -130,7 +131,7 @@ class Trainer:
             write_resolved(self.config, self.run_dir)
         steps, tensorboard = (
             {"total_steps": self.final_step, "start_step": self.global_step},
-            self.config.trainer.tensorboard,
+            self.config.log.tensorboard,
         )
         self.log = MetricsLogger(self.run_dir, enabled=self.env.is_main, tensorboard=tensorboard, **steps)
         self._stop_signal = 0
@@ -182,7 +183,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ steps
     def set_lr(self, step: int) -> float:
-        schedule, warmup = self.config.trainer.lr_schedule, self.data.warmup_steps
+        schedule, warmup = self.config.optimizer.lr_schedule, self.data.warmup_steps
         lr = lr_at(step, base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=warmup, schedule=schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -207,11 +208,11 @@ class Trainer:
         """(mini-batches of one optimizer step, epoch, whether the step ends the epoch), epoch after epoch."""
         while True:
             epoch = self.train_loader.epoch
-            for batches, epoch_end in self.train_loader.groups(self.config.trainer.gradient_accumulation_steps):
+            for batches, epoch_end in self.train_loader.groups(self.config.optimizer.gradient_accumulation_steps):
                 yield batches, epoch, epoch_end
 
     def _eval_due(self, epoch: int) -> bool:
-        every = self.config.trainer.eval_every_epochs
+        every = self.config.eval.every_epochs
         return bool(every) and (epoch + 1) % every == 0
 
     def _start_lines(self) -> list[str]:
@@ -230,7 +231,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
         """Step → log → (stop: save and return) → validate when due → save when due, until the final step."""
-        tc = self.config.trainer
         for line in self._start_lines():
             self.log.print(line)
         results: dict[str, Any] = {"global_step": self.global_step, "skipped_steps": self.skipped_total}
@@ -246,11 +246,11 @@ class Trainer:
             results.update(global_step=self.global_step, skipped_steps=self.skipped_total)
             last = self.global_step >= self.final_step
             images_since_log += sum(len(b) for b in batches) * self.world
-            if self.global_step % tc.log_every_steps == 0 or last:
+            if self.global_step % self.config.log.every_steps == 0 or last:
                 values.update(timing.window())
                 self.log.log_step(self.global_step, epoch, mean_over_ranks(values, self.world), images_since_log)
                 images_since_log = 0
-            limit = tc.max_consecutive_bad_steps
+            limit = self.config.optimizer.max_consecutive_bad_steps
             check_bad_steps(self.bad_steps, limit, step=self.global_step, checkpointer=self.checkpointer)
             if epoch_end and self.train_loader.last_summary is not None:  # over all ranks: console and records
                 merged = EpochSummary.merged(gathered_objects(self.train_loader.last_summary, self.world))

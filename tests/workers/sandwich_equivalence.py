@@ -1,7 +1,7 @@
 """Worker for test_trainer_equivalence: a few sandwich steps through a DeepSpeed engine, weights saved by rank 0.
 
 Launched as ``python -m torch.distributed.run --nproc_per_node 2 tests/workers/sandwich_equivalence.py STAGE OUT
-[bf16] [ckpt] [block]`` (``ckpt``: activation checkpointing; ``block``: ``trainer.zero3_gather: block``).  Under
+[bf16] [ckpt] [block]`` (``ckpt``: activation checkpointing; ``block``: ``engine.zero3_gather: block``).  Under
 ZeRO-3 it also checks which modules were made ZeRO-3 leaf modules (the supernet, or each of its blocks).
 """
 
@@ -27,18 +27,19 @@ def main() -> None:
     from trainer.runtime.engine import build_engine, one_reduction
     from trainer.runtime.evaluate import gathered
     from trainer.samplers import sample_sandwich
+    from trainer.sections import EngineConfig, OptimizerConfig
     from trainer.tasks.sandwich import SandwichStep
-    from trainer.trainer_config import TrainerConfig
 
     env = resolve()
-    init_distributed(env, TrainerConfig().dist_timeout_s)
+    init_distributed(env, EngineConfig().dist_timeout_s)
     torch.manual_seed(0)
     net = build_supernet(
         ModelConfig(search_space="tiny", num_classes=10, dropout=0.0, drop_connect=0.0, zero_init_residual_bn=False)
     )
     net.activation_checkpointing = checkpointing
-    tc = TrainerConfig(zero_stage=stage, weight_decay=1e-3, grad_clip_value=0.05, bf16=bf16, zero3_gather=gather)
-    engine = build_engine(net, tc, micro_batch=6, world_size=env.world_size, lr=0.1).engine
+    tc = EngineConfig(zero_stage=stage, precision="bf16" if bf16 else "fp32", zero3_gather=gather)
+    oc = OptimizerConfig(weight_decay=1e-3, grad_clip_value=0.05)
+    engine = build_engine(net, tc, oc, micro_batch=6, world_size=env.world_size, lr=0.1).engine
     from deepspeed.utils import z3_leaf_module
 
     leaves = [type(m).__name__ for m in engine.module.modules() if z3_leaf_module(m)]

@@ -18,10 +18,10 @@ def main() -> None:
     import torch.distributed as dist
 
     from trainer.runtime.distributed import init_distributed, resolve, shared_allreduce_buffer
-    from trainer.trainer_config import TrainerConfig
+    from trainer.sections import EngineConfig
 
     env = resolve()
-    init_distributed(env, TrainerConfig().dist_timeout_s)
+    init_distributed(env, EngineConfig().dist_timeout_s)
     total = torch.tensor([float(env.rank + 1)])
     dist.all_reduce(total)
     report = {

@@ -27,7 +27,7 @@ class RunData:
 
 
 def build_run_data(config, *, rank: int, world: int, local_rank: int) -> RunData:
-    data, tc, seed = config.data, config.trainer, config.seed
+    data, tc, seed = config.data, config.optimizer, config.seed
     shard = {"rank": rank, "world_size": world}
     train = build_loader(data, data.train_split, train=True, seed=seed, **shard)
     val = build_loader(data, data.val_split, train=False, seed=seed, **shard)
@@ -37,7 +37,7 @@ def build_run_data(config, *, rank: int, world: int, local_rank: int) -> RunData
         per_step = data.batch_size * world * tc.gradient_accumulation_steps
         raise DataError(
             f"one optimizer step needs {per_step} training images (data.batch_size {data.batch_size} × "
-            f"{world} rank(s) × trainer.gradient_accumulation_steps {tc.gradient_accumulation_steps}); "
+            f"{world} rank(s) × optimizer.gradient_accumulation_steps {tc.gradient_accumulation_steps}); "
             f"split '{data.train_split}' of {data.root} has {train.num_samples}"
         )
     if has_manifest(data.root):

@@ -17,8 +17,8 @@ from torch import nn
 
 from trainer.runtime.ds_config import build_ds_config
 from trainer.runtime.optim import ClippedSGD, param_groups
+from trainer.sections import EngineConfig, OptimizerConfig
 from trainer.state.safe_checkpoint import install_guarded_engine
-from trainer.trainer_config import TrainerConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +31,7 @@ class Engine:
     """The client optimizer: its param groups carry the learning rate set every step."""
 
 
-def build_optimizer(model: nn.Module, tc: TrainerConfig, lr: float) -> ClippedSGD:
+def build_optimizer(model: nn.Module, tc: OptimizerConfig, lr: float) -> ClippedSGD:
     """Nesterov SGD with element-wise clipping and the non-finite guard; no weight decay on BN and biases."""
     return ClippedSGD(
         param_groups(model, tc.weight_decay),
@@ -88,19 +88,22 @@ def _input_requires_grad(module: nn.Module, args: tuple) -> tuple | None:
     return (first.detach().requires_grad_(), *args[1:])
 
 
-def build_engine(model: nn.Module, tc: TrainerConfig, *, micro_batch: int, world_size: int, lr: float) -> Engine:
-    """``model`` wrapped in a DeepSpeed engine configured from ``tc`` (the process group must exist)."""
-    if tc.zero_stage == 3:
-        mark_zero3_leaves(model, tc.zero3_gather)
-    optimizer = build_optimizer(model, tc, lr)
-    config = build_ds_config(tc, micro_batch=micro_batch, world_size=world_size)
+def build_engine(
+    model: nn.Module, ec: EngineConfig, oc: OptimizerConfig, *, micro_batch: int, world_size: int, lr: float
+) -> Engine:
+    """``model`` wrapped in a DeepSpeed engine configured from the engine and optimizer sections (the process group
+    must exist)."""
+    if ec.zero_stage == 3:
+        mark_zero3_leaves(model, ec.zero3_gather)
+    optimizer = build_optimizer(model, oc, lr)
+    config = build_ds_config(ec, oc, micro_batch=micro_batch, world_size=world_size)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     install_guarded_engine(engine)  # checkpoints: safe loads, atomic writes, failures reported not raised
     return Engine(engine, engine.module, optimizer)
 
 
 @contextmanager
-def one_reduction(engine: Any, tc: TrainerConfig) -> Iterator[None]:
+def one_reduction(engine: Any, tc: EngineConfig) -> Iterator[None]:
     """Around the backward passes of one optimizer step: under ZeRO-2/3 with ``tc.coalesce_grad_reduction``, they
     accumulate on each rank and DeepSpeed reduces them once when the block ends, rather than after each one
     (``DeepSpeedEngine.coalesce_grad_reduction``); the optimizer step follows the block.  Other stages reduce

@@ -1,6 +1,6 @@
 """bf16 autocast of a forward pass: weights, gradients, their accumulation and reduction stay fp32.
 
-Selected by ``trainer.bf16_autocast``.  Matrix products and convolutions run in bfloat16 where the CPU
+Selected by ``engine.precision: bf16_autocast``.  Matrix products and convolutions run in bfloat16 where the CPU
 or GPU has the instructions for it; the logits come back as float32, so every loss is computed in
 fp32.  On a CPU without AVX-512 BF16 / AMX, PyTorch emulates bf16 and the step is several times
 *slower* than fp32 (measured: ``bench/step_throughput.py`` prints both).

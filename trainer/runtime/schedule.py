@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from trainer.trainer_config import LRSchedule
+from trainer.sections import LRSchedule
 
 
 def warmup_factor(step: int, warmup_steps: int, start_factor: float) -> float:

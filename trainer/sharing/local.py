@@ -41,7 +41,7 @@ class LocalSharingRule(Sharing):
             else "",
             "task": "a one-network task trains one network" if not sandwich else "",
             "trainer.zero_stage": "ZeRO-3 partitions the candidates it routes gradients between"
-            if config.trainer.zero_stage == 3
+            if config.engine.zero_stage == 3
             else "",
             "task.teacher": f"the {task.teacher.name} teacher's snapshots have no assignment"
             if sandwich and task.teacher.name != "inplace"

@@ -116,7 +116,7 @@ class SandwichTask(Task):
         super().__init__(config, rank=rank, world=world, device=device)
         self.trained = build_supernet(config.model)
         self.space = self.trained.space
-        self.trained.activation_checkpointing = config.trainer.activation_checkpointing  # runtime, not hashed
+        self.trained.activation_checkpointing = config.engine.activation_checkpointing  # runtime, not hashed
 
     @staticmethod
     def check_config(config, space, source: str) -> None:
@@ -149,7 +149,7 @@ class SandwichTask(Task):
                 run.module, model, run.data.steps_per_epoch, run.data.total_steps, label_loss, run.rank, run.world
             )
         )
-        self.sandwich = SandwichStep(label_loss, teacher=self.teacher, bf16_autocast=config.trainer.bf16_autocast)
+        self.sandwich = SandwichStep(label_loss, teacher=self.teacher, bf16_autocast=config.engine.bf16_autocast)
         self.notes += self.teacher.notes + self.sharing.notes
         self._first: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -180,7 +180,7 @@ class SandwichTask(Task):
         sums: dict[str, torch.Tensor] = {}
         if self.sharing.needs_first_batch:
             subnets, sums = self.sharing.prepare(step, subnets, *self._first_batch(batches), lr)
-        with one_reduction(run.engine, run.config.trainer):  # ZeRO-2/3: the step's gradients reduced once
+        with one_reduction(run.engine, run.config.engine):  # ZeRO-2/3: the step's gradients reduced once
             for i, batch in enumerate(batches):
                 batch = batch.to(run.device)
                 images = normalize(batch.images, data.mean, data.std)
@@ -209,9 +209,11 @@ class SandwichTask(Task):
         return metrics, lines
 
     def validate(self, epoch: int) -> dict[str, dict[str, float]]:
-        run, tc, data = self.run, self.run.config.trainer, self.run.config.data
+        run, data = self.run, self.run.config.data
         run.data.calib_loader.set_epoch(epoch)
-        calib = collect_calibration(run.data.calib_loader, tc.calib_batches, run.device, data.mean, data.std)
+        calib = collect_calibration(
+            run.data.calib_loader, run.config.eval.calib_batches, run.device, data.mean, data.std
+        )
         results = {}
         for name, arch in (("largest", self.space.largest()), ("smallest", self.space.smallest())):
             run.data.val_loader.set_epoch(0)
@@ -220,7 +222,7 @@ class SandwichTask(Task):
                 arch,
                 calib,
                 run.data.val_loader,
-                zero_stage=tc.zero_stage,
+                zero_stage=run.config.engine.zero_stage,
                 mean=data.mean,
                 std=data.std,
                 device=run.device,

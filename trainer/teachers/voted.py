@@ -131,7 +131,7 @@ class VotedTeacher(InplaceTeacher):
 
     @staticmethod
     def check_config(config, space, source: str) -> None:
-        if config.trainer.zero_stage == 3:
+        if config.engine.zero_stage == 3:
             raise ConfigError(
                 f"the {config.task.teacher.name} teacher keeps whole snapshots of the supernet on every rank, which "
                 "ZeRO-3 partitions; use trainer.zero_stage 0-2",

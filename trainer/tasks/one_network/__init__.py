@@ -47,7 +47,7 @@ def build_student_and_teacher(config, *, rank: int, world: int, device):
     def calibration() -> list[torch.Tensor]:
         if not batches:
             loader = build_loader(data, data.train_split, train=True, seed=config.seed + 1, rank=rank, world_size=world)
-            batches.extend(collect_calibration(loader, config.trainer.calib_batches, device, data.mean, data.std))
+            batches.extend(collect_calibration(loader, config.eval.calib_batches, device, data.mean, data.std))
         return batches
 
     def load(source: NetworkSource) -> Network:
@@ -93,7 +93,7 @@ class OneNetworkTask(Task):
             raise ConfigError("a teacher needs a KD loss (loss.kd_loss is none)", key="task.teacher", source=source)
         if task.teacher is None and task.teacher_logits == "cached":
             raise ConfigError("cached teacher logits need a teacher", key="task.teacher_logits", source=source)
-        if config.trainer.activation_checkpointing:
+        if config.engine.activation_checkpointing:
             raise ConfigError(
                 "activation checkpointing is implemented in the supernets' forward, not for one network",
                 key="trainer.activation_checkpointing",
@@ -113,7 +113,7 @@ class OneNetworkTask(Task):
             kd,
             kd_weight=loss.kd_weight,
             label_weight=task.label_weight,
-            bf16_autocast=config.trainer.bf16_autocast,
+            bf16_autocast=config.engine.bf16_autocast,
         )
 
     def _cache_teacher_logits(self, run: RunContext) -> None:
@@ -147,7 +147,7 @@ class OneNetworkTask(Task):
         run, data = self.run, self.run.config.data
         run.engine.train()
         sums: dict[str, torch.Tensor] = {}
-        with one_reduction(run.engine, run.config.trainer):
+        with one_reduction(run.engine, run.config.engine):
             for i, batch in enumerate(batches):
                 batch = batch.to(run.device)
                 images = normalize(batch.images, data.mean, data.std)
@@ -167,8 +167,8 @@ class OneNetworkTask(Task):
     def validate(self, epoch: int) -> dict[str, dict[str, float]]:
         """Top-1/top-5 of the student as it is (no BN recalibration: its statistics were tracked in training),
         with rank 0's BatchNorm statistics on every rank: what the checkpoint and the final export hold."""
-        run, tc, data = self.run, self.run.config.trainer, self.run.config.data
-        with gathered(run.module, tc.zero_stage):
+        run, data = self.run, self.run.config.data
+        with gathered(run.module, run.config.engine.zero_stage):
             if dist.is_initialized() and run.world > 1:
                 for buffer in run.module.buffers():
                     dist.broadcast(buffer, src=0)
@@ -181,7 +181,7 @@ class OneNetworkTask(Task):
 
     def finish(self, is_main: bool) -> Path | None:
         """The student goes to ``RUN/final`` (an ``export:`` source of a later run)."""
-        with gathered(self.run.module, self.run.config.trainer.zero_stage):
+        with gathered(self.run.module, self.run.config.engine.zero_stage):
             if is_main:
                 return save_network(self.student, self.run.run_dir / FINAL_DIR)
         return None

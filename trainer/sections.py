@@ -1,4 +1,5 @@
-"""The trainer section of a run config."""
+"""The run config's sections by concern: the optimiser and its schedule, the engine, checkpoints, evaluation and
+logging (before 0.2 all of them were keys of one ``trainer:`` section; ``trainer/config_keys.py`` reads those)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from typing import Annotated, Literal
 from typedconfig import Range, check_ranges
 
 LRSchedule = Literal["warmup_times_cosine", "warmup_then_cosine"]
+Precision = Literal["fp32", "bf16", "bf16_autocast"]
 
 
 @dataclass(kw_only=True, slots=True)
-class TrainerConfig:
-    """Optimisation, DeepSpeed, checkpoints and logging."""
+class OptimizerConfig:
+    """``optimizer``: SGD, its learning-rate schedule and the run's length."""
 
     epochs: Annotated[int, Range(ge=1)] = 360
     """Passes over the training split."""
@@ -31,6 +33,19 @@ class TrainerConfig:
     """On conv/linear weights only (not BatchNorm parameters, not biases)."""
     grad_clip_value: Annotated[float | None, Range(gt=0)] = 1.0
     """Element-wise gradient clipping (the paper's recipe); null disables it."""
+    gradient_accumulation_steps: Annotated[int, Range(ge=1)] = 1
+    """Mini-batches per optimizer step (each runs the full sandwich)."""
+    max_consecutive_bad_steps: Annotated[int, Range(ge=1)] = 5
+    """Stop after this many skipped steps in a row (non-finite loss or gradient)."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "optimizer")
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    """``engine``: DeepSpeed (ZeRO stage and its options), precision, layout, threads and memory of each rank."""
+
     zero_stage: Annotated[int, Range(ge=0, le=3)] = 0
     """DeepSpeed ZeRO stage 0–3."""
     contiguous_gradients: bool = False
@@ -60,39 +75,12 @@ class TrainerConfig:
     forward pass, so DeepSpeed never completes its trace of the module order and releases every block's
     parameters after the block, whatever its persistence threshold; per block, its hooks cost more than the
     gathers."""
-    bf16: bool = False
-    """bfloat16 weights and activations with fp32 master weights and fp32 gradient accumulation and reduction
-    (DeepSpeed's BF16 optimizer, ZeRO stage 1 only)."""
-    bf16_autocast: bool = False
-    """Forward passes under bfloat16 autocast with fp32 weights, fp32 losses and fp32 gradients (accumulated and
-    reduced in fp32; any ZeRO stage).  Faster only where the hardware has bf16 instructions (AVX-512 BF16 or
-    AMX on CPUs, Ampere and later GPUs); on a CPU without them it is several times slower than fp32
-    (``trainer.runtime.precision``)."""
-    gradient_accumulation_steps: Annotated[int, Range(ge=1)] = 1
-    """Mini-batches per optimizer step (each runs the full sandwich)."""
-    checkpoint_every_steps: Annotated[int, Range(ge=1)] = 1000
-    """Save a sharded checkpoint every N steps (and at every epoch end)."""
-    keep_checkpoints: Annotated[int, Range(ge=1)] = 3
-    """Newest checkpoints kept; older ones are deleted after a new one is committed."""
-    max_consecutive_bad_steps: Annotated[int, Range(ge=1)] = 5
-    """Stop after this many skipped steps in a row (non-finite loss or gradient)."""
-    log_every_steps: Annotated[int, Range(ge=1)] = 10
-    """Steps between JSONL/TensorBoard records and console refreshes."""
-    eval_every_epochs: Annotated[int, Range(ge=0)] = 1
-    """Validate the largest and smallest sub-networks every N epochs (0: only at the end)."""
-    calib_batches: Annotated[int, Range(ge=1)] = 16
-    """Training batches used to recalibrate BatchNorm statistics before each evaluation."""
-    tensorboard: bool = True
-    dist_timeout_s: Annotated[float, Range(gt=0)] = 900.0
-    """Seconds a collective (all-reduce, barrier) may wait for the other ranks before the process group
-    gives up; covers the longest rank-0-only pause (a checkpoint write, a validation)."""
-    threads_per_rank: Annotated[int | None, Range(ge=1)] = None
-    """torch threads of each rank; null: the cores the process may use ÷ the ranks on its node."""
-    keep_freed_host_memory: bool = True
-    """Each rank's ``malloc`` keeps freed memory for the next step instead of returning it to the kernel
-    (``trainer.runtime.host_allocator``, glibc only): 3–14 % faster steps on 2 CPU ranks at full size, 0–5 % more
-    peak resident memory.  Off: glibc's defaults, except that ``trainer/run.py`` has given the
-    rank's threads one arena before it read the config."""
+    precision: Precision = "fp32"
+    """``fp32``; ``bf16``: bfloat16 weights and activations with fp32 master weights and fp32 gradient accumulation
+    and reduction (DeepSpeed's BF16 optimizer, ZeRO stage 1 only); ``bf16_autocast``: forward passes under bfloat16
+    autocast with fp32 weights, fp32 losses and fp32 gradients (accumulated and reduced in fp32; any ZeRO stage),
+    faster only where the hardware has bf16 instructions (AVX-512 BF16 or AMX on CPUs, Ampere and later GPUs; on a
+    CPU without them several times slower than fp32, ``trainer.runtime.precision``)."""
     channels_last: bool = True
     """Run the network's convolutions on channels-last (NHWC) tensors: 1.5–1.8× faster forward + backward than
     NCHW on a CPU (measured; ``bench/step_throughput.py``).  Same numbers up to float rounding; on GPUs the
@@ -101,16 +89,70 @@ class TrainerConfig:
     """Recompute each MBConv block's activations in the backward pass instead of storing them: saves memory,
     costs about one extra forward. BatchNorm running statistics are updated once and drop-path masks are the
     same in the recompute, so training is unchanged."""
+    threads_per_rank: Annotated[int | None, Range(ge=1)] = None
+    """torch threads of each rank; null: the cores the process may use ÷ the ranks on its node."""
+    keep_freed_host_memory: bool = True
+    """Each rank's ``malloc`` keeps freed memory for the next step instead of returning it to the kernel
+    (``trainer.runtime.host_allocator``, glibc only): 3–14 % faster steps on 2 CPU ranks at full size, 0–5 % more
+    peak resident memory.  Off: glibc's defaults, except that ``trainer/run.py`` has given the
+    rank's threads one arena before it read the config."""
+    dist_timeout_s: Annotated[float, Range(gt=0)] = 900.0
+    """Seconds a collective (all-reduce, barrier) may wait for the other ranks before the process group
+    gives up; covers the longest rank-0-only pause (a checkpoint write, a validation)."""
+
+    @property
+    def bf16(self) -> bool:
+        """bf16 weights (DeepSpeed's BF16 optimizer)."""
+        return self.precision == "bf16"
+
+    @property
+    def bf16_autocast(self) -> bool:
+        """fp32 weights, bf16 forward passes."""
+        return self.precision == "bf16_autocast"
 
     def __post_init__(self) -> None:
-        check_ranges(self, "trainer")
-        if self.bf16 and self.bf16_autocast:
-            raise ValueError(
-                "trainer.bf16 (bf16 weights, DeepSpeed's BF16 optimizer) and trainer.bf16_autocast (fp32 weights, bf16 "
-                "forward passes) are two ways to the same end: choose one"
-            )
+        check_ranges(self, "engine")
         if self.bf16 and self.zero_stage != 1:
             raise ValueError(
-                f"trainer.bf16 needs trainer.zero_stage 1 (got {self.zero_stage}): that is where DeepSpeed accumulates "
-                "and reduces bf16 gradients in fp32 (its BF16 optimizer); use fp32 for other stages"
+                f"engine.precision bf16 needs engine.zero_stage 1 (got {self.zero_stage}): that is where DeepSpeed "
+                "accumulates and reduces bf16 gradients in fp32 (its BF16 optimizer); use fp32 or bf16_autocast for "
+                "other stages"
             )
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """``checkpoint``: when sharded checkpoints are written and how many are kept."""
+
+    every_steps: Annotated[int, Range(ge=1)] = 1000
+    """Save a sharded checkpoint every N steps (and at every epoch end)."""
+    keep: Annotated[int, Range(ge=1)] = 3
+    """Newest checkpoints kept; older ones are deleted after a new one is committed."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "checkpoint")
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    """``eval``: validation during training."""
+
+    every_epochs: Annotated[int, Range(ge=0)] = 1
+    """Validate the largest and smallest sub-networks every N epochs (0: only at the end)."""
+    calib_batches: Annotated[int, Range(ge=1)] = 16
+    """Training batches used to recalibrate BatchNorm statistics before each evaluation."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "eval")
+
+
+@dataclass(kw_only=True, slots=True)
+class LogConfig:
+    """``log``: console, ``metrics.jsonl`` and TensorBoard records."""
+
+    every_steps: Annotated[int, Range(ge=1)] = 10
+    """Steps between JSONL/TensorBoard records and console refreshes."""
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "log")
