@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from models import ArchSampler
+from trainer.state.pieces import PieceState
 from typedconfig import Registry
 
 SAMPLERS = Registry("sampler", package="trainer.samplers")
@@ -74,7 +75,7 @@ class SamplerContext:
     """FLOPs (millions) of an architecture of ``space``."""
 
 
-class Sampler:
+class Sampler(PieceState):
     """Base of the sampler pieces: a seeded :class:`ArchSampler` and its checkpoint state."""
 
     Config: ClassVar[type[SamplerConfig]]
@@ -101,9 +102,6 @@ class Sampler:
 
     def load_state(self, client: dict[str, Any], rank: dict[str, Any]) -> None:
         self.arch_sampler.load_state_dict(client["sampler"])
-
-    def rank_state(self) -> dict[str, Any]:
-        return {}
 
 
 def build_sampler(config: SamplerConfig, context: SamplerContext) -> Sampler:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
+from trainer.state.pieces import PieceState
 from typedconfig import Registry
 
 SHARING = Registry("weight sharing", package="trainer.sharing")
@@ -35,7 +36,7 @@ class SharingContext:
     world: int
 
 
-class Sharing:
+class Sharing(PieceState):
     """Base of the sharing pieces: every sub-network slices the one weight tensor of each layer."""
 
     needs_first_batch: ClassVar[bool] = False
@@ -56,15 +57,6 @@ class Sharing:
     def after_step(self, step: int, images, labels) -> tuple[dict[str, float], list[str]]:
         """After optimizer step ``step``: (metrics, lines to print)."""
         return {}, []
-
-    def client_state(self) -> dict[str, Any]:
-        return {}
-
-    def rank_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, client: dict[str, Any], rank: dict[str, Any]) -> None:
-        pass
 
 
 @SHARING.register("global")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from trainer.runtime.data import RunData
+from trainer.state.pieces import PieceState
 from typedconfig import Registry
 
 TASKS = Registry("task", package="trainer.tasks")
@@ -54,7 +55,7 @@ class RunContext:
     run_dir: Path
 
 
-class Task:
+class Task(PieceState):
     """Base of the task pieces."""
 
     Config: ClassVar[type[TaskConfig]]
@@ -93,15 +94,6 @@ class Task:
     def finish(self, is_main: bool) -> Path | None:
         """At the last step: write what the task leaves behind; returns its path."""
         return None
-
-    def client_state(self) -> dict[str, Any]:
-        return {}
-
-    def rank_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, client: dict[str, Any], rank: dict[str, Any]) -> None:
-        pass
 
 
 def build_task(config: Any, *, rank: int, world: int, device: torch.device) -> Task:

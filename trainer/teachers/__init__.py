@@ -17,6 +17,7 @@ from torch import nn
 
 from losses.config import LossConfig
 from losses.divergences import KDLoss
+from trainer.state.pieces import PieceState
 from typedconfig import Registry
 
 TEACHERS = Registry("teacher", package="trainer.teachers")
@@ -47,7 +48,7 @@ class TeacherContext:
     steps_per_epoch: int
 
 
-class Teacher:
+class Teacher(PieceState):
     """Base of the teacher pieces."""
 
     Config: ClassVar[type[TeacherConfig]]
@@ -83,15 +84,6 @@ class Teacher:
     def after_step(self, step: int, module: nn.Module) -> dict[str, torch.Tensor]:
         """After optimizer step ``step``; returns metrics to log."""
         return {}
-
-    def client_state(self) -> dict[str, Any]:
-        return {}
-
-    def rank_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, client: dict[str, Any], rank: dict[str, Any]) -> None:
-        pass
 
 
 def build_teacher(config: TeacherConfig, context: TeacherContext) -> Teacher:
