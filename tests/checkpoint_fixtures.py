@@ -3,7 +3,7 @@
 ``tests/fixtures/make_checkpoint_fixtures.py`` trains each :data:`VARIANTS` entry to step
 :data:`CHECKPOINT_STEP`, keeps that run folder as ``tests/fixtures/checkpoints/<variant>/``, continues the run
 to :data:`FINAL_STEP` and records the continuation (:func:`continuation_record`) in ``continuation.json``
-there.  ``tests/test_checkpoint_fixtures.py`` resumes a copy of each folder with the current code and
+there.  ``tests/trainer/test_checkpoint_fixtures.py`` resumes a copy of each folder with the current code and
 compares its continuation with the recorded one.
 
 Every path of a fixture run is relative to the run's working directory (:data:`RUN_DIR`, :data:`DATA_ROOT`):

@@ -1,4 +1,4 @@
-"""Worker for tests/test_fault_checkpoints.py: ``trainer/run.py`` with one injected fault on one rank.
+"""Worker for tests/trainer/test_fault_checkpoints.py: ``trainer/run.py`` with one injected fault on one rank.
 
     deepspeed --num_gpus 2 tests/workers/faulty_rank.py FAULT RANK STEP --config ... --set ...
 

@@ -15,7 +15,7 @@ exists, gives all threads the main arena (so the workers' buffers come from the 
 then reused by the next step: 3–10 % less time per step for ZeRO-0/1/2 and the plain loop, 14 % for ZeRO-3.
 The heap keeps what the largest step needed (and, for a large block allocated again and again, a few freed
 copies: glibc's aligned request is a little larger than the block freed before it, so it reuses one only once
-enough free space has gathered; ``tests/test_host_allocator.py``), so the resident set is higher in the first
+enough free space has gathered; ``tests/trainer/test_host_allocator.py``), so the resident set is higher in the first
 steps; once the sub-networks have reached their largest shapes it is level with glibc's defaults or a few
 percent above (``bench/host_allocator.py``: ZeRO-1 the same peak at step 50, ZeRO-3 5 % more at step 20, its
 heap still growing).

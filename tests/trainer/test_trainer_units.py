@@ -32,7 +32,7 @@ from trainer.runtime.optim import ClippedSGD, param_groups
 from trainer.runtime.schedule import lr_at
 from trainer.sections import EngineConfig, OptimizerConfig
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 SLURM = {
     "SLURM_PROCID": "5",

@@ -21,9 +21,9 @@ from trainer.config import RunConfig, config_to_yaml, load_config, model_hash
 from trainer.config_keys import current_keys
 from typedconfig import ConfigError, from_mapping
 
-PINS = Path(__file__).resolve().parent / "fixtures" / "recipes"
+PINS = Path(__file__).resolve().parents[1] / "fixtures" / "recipes"
 INDEX = json.loads((PINS / "pins.json").read_text())
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.fixture(autouse=True)

@@ -126,7 +126,7 @@ def test_files_the_region_decoder_refuses_take_the_full_decoder_s_path():
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_ffcv_s_region_decode_has_the_pixels_of_ffcv_s_full_decode(layout):
     """The FFCV decoder (numba-compiled, fast inverse DCT) decodes only the crop; FFCV's own decoder decodes
-    everything: same pixels for the crop.  (tests/test_data_loader.py checks whole batches against FFCV's
+    everything: same pixels for the crop.  (tests/data_pipeline/test_data_loader.py checks whole batches against FFCV's
     primitives.)"""
     from ffcv.libffcv import imdecode
     from numba import njit

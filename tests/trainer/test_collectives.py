@@ -14,7 +14,7 @@ from trainer_helpers import child_env
 
 from trainer.runtime.collectives import all_reduce_, collective_device
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("trainer", "search", "models", "losses", "data_pipeline", "bench")
 
 

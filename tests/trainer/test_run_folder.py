@@ -14,7 +14,7 @@ from trainer_helpers import child_env, overrides, run_in_process
 from trainer.config import load_config, write_resolved
 from trainer.run_folder import CHANGES_NAME, RunFolderError, RunFolderLock, check_config_change, record_config_change
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny(run_dir: Path, *extra: str):
