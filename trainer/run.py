@@ -20,7 +20,7 @@ import faulthandler  # noqa: E402
 from trainer.runtime.host_allocator import share_one_arena  # noqa: E402
 
 # Before numpy and torch are imported (they start threads): glibc fixes its arena limit when a second thread first
-# allocates.  One arena is the part of trainer.keep_freed_host_memory that cannot wait for the config.
+# allocates.  One arena is the part of engine.keep_freed_host_memory that cannot wait for the config.
 share_one_arena()
 
 from trainer.config import add_config_arguments, load_config_or_exit  # noqa: E402

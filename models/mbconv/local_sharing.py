@@ -2,7 +2,7 @@
 
 Under ``model.sharing: local`` every MBConv block of the supernet (a *layer*) holds M candidate copies of
 its weights, BatchNorm included.  A sub-network runs, in each layer, the candidate its *assignment* names.
-Assignments are learnt layer by layer during training (``trainer.local_sharing``) for a fixed set of N
+Assignments are learnt layer by layer during training (``trainer.sharing.local``) for a fixed set of N
 sampled architectures; any other architecture takes, per layer, the assignment of its nearest sampled
 architecture that runs the same operator there (see :meth:`LocalAssignment.candidate`).
 

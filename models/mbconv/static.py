@@ -100,7 +100,7 @@ class StaticSubnet(nn.Module):
 
     channels_last = True
     """Run the convolutions on channels-last tensors (see :func:`models.ops.conv_layout`); a runtime switch
-    (``trainer.channels_last``) that changes no weight."""
+    (``engine.channels_last``) that changes no weight."""
 
     def __init__(self, space: SearchSpace, arch: ArchConfig, num_classes: int = 1000, dropout: float = 0.0):
         super().__init__()

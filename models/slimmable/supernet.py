@@ -61,12 +61,12 @@ class SlimmableSupernet(nn.Module):
 
     channels_last = True
     """Run the convolutions on channels-last tensors (see :func:`models.ops.conv_layout`); a runtime switch
-    (``trainer.channels_last``) that changes no weight."""
+    (``engine.channels_last``) that changes no weight."""
 
     activation_checkpointing = False
     """Recompute each block's activations in the backward pass instead of storing them (in training mode with
     gradients enabled); BatchNorm running statistics are still updated once.  A runtime switch
-    (``trainer.activation_checkpointing``) that changes no weight."""
+    (``engine.activation_checkpointing``) that changes no weight."""
 
     def __init__(self, space: SlimmableSpace, config: ModelConfig, *, only: WidthArch | None = None):
         super().__init__()

@@ -19,10 +19,10 @@ class RunData:
     """Training batches for BatchNorm recalibration (their own seeded order)."""
     steps_per_epoch: int
     total_steps: int
-    """Optimizer steps of the schedule (``trainer.epochs``)."""
+    """Optimizer steps of the schedule (``optimizer.epochs``)."""
     warmup_steps: int
     final_step: int
-    """Where this run stops (``trainer.max_steps`` or the schedule's end)."""
+    """Where this run stops (``optimizer.max_steps`` or the schedule's end)."""
     watch: DataWatch
 
 

@@ -40,7 +40,7 @@ class LocalSharingRule(Sharing):
             if not family_of(space).supports_local_sharing
             else "",
             "task": "a one-network task trains one network" if not sandwich else "",
-            "trainer.zero_stage": "ZeRO-3 partitions the candidates it routes gradients between"
+            "engine.zero_stage": "ZeRO-3 partitions the candidates it routes gradients between"
             if config.engine.zero_stage == 3
             else "",
             "task.teacher": f"the {task.teacher.name} teacher's snapshots have no assignment"

@@ -134,7 +134,7 @@ class VotedTeacher(InplaceTeacher):
         if config.engine.zero_stage == 3:
             raise ConfigError(
                 f"the {config.task.teacher.name} teacher keeps whole snapshots of the supernet on every rank, which "
-                "ZeRO-3 partitions; use trainer.zero_stage 0-2",
+                "ZeRO-3 partitions; use engine.zero_stage 0-2",
                 key="task.teacher",
                 source=source,
             )

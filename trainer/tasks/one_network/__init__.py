@@ -39,7 +39,7 @@ def _train_ready(module: nn.Module, dropout: float) -> nn.Module:
 
 def build_student_and_teacher(config, *, rank: int, world: int, device):
     """(student :class:`Network`, :class:`FixedTeacher` or None) of a run config whose task is ``one_network``;
-    BatchNorm of networks taken from a supernet run is recalibrated on ``trainer.calib_batches`` training
+    BatchNorm of networks taken from a supernet run is recalibrated on ``eval.calib_batches`` training
     batches (loaded once, shared by both)."""
     standalone, data, model = config.task, config.data, config.model
     batches: list[torch.Tensor] = []
@@ -96,7 +96,7 @@ class OneNetworkTask(Task):
         if config.engine.activation_checkpointing:
             raise ConfigError(
                 "activation checkpointing is implemented in the supernets' forward, not for one network",
-                key="trainer.activation_checkpointing",
+                key="engine.activation_checkpointing",
                 source=source,
             )
         if config.model.sharing != "global":
