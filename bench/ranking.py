@@ -82,9 +82,9 @@ def plot(inherited: list[float], alone: list[float], mflops: list[float], title:
         ax.grid(alpha=0.3)
 
 
-LOCAL = ["model.sharing=local", "model.local.warmup_epochs=1", "model.local.epochs_per_layer=0.5"]
-LOCAL += ["model.local.meta_every=5"]
-SHARING = {"global": [], "local": LOCAL, "random": [*LOCAL, "model.local.assignment=random"]}
+LOCAL = ["model.sharing.name=local", "model.sharing.warmup_epochs=1", "model.sharing.epochs_per_layer=0.5"]
+LOCAL += ["model.sharing.meta_every=5"]
+SHARING = {"global": [], "local": LOCAL, "random": [*LOCAL, "model.sharing.assignment=random"]}
 
 
 def main() -> None:
@@ -159,7 +159,7 @@ def rank(args, run: Path, data: Path, suffix: str) -> dict:
     record = {
         "run": str(run),
         "top_k_overlap": overlap,
-        "sharing": getattr(run_config.model, "sharing", "global"),
+        "sharing": run_config.model.sharing.name,
         "epochs": args.epochs,
         "kendall_tau": tau,
         "spearman_rho": rho,

@@ -3,18 +3,37 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from models.init import InitScheme
-from typedconfig import Range, check_ranges, to_mapping
+from typedconfig import Range, Registry, check_ranges, to_mapping
 
-SharingName = Literal["global", "local"]
+SHARING_LAYOUTS = Registry("weight sharing")
+"""How the supernet's layers hold their weights, by the name ``model.sharing.name`` gives (the trainer's rule of the
+same name, ``trainer.sharing``, trains them)."""
 
 
 @dataclass(kw_only=True, slots=True)
-class LocalSharingConfig:
-    """``model.local``: used when ``model.sharing`` is ``local`` (the paper's symbols in brackets)."""
+class SharingConfig:
+    """``model.sharing``: ``{name: global}`` (the default) or ``{name: local, ...}``."""
 
+    registry: ClassVar[Registry] = SHARING_LAYOUTS
+    name: str = "global"
+    """``global``: one weight tensor per layer, sliced by every sub-network. ``local``: M candidate copies per
+    layer, each architecture assigned to one (Distribution Consistent NAS)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class GlobalSharingConfig(SharingConfig):
+    name: str = "global"
+
+
+@dataclass(kw_only=True, slots=True)
+class LocalSharingConfig(SharingConfig):
+    """``model.sharing: {name: local, ...}`` (the paper's symbols in brackets; before 0.2: ``model.sharing: local``
+    with the keys in ``model.local``)."""
+
+    name: str = "local"
     candidates: Annotated[int, Range(ge=2, le=8)] = 2
     """M: candidate weights per layer (the paper: 2)."""
     archs: Annotated[int, Range(ge=2, le=100_000)] = 64
@@ -38,7 +57,17 @@ class LocalSharingConfig:
     """Seed of the N sampled architectures, the K-means initialisation and the random draws."""
 
     def __post_init__(self) -> None:
-        check_ranges(self, "model.local")
+        check_ranges(self, "model.sharing")
+
+
+@SHARING_LAYOUTS.register("global")
+class GlobalLayout:
+    Config = GlobalSharingConfig
+
+
+@SHARING_LAYOUTS.register("local")
+class LocalLayout:
+    Config = LocalSharingConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -64,19 +93,20 @@ class ModelConfig:
     ``kaiming_fan_out`` (Kaiming-normal fan-out convolutions, N(0, 0.01) classifier)."""
     zero_init_residual_bn: bool = True
     """Start the last BatchNorm gamma of every block at zero, so each block starts as its shortcut."""
-    sharing: SharingName = "global"
-    """``global``: one weight tensor per layer, sliced by every sub-network. ``local``: M candidate copies per
-    layer, each architecture assigned to one (Distribution Consistent NAS; see ``model.local``)."""
-    local: LocalSharingConfig = field(default_factory=LocalSharingConfig)
-    """Local weight sharing's parameters (used when ``sharing`` is ``local``)."""
+    sharing: SharingConfig = field(default_factory=GlobalSharingConfig)
+    """``{name: global}``: one weight tensor per layer, sliced by every sub-network. ``{name: local, candidates:
+    M, ...}``: M candidate copies per layer, each architecture assigned to one (Distribution Consistent NAS)."""
 
     def __post_init__(self) -> None:
         check_ranges(self, "model")
 
     def identity(self) -> dict:
-        """The fields that give the weights their meaning (hashed into checkpoints): local sharing's only when it
-        is on, so checkpoints written before it existed still resume."""
+        """The fields that give the weights their meaning (hashed into checkpoints), in 0.1's form: the sharing rule
+        only when it is not global (so checkpoints written before it existed still resume), as ``sharing: NAME``
+        beside ``NAME: {its keys}``."""
         mapping = to_mapping(self)
-        if self.sharing == "global":
-            del mapping["sharing"], mapping["local"]
+        sharing = mapping.pop("sharing")
+        name = sharing.pop("name")
+        if name != "global":
+            mapping["sharing"], mapping[name] = name, sharing
         return mapping

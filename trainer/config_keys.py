@@ -67,6 +67,7 @@ RENAMED: dict[str, str] = {
     "trainer.attentive": "task.sampler",
     "trainer.teacher": "task.teacher.name",
     "trainer.voted": "task.teacher",
+    "model.local": "model.sharing",
     **SECTION_KEYS,
     **{key: "engine.precision" for key in PRECISION_FLAGS},
 }
@@ -124,6 +125,21 @@ def _move_sections(data: dict[str, Any], source: Any) -> list[str]:
     return found
 
 
+def _move_local_sharing(data: dict[str, Any], source: Any) -> list[str]:
+    """0.1's ``model.sharing: NAME`` + ``model.local: {...}`` into one tagged ``model.sharing`` (in place); the
+    old subsection is read only when the sharing rule was ``local``."""
+    model = data.get("model")
+    if not isinstance(model, dict) or "local" not in model:
+        return []
+    local = model.pop("local") or {}
+    sharing = model.get("sharing", "global")
+    name = sharing.get("name", "global") if isinstance(sharing, dict) else sharing
+    if name == "local":
+        rest = sharing if isinstance(sharing, dict) else {}
+        model["sharing"] = {"name": "local", **local, **{k: v for k, v in rest.items() if k != "name"}}
+    return ["model.local"]
+
+
 def _note(where: str, found: list[str]) -> str:
     """One line for every old key found in one place."""
     moved = ", ".join(f"{key} -> {RENAMED[key]}" for key in dict.fromkeys(found))
@@ -171,7 +187,7 @@ def current_keys(data: dict[str, Any], *, source: str | Path | None = None, note
                         piece.setdefault(key, value)
                 if not piece:
                     del task[field]
-    found += _move_sections(data, source)
+    found += _move_sections(data, source) + _move_local_sharing(data, source)
     if notes is not None and found:
         notes.append(_note(f"config{f' {source}' if source else ''}", found))
     return data
@@ -190,6 +206,7 @@ _OVERRIDE_PATHS = (
     ("trainer.attentive", False, "task.sampler"),
     ("trainer.teacher", True, "task.teacher.name"),
     ("trainer.voted", False, "task.teacher"),
+    ("model.local", False, "model.sharing"),
 )
 
 

@@ -320,6 +320,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], *, cls: type | N
     result = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)
+        if cls is not None and isinstance(value, str) and _tagged_section(cls, result, parts) is not None:
+            parts = [*parts, "name"]  # a tagged section given its name alone: ``model.sharing=local``
         if cls is not None and parts[-1] == "name":
             tagged = _tagged_section(cls, result, parts[:-1])
             if tagged is not None and tagged[1].get("name", _default_name(tagged[0])) != value:

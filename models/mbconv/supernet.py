@@ -128,7 +128,7 @@ class AlphaNetSupernet(nn.Module):
             for block in self.blocks:
                 nn.init.zeros_(block.project_bn.weight)
         self._set_drop_path_rates()
-        extra = config.local.candidates - 1 if config.sharing == "local" else 0
+        extra = config.sharing.candidates - 1 if config.sharing.name == "local" else 0
         self.candidate_blocks = (
             nn.ModuleList(nn.ModuleList(copy.deepcopy(block) for _ in range(extra)) for block in self.blocks)
             if extra

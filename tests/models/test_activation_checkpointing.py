@@ -101,7 +101,7 @@ def test_the_recompute_runs_the_forwards_subnet_after_set_arch():
 
 
 def test_local_sharing_routing_and_overrides_under_checkpointing():
-    model = {"search_space": "tiny", "bn_momentum": 0.1, "sharing": "local", "local": LocalSharingConfig(candidates=3)}
+    model = {"search_space": "tiny", "bn_momentum": 0.1, "sharing": LocalSharingConfig(candidates=3)}
     plain, checkpointed = supernet(False, **model), supernet(True, **model)
     blocks = len(plain.blocks)
     routing = {b: {1: 0.5, 2: 0.25} for b in range(blocks)}

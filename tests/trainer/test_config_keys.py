@@ -140,3 +140,17 @@ def test_naming_another_piece_on_the_command_line_drops_the_files_keys_for_the_o
     assert (same.name, same.candidates, same.bucket_mflops) == ("attentive", 3, 25.0)
     one = load_config(repo / "configs/tiny_cpu.yaml", ["task.name=one_network", "task.student.arch=largest"]).task
     assert one.name == "one_network" and one.student.arch == "largest"
+
+
+def test_local_sharing_becomes_one_tagged_section_with_the_same_model_hash(repo):
+    """0.1's ``model.sharing: local`` + ``model.local: {...}`` is ``model.sharing: {name: local, ...}``; the model
+    hash (0.1's form of the section) is unchanged; ``model.local`` of a global run is dropped."""
+    old = {"sharing": "local", "local": {"candidates": 3, "archs": 16}}
+    moved = current_keys({"model": dict(old)})["model"]
+    assert moved == {"sharing": {"name": "local", "candidates": 3, "archs": 16}}
+    assert current_keys({"model": {"sharing": "global", "local": {"candidates": 3}}})["model"] == {"sharing": "global"}
+    config = load_config(repo / "configs/tiny_cpu.yaml", ["model.sharing=local", "model.local.candidates=3"])
+    assert config.model.sharing.name == "local" and config.model.sharing.candidates == 3
+    identity = config.model.identity()
+    assert identity["sharing"] == "local" and identity["local"]["candidates"] == 3 and "name" not in identity["local"]
+    assert "sharing" not in load_config(repo / "configs/tiny_cpu.yaml").model.identity()

@@ -22,9 +22,7 @@ from typedconfig import ConfigError
 
 def local_supernet(**local) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = ModelConfig(
-        search_space="tiny", num_classes=10, bn_momentum=0.1, sharing="local", local=LocalSharingConfig(**local)
-    )
+    config = ModelConfig(search_space="tiny", num_classes=10, bn_momentum=0.1, sharing=LocalSharingConfig(**local))
     return build_supernet(config)
 
 
@@ -82,7 +80,7 @@ def test_routing_sends_a_scaled_gradient_to_the_other_candidate_without_changing
 def make_local(net, steps_per_epoch: int = 2, total_steps: int = 40, label_loss=None) -> LocalSharing:
     return LocalSharing(
         net,
-        net.config.local,
+        net.config.sharing,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         label_loss=label_loss or build_label_loss(LossConfig(label_smoothing=0.1)),
@@ -203,12 +201,12 @@ def test_extraction_of_a_locally_shared_subnet_equals_the_supernet():
 def local_overrides(run: Path, digits: Path, **extra) -> list[str]:
     """Tiny local-sharing run: 92 steps per epoch at batch 16, so 2 warm-up steps, then 1 step per layer."""
     settings = {
-        "model.sharing": "local",
-        "model.local.archs": 8,
-        "model.local.representatives": 1,
-        "model.local.warmup_epochs": 0.022,
-        "model.local.epochs_per_layer": 0.011,
-        "model.local.meta_every": 2,
+        "model.sharing.name": "local",
+        "model.sharing.archs": 8,
+        "model.sharing.representatives": 1,
+        "model.sharing.warmup_epochs": 0.022,
+        "model.sharing.epochs_per_layer": 0.011,
+        "model.sharing.meta_every": 2,
         "optimizer.max_steps": 14,
         **extra,
     }
@@ -275,7 +273,7 @@ def test_combinations_local_sharing_cannot_serve_are_refused(repo, setting, key)
 
 def test_a_schedule_longer_than_the_run_is_a_config_error(repo, digits_shards, tmp_path, single_rank):
     with pytest.raises(ConfigError, match="epochs_per_layer"):
-        run_in_process(repo, local_overrides(tmp_path / "run", digits_shards, **{"model.local.epochs_per_layer": 1}))
+        run_in_process(repo, local_overrides(tmp_path / "run", digits_shards, **{"model.sharing.epochs_per_layer": 1}))
 
 
 @pytest.mark.parametrize("recipe", ["tiny_local_cpu.yaml", "alphanet_local_imagenet.yaml"])
@@ -285,7 +283,7 @@ def test_the_local_recipes_fit_their_schedule_in_the_run(repo, recipe):
     from trainer.config import load_config
 
     config = load_config(repo / "configs" / recipe)
-    local = config.model.local
+    local = config.model.sharing
     blocks = len(block_positions(load_search_space(config.model.search_space)))
-    assert config.model.sharing == "local" and local.candidates == 2
+    assert local.name == "local" and local.candidates == 2
     assert local.warmup_epochs + blocks * local.epochs_per_layer < config.optimizer.epochs  # fine-tuning remains

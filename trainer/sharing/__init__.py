@@ -1,5 +1,5 @@
 """Weight sharing: how the sandwich's sub-networks share the supernet's weights.  One piece per file in this
-package, registered in :data:`SHARING` under the name ``model.sharing`` gives (the weights' layout is the
+package, registered in :data:`SHARING` under the name ``model.sharing.name`` gives (the weights' layout is the
 model's, so the choice stays in the model section, hashed into checkpoints); a new rule is a new file.
 
 A rule may change the step's sub-networks before they run (:meth:`Sharing.prepare`), act after the optimizer
@@ -65,8 +65,8 @@ class GlobalSharing(Sharing):
 
 
 def build_sharing(context: SharingContext) -> Sharing:
-    return SHARING.get(context.model.sharing, key="model.sharing")(context)
+    return SHARING.get(context.model.sharing.name, key="model.sharing.name")(context)
 
 
 def check_sharing_config(config: Any, space: Any, source: str) -> None:
-    SHARING.get(config.model.sharing, key="model.sharing", source=source).check_config(config, space, source)
+    SHARING.get(config.model.sharing.name, key="model.sharing.name", source=source).check_config(config, space, source)

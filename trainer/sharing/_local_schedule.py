@@ -1,7 +1,7 @@
 """Local weight sharing's training schedule (Distribution Consistent NAS, Pan et al. 2023, Algorithm 1) on top
 of the sandwich rule.
 
-- Warm-up (``model.local.warmup_epochs``): global sharing. Every sub-network runs candidate 0 and every
+- Warm-up (``model.sharing.warmup_epochs``): global sharing. Every sub-network runs candidate 0 and every
   other candidate of each block receives the same gradient, so all copies stay identical.
 - Then one layer (supernet block) after another, ``epochs_per_layer`` each:
   - The sandwich's two middle sub-networks are changed to share layer l's operator (kernel, expansion),
@@ -103,9 +103,9 @@ class LocalSharing:
         if self.finetune_start > total_steps:
             raise ConfigError(
                 f"warm-up ({self.warmup_steps} steps) + {self.num_blocks} layers × {self.layer_steps} steps needs "
-                f"{self.finetune_start} steps; the run has {total_steps}: lower model.local.epochs_per_layer or "
+                f"{self.finetune_start} steps; the run has {total_steps}: lower model.sharing.epochs_per_layer or "
                 "warmup_epochs, or raise trainer.epochs",
-                key="model.local.epochs_per_layer",
+                key="model.sharing.epochs_per_layer",
             )
         with torch.random.fork_rng(devices=[]):  # the training stream does not see the meta-networks
             torch.manual_seed(config.seed)

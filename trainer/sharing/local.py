@@ -20,7 +20,7 @@ class LocalSharingRule(Sharing):
         super().__init__(context)
         self.local = LocalSharing(
             context.module,
-            context.model.local,
+            context.model.sharing,
             steps_per_epoch=context.steps_per_epoch,
             total_steps=context.total_steps,
             label_loss=context.label_loss,
@@ -50,7 +50,7 @@ class LocalSharingRule(Sharing):
             if sandwich and task.sampler.name != "uniform"
             else "",
             "task.num_subnets": "a pair of middle sub-networks is needed (num_subnets >= 4)"
-            if sandwich and task.num_subnets < 4 and config.model.local.assignment == "learned"
+            if sandwich and task.num_subnets < 4 and config.model.sharing.assignment == "learned"
             else "",
         }
         for key, problem in problems.items():

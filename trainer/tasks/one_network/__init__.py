@@ -99,7 +99,7 @@ class OneNetworkTask(Task):
                 key="engine.activation_checkpointing",
                 source=source,
             )
-        if config.model.sharing != "global":
+        if config.model.sharing.name != "global":
             raise ConfigError("one network has no shared weights", key="model.sharing", source=source)
 
     def attach(self, run: RunContext) -> None:
