@@ -31,6 +31,20 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (``0o666 & ~umask``), read from
+    ``/proc/self/status`` where it is there (changing the umask to read it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -39,13 +53,16 @@ def _fsync_file(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_output(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write ``target`` through (for libraries that write by file name); on
-    success it is fsynced and renamed over ``target``, on failure removed.  The parent folder is created."""
+    success it is fsynced, given the mode a plain new file gets under the umask (some libraries create theirs
+    ``0600``, which teammates could not read) and renamed over ``target``; on failure removed.  The parent
+    folder is created."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(target)
     try:
         yield tmp
         _fsync_file(tmp)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

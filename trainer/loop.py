@@ -7,7 +7,6 @@ Build order: distributed → task (which builds the network) → engine → data
 from __future__ import annotations
 
 import random
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from trainer.runtime.metrics import MetricsLogger
 from trainer.runtime.ranks import agree, gathered_objects, mean_over_ranks
 from trainer.runtime.requeue import requeue_if_asked
 from trainer.runtime.schedule import lr_at
+from trainer.runtime.signals import StopSignals
 from trainer.runtime.timing import StepTiming
 from trainer.state.checkpoint import Checkpointer, check_resumable, rng_state, set_rng_state
 from trainer.tasks import RunContext, build_task
@@ -134,9 +134,7 @@ class Trainer:
             self.config.log.tensorboard,
         )
         self.log = MetricsLogger(self.run_dir, enabled=self.env.is_main, tensorboard=tensorboard, **steps)
-        self._stop_signal = 0
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(signum, lambda received, frame: setattr(self, "_stop_signal", received))
+        self.signals = StopSignals()  # USR1, TERM, INT (Ctrl-C): save at the next step boundary
 
     # ------------------------------------------------------------------------------------------ state
     def _client_state(self) -> dict[str, Any]:
@@ -257,7 +255,7 @@ class Trainer:
                 self.log.print(merged.text())
                 self.log.log_record({"step": self.global_step, **merged.record()})
             problem = self.data_watch.problem()
-            stop, data_failed = agree(self._stop_signal != 0, problem is not None)
+            stop, data_failed = agree(self.signals.received != 0, problem is not None)
             if data_failed:
                 self._stop_for_bad_data(problem)
             if stop:
@@ -294,6 +292,7 @@ class Trainer:
         code is what ``srun --kill-on-bad-exit`` and the launchers act on)."""
         self.log.close()
         self.lock.release()
+        self.signals.restore()
         if dist.is_initialized() and not failed:
             dist.barrier()
             if destroy_process_group:

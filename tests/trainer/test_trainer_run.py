@@ -72,7 +72,10 @@ def test_checkpoints_retention_resume_and_foreign_config(repo, digits, tmp_path,
     assert all(torch.equal(saved[k].float(), state[k]) for k in saved)
 
 
-def test_signal_saves_at_the_next_step_boundary(repo, digits, tmp_path, single_rank, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT])
+def test_signal_saves_at_the_next_step_boundary(repo, digits, tmp_path, single_rank, monkeypatch, signum):
+    """SLURM's USR1 and Ctrl-C's SIGINT (as SIGTERM) save at the next step boundary; the run's handlers are gone
+    once it is closed."""
     from trainer import loop
 
     original = loop.Trainer.train_step
@@ -80,14 +83,16 @@ def test_signal_saves_at_the_next_step_boundary(repo, digits, tmp_path, single_r
     def step_then_signal(self, batches):
         values = original(self, batches)
         if self.global_step == 3:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signum)
         return values
 
     monkeypatch.setattr(loop.Trainer, "train_step", step_then_signal)
     run = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT)
     _, results = run_in_process(repo, overrides(run, digits, **{"checkpoint.every_steps": 100}))
     assert results["stopped_by_signal"] and results["global_step"] == 3
     assert latest_tag(run / "checkpoints") == "step000000003"
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(repo, digits, tmp_path, single_rank, monkeypatch):
@@ -296,3 +301,19 @@ def test_plain_process_and_torchrun_entry_points(repo, digits, tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and "WORLD_SIZE" in bad.stderr
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    """The first SIGINT asks for a save at the next step boundary; a second one, before it, interrupts."""
+    from trainer.runtime.signals import StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    signals = StopSignals()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGINT) is before
