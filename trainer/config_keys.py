@@ -100,8 +100,9 @@ def _move_sections(data: dict[str, Any], source: Any) -> list[str]:
         return []
     found = []
     del data["trainer"]
-    precision = [flag for flag in PRECISION_FLAGS if trainer.get(flag.split(".")[1])]
-    if len(precision) > 1:
+    flags = {flag: trainer[flag.split(".")[1]] for flag in PRECISION_FLAGS if flag.split(".")[1] in trainer}
+    on = [flag for flag, value in flags.items() if value]
+    if len(on) > 1:
         raise ConfigError("trainer.bf16 and trainer.bf16_autocast are one choice: engine.precision", source=source)
     for key, value in trainer.items():
         old = f"trainer.{key}"
@@ -118,10 +119,8 @@ def _move_sections(data: dict[str, Any], source: Any) -> list[str]:
         found.append(old)
         section, name = SECTION_KEYS[old].split(".")
         _section(data, section, source).setdefault(name, value)
-    flags = [flag for flag in PRECISION_FLAGS if f"{flag.split('.')[1]}" in trainer]
     if flags:
-        engine = _section(data, "engine", source)
-        engine.setdefault("precision", PRECISION_FLAGS[precision[0]] if precision else "fp32")
+        _section(data, "engine", source).setdefault("precision", PRECISION_FLAGS[on[0]] if on else "fp32")
     return found
 
 

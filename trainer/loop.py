@@ -98,13 +98,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         self.data = build_run_data(self.config, rank=self.rank, world=self.world, local_rank=self.env.local_rank)
-        self.train_loader, self.data_watch = self.data.train_loader, self.data.watch
-        data = self.data
-        self.steps_per_epoch, self.total_steps, self.final_step = (
-            data.steps_per_epoch,
-            data.total_steps,
-            data.final_step,
-        )
+        self.train_loader = self.data.train_loader
 
     def _attach_task(self) -> None:
         self.run_dir = Path(self.config.run_dir)
@@ -130,7 +124,7 @@ class Trainer:
             record_config_change(self.run_dir, self.config_changes, self.global_step)
             write_resolved(self.config, self.run_dir)
         steps, tensorboard = (
-            {"total_steps": self.final_step, "start_step": self.global_step},
+            {"total_steps": self.data.final_step, "start_step": self.global_step},
             self.config.log.tensorboard,
         )
         self.log = MetricsLogger(self.run_dir, enabled=self.env.is_main, tensorboard=tensorboard, **steps)
@@ -173,16 +167,18 @@ class Trainer:
 
     def _check_data_before_commit(self) -> None:
         """Wait for the background hashes (data.verify: background) and stop if any rank found bad data."""
-        if self.data_watch.hashing and self.env.is_main:
+        if self.data.watch.hashing and self.env.is_main:
             self.log.print("waiting for the data check (sha256 of every data file) before committing a checkpoint")
-        problem = self.data_watch.problem(wait=True)
+        problem = self.data.watch.problem(wait=True)
         if agree(problem is not None)[0]:
             self._stop_for_bad_data(problem)
 
     # ------------------------------------------------------------------------------------------ steps
     def set_lr(self, step: int) -> float:
         schedule, warmup = self.config.optimizer.lr_schedule, self.data.warmup_steps
-        lr = lr_at(step, base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=warmup, schedule=schedule)
+        lr = lr_at(
+            step, base_lr=self.base_lr, total_steps=self.data.total_steps, warmup_steps=warmup, schedule=schedule
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -221,7 +217,7 @@ class Trainer:
         memory += " (one malloc arena)" if self.kept_freed_memory and host_allocator.one_arena else ""
         start = (
             f"training {self.what}: {self.world} rank(s), global batch {self.global_batch}, "
-            f"{self.steps_per_epoch} steps/epoch, {self.final_step} steps, lr {self.base_lr:.4f}, "
+            f"{self.data.steps_per_epoch} steps/epoch, {self.data.final_step} steps, lr {self.base_lr:.4f}, "
             f"{self.threads} thread(s) per rank, {self.config.data.num_workers} data worker(s) per rank{memory}"
         )
         return [*self.resume_warnings, *changes, *self.notes, *resumed, start]
@@ -232,7 +228,7 @@ class Trainer:
         for line in self._start_lines():
             self.log.print(line)
         results: dict[str, Any] = {"global_step": self.global_step, "skipped_steps": self.skipped_total}
-        if self.global_step >= self.final_step:  # rerunning a finished run: only validate
+        if self.global_step >= self.data.final_step:  # rerunning a finished run: only validate
             results["val"] = self.validate(self.train_loader.epoch)
             return results
         images_since_log = 0
@@ -242,11 +238,11 @@ class Trainer:
             values = self.train_step(batches)
             timing.step_done()
             results.update(global_step=self.global_step, skipped_steps=self.skipped_total)
-            last = self.global_step >= self.final_step
+            last = self.global_step >= self.data.final_step
             images_since_log += sum(len(b) for b in batches) * self.world
             if self.global_step % self.config.log.every_steps == 0 or last:
                 values.update(timing.window())
-                self.log.log_step(self.global_step, epoch, mean_over_ranks(values, self.world), images_since_log)
+                self.log.log_step(self.global_step, epoch, mean_over_ranks(values), images_since_log)
                 images_since_log = 0
             limit = self.config.optimizer.max_consecutive_bad_steps
             check_bad_steps(self.bad_steps, limit, step=self.global_step, checkpointer=self.checkpointer)
@@ -254,7 +250,7 @@ class Trainer:
                 merged = EpochSummary.merged(gathered_objects(self.train_loader.last_summary, self.world))
                 self.log.print(merged.text())
                 self.log.log_record({"step": self.global_step, **merged.record()})
-            problem = self.data_watch.problem()
+            problem = self.data.watch.problem()
             stop, data_failed = agree(self.signals.received != 0, problem is not None)
             if data_failed:
                 self._stop_for_bad_data(problem)

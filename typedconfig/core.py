@@ -203,8 +203,7 @@ def _convert_tagged(value: Any, tp: Any, key: str, source: str | None) -> Any:
         value = {"name": value}
     if not isinstance(value, dict):
         raise ConfigError(f"expected a name or a mapping with 'name', got {_short(value)}", key=key, source=source)
-    default = next((f.default for f in dataclasses.fields(tp) if f.name == "name"), dataclasses.MISSING)
-    name = value.get("name", default)
+    name = value.get("name", _default_name(tp))
     if not isinstance(name, str):
         raise ConfigError(f"expected a name, got {_short(name)}", key=_join(key, "name"), source=source)
     cls = tp.registry.config_class(name, key=_join(key, "name"), source=source)

@@ -37,7 +37,7 @@ def test_loop_saves_at_epoch_ends_validates_and_resumes(repo, digits_shards, tmp
         "eval.calib_batches": 1,
     }
     trainer, results = run_in_process(repo, overrides(run, digits_shards, **args))
-    assert trainer.steps_per_epoch == 2 and results["global_step"] == 3 and results["skipped_steps"] == 0
+    assert trainer.data.steps_per_epoch == 2 and results["global_step"] == 3 and results["skipped_steps"] == 0
     ckpt = run / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step000000002", "step000000003"]
     assert latest_tag(ckpt) == "step000000003"
@@ -77,10 +77,10 @@ def test_every_epoch_summary_reaches_the_metrics_file_with_skipped_samples(repo,
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     summaries = [r for r in records if "epoch/images" in r]
     assert [r["epoch"] for r in summaries] == [0, 1]  # the last epoch's summary too
-    assert summaries[-1]["step"] == results["global_step"] == 2 * trainer.steps_per_epoch
+    assert summaries[-1]["step"] == results["global_step"] == 2 * trainer.data.steps_per_epoch
     for summary in summaries:
         assert summary["epoch/skipped"] == 1 and summary["epoch/skipped_samples"][0][1] == "train_class_0_broken0"
-        assert summary["epoch/images"] == 4 * trainer.steps_per_epoch - 1  # the broken image is not trained on
+        assert summary["epoch/images"] == 4 * trainer.data.steps_per_epoch - 1  # the broken image is not trained on
 
 
 def test_log_reports_time_waiting_for_data(repo, digits_shards, tmp_path, single_rank, monkeypatch):

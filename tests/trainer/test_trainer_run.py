@@ -96,10 +96,9 @@ def test_signal_saves_at_the_next_step_boundary(repo, digits, tmp_path, single_r
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(repo, digits, tmp_path, single_rank, monkeypatch):
-    from trainer import loop
-    from trainer.tasks import sandwich
+    from trainer import loop, tasks
 
-    real_normalize = sandwich.normalize
+    real_normalize = tasks.normalize
     calls = {"n": 0}
 
     def poisoned(images, mean, std):
@@ -107,7 +106,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(repo, digits, tmp_path, 
         out = real_normalize(images, mean, std)
         return out * float("nan") if calls["n"] > 3 else out
 
-    monkeypatch.setattr(sandwich, "normalize", poisoned)
+    monkeypatch.setattr(tasks, "normalize", poisoned)
     run = tmp_path / "run"
     with pytest.raises(loop.TrainingStopped) as err:
         run_in_process(

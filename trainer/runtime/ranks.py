@@ -35,13 +35,19 @@ def problems_of_all_ranks(problem: str | None, world: int) -> str:
     return "; ".join(dict.fromkeys(found))
 
 
-def mean_over_ranks(values: dict[str, Any], world: int) -> dict[str, float]:
+def averaged_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over every rank (one all-reduce, on a copy), so that every rank takes the same
+    decision or logs the same number."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = all_reduce_(values.clone())
+        values /= dist.get_world_size()
+    return values
+
+
+def mean_over_ranks(values: dict[str, Any]) -> dict[str, float]:
     """``values`` as floats, the tensors among them averaged over ranks (one all-reduce)."""
     keys = sorted(k for k, v in values.items() if isinstance(v, torch.Tensor))
     if keys:
-        stacked = torch.stack([values[k].float().cpu() for k in keys])
-        if dist.is_initialized():
-            all_reduce_(stacked)
-            stacked /= world
+        stacked = averaged_over_ranks(torch.stack([values[k].float().cpu() for k in keys]))
         values = {**values, **dict(zip(keys, stacked.tolist()))}
     return {k: float(v) for k, v in values.items()}

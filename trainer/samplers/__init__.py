@@ -83,6 +83,7 @@ class Sampler(PieceState):
     def __init__(self, config: SamplerConfig, context: SamplerContext):
         self.config = config
         self.space = context.space
+        self.mflops = context.mflops
         self.arch_sampler = ArchSampler(context.space, context.seed)
 
     @staticmethod

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
-import torch.distributed as dist
 
-from trainer.runtime.collectives import all_reduce_
+from trainer.runtime.ranks import averaged_over_ranks
 from trainer.samplers import SAMPLERS, Probe, Sampler, SamplerConfig, SamplerContext
 from typedconfig import Range, check_ranges
 
@@ -48,9 +47,7 @@ class AttentiveSampler(Sampler):
 
     def __init__(self, config: AttentiveConfig, context: SamplerContext):
         super().__init__(config, context)
-        self.sampler = self.arch_sampler
-        self._mflops = context.mflops
-        lo, hi = self._mflops(self.space.smallest()), self._mflops(self.space.largest())
+        lo, hi = self.mflops(self.space.smallest()), self.mflops(self.space.largest())
         self.bucket_mflops = config.bucket_mflops or max(hi - lo, 1e-9) / 40
         self.misses = 0
 
@@ -61,16 +58,16 @@ class AttentiveSampler(Sampler):
         return attentive_middle(self, count, probe)
 
     def bucket(self, arch) -> int:
-        return round(self._mflops(arch) / self.bucket_mflops)
+        return round(self.mflops(arch) / self.bucket_mflops)
 
     def candidates(self) -> tuple[int, list]:
         """(target bucket, ``candidates`` sub-networks in it); a candidate that missed the bucket ``max_trials``
         times is the last draw (counted in ``misses``)."""
-        target = self.bucket(self.sampler.random())
+        target = self.bucket(self.arch_sampler.random())
         chosen = []
         for _ in range(self.config.candidates):
             for _trial in range(self.config.max_trials):
-                arch = self.sampler.random()
+                arch = self.arch_sampler.random()
                 if self.bucket(arch) == target:
                     break
             else:
@@ -84,20 +81,12 @@ class AttentiveSampler(Sampler):
         return index, candidates[index]
 
 
-def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """``values`` averaged over every rank (one all-reduce), so that every rank takes the same decision."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        values = all_reduce_(values.clone())
-        values /= dist.get_world_size()
-    return values
-
-
 def attentive_middle(sampler: AttentiveSampler, slots: int, proxy_loss: Callable[[object], torch.Tensor]) -> list:
     """The middle sub-networks of one step: per slot, the chosen one of ``sampler.candidates()`` scored by
     ``proxy_loss(arch)`` (a scalar tensor on this rank's mini-batch)."""
     middle = []
     for _ in range(slots):
         _, candidates = sampler.candidates()
-        losses = mean_over_ranks(torch.stack([proxy_loss(arch).detach().float() for arch in candidates])).cpu()
+        losses = averaged_over_ranks(torch.stack([proxy_loss(arch).detach().float() for arch in candidates])).cpu()
         middle.append(sampler.choose(candidates, losses)[1])
     return middle

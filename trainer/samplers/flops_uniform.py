@@ -37,7 +37,6 @@ class FlopsUniformSampler(Sampler):
 
     def __init__(self, config: FlopsUniformConfig, context: SamplerContext):
         super().__init__(config, context)
-        self.mflops = context.mflops
         self.low, self.high = self.mflops(self.space.smallest()), self.mflops(self.space.largest())
         self.misses = 0
         """Middle sub-networks that missed their target by more than the tolerance."""

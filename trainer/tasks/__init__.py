@@ -10,6 +10,7 @@ their own state under their own checkpoint keys through :meth:`Task.client_state
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,7 +18,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from data_pipeline.device_transforms import normalize
 from trainer.runtime.data import RunData
+from trainer.runtime.engine import one_reduction
 from trainer.state.pieces import PieceState
 from typedconfig import Registry
 
@@ -82,6 +85,20 @@ class Task(PieceState):
     def step(self, batches: list, lr: float, step: int) -> dict[str, torch.Tensor]:
         """Forward and backward passes of one optimizer step over ``batches`` (the optimizer steps after)."""
         raise NotImplementedError
+
+    def over_mini_batches(self, batches: list, one: Callable[..., dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``one(batch, images, last_micro_batch)`` for each mini-batch of the step (on the device, ``images``
+        normalised), inside one gradient reduction (ZeRO-2/3: the step's gradients are reduced once); the mean of
+        the metrics it returns."""
+        run, data = self.run, self.run.config.data
+        sums: dict[str, torch.Tensor] = {}
+        with one_reduction(run.engine, run.config.engine):
+            for i, batch in enumerate(batches):
+                batch = batch.to(run.device)
+                images = normalize(batch.images, data.mean, data.std)
+                for key, value in one(batch, images, i == len(batches) - 1).items():
+                    sums[key] = sums.get(key, 0) + value / len(batches)
+        return sums
 
     def after_step(self, step: int) -> tuple[dict[str, torch.Tensor], list[str]]:
         """After optimizer step ``step``: (metrics, lines to print)."""

@@ -20,7 +20,6 @@ from data_pipeline.device_transforms import normalize, rescale
 from losses import build_kd_loss, build_label_loss
 from losses.divergences import KDLoss
 from models import build_supernet, subnet_cost
-from trainer.runtime.engine import one_reduction
 from trainer.runtime.evaluate import collect_calibration, evaluate_arch
 from trainer.runtime.precision import forward_logits
 from trainer.samplers import SAMPLERS, SamplerConfig, SamplerContext, Subnet, build_sampler, sandwich_subnets
@@ -170,27 +169,21 @@ class SandwichTask(Task):
         return self._first
 
     def step(self, batches: list, lr: float, step: int) -> dict[str, torch.Tensor]:
-        run, data = self.run, self.run.config.data
+        run = self.run
         self._first = None
         middle = self.sampler.middle(
             run.config.task.num_subnets - 2, lambda arch: self._proxy_loss(arch, *self._first_batch(batches))
         )
         subnets = sandwich_subnets(self.space, middle)
         run.engine.train()
-        sums: dict[str, torch.Tensor] = {}
+        prepared: dict[str, torch.Tensor] = {}
         if self.sharing.needs_first_batch:
-            subnets, sums = self.sharing.prepare(step, subnets, *self._first_batch(batches), lr)
-        with one_reduction(run.engine, run.config.engine):  # ZeRO-2/3: the step's gradients reduced once
-            for i, batch in enumerate(batches):
-                batch = batch.to(run.device)
-                images = normalize(batch.images, data.mean, data.std)
-                last_micro_batch = i == len(batches) - 1
-                values = self.sandwich(
-                    run.engine, run.module, subnets, images, batch.labels, last_micro_batch=last_micro_batch
-                )
-                for key, value in values.items():
-                    sums[key] = sums.get(key, 0) + value / len(batches)
-        return sums
+            subnets, prepared = self.sharing.prepare(step, subnets, *self._first_batch(batches), lr)
+
+        def one(batch, images: torch.Tensor, last: bool) -> dict[str, torch.Tensor]:
+            return self.sandwich(run.engine, run.module, subnets, images, batch.labels, last_micro_batch=last)
+
+        return {**prepared, **self.over_mini_batches(batches, one)}
 
     @torch.no_grad()
     def _proxy_loss(self, arch, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from data_pipeline import build_loader
-from data_pipeline.device_transforms import normalize
 from losses import build_kd_loss, build_label_loss
 from trainer.config_keys import RESOLVED_CONFIG_NAME, config_hash
-from trainer.runtime.engine import one_reduction
 from trainer.runtime.evaluate import accuracy_counts, collect_calibration, gathered, percentages
 from trainer.tasks import TASKS, RunContext, Task
 from trainer.tasks.one_network.config import NetworkSource, OneNetworkConfig
@@ -144,25 +142,16 @@ class OneNetworkTask(Task):
         )
 
     def step(self, batches: list, lr: float, step: int) -> dict[str, torch.Tensor]:
-        run, data = self.run, self.run.config.data
-        run.engine.train()
-        sums: dict[str, torch.Tensor] = {}
-        with one_reduction(run.engine, run.config.engine):
-            for i, batch in enumerate(batches):
-                batch = batch.to(run.device)
-                images = normalize(batch.images, data.mean, data.std)
-                teacher_logits = self.teacher(images, batch.indices) if self.teacher else None
-                values = self.single_step(
-                    run.engine,
-                    self.student.resolution,
-                    images,
-                    batch.labels,
-                    teacher_logits,
-                    last_micro_batch=i == len(batches) - 1,
-                )
-                for key, value in values.items():
-                    sums[key] = sums.get(key, 0) + value / len(batches)
-        return sums
+        self.run.engine.train()
+
+        def one(batch, images: torch.Tensor, last: bool) -> dict[str, torch.Tensor]:
+            teacher_logits = self.teacher(images, batch.indices) if self.teacher else None
+            resolution = self.student.resolution
+            return self.single_step(
+                self.run.engine, resolution, images, batch.labels, teacher_logits, last_micro_batch=last
+            )
+
+        return self.over_mini_batches(batches, one)
 
     def validate(self, epoch: int) -> dict[str, dict[str, float]]:
         """Top-1/top-5 of the student as it is (no BN recalibration: its statistics were tracked in training),
