@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Outside CI the default suite skips tests marked slow; CI=true runs everything.
 PYTEST_ARGS ?= $(if $(filter true 1,$(CI)),,-m "not slow")
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint docs clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# docs/config.md, the reference of every config key, from the config dataclasses.
+docs: setup
+	$(PY) scripts/config_reference.py
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -7,6 +7,7 @@ when a bench is run again."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import statistics
@@ -38,17 +39,23 @@ def train(config: Path, run_dir: Path, data: Path, seed: int, epochs: int, loss_
     consolidate(run_dir)
 
 
-def run_trainer(config: Path, overrides: list[str], log: Path) -> None:
-    """``trainer/run.py --config CONFIG --set OVERRIDES`` as one process on a free port, output in ``log``."""
+def run_trainer(config: Path, overrides: list[str], log: Path, cpu: int | None = None) -> None:
+    """``trainer/run.py --config CONFIG --set OVERRIDES`` as one process on a free port, output in ``log``;
+    ``cpu``: pinned to that core, one thread."""
     env = {k: v for k, v in python_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["DS_ACCELERATOR"] = env.get("DS_ACCELERATOR", "cpu")
+    if cpu is not None:
+        env["OMP_NUM_THREADS"] = "1"
     with socket.socket() as s:  # a single process still rendezvous with itself: on a free port
         s.bind(("127.0.0.1", 0))
         env["MASTER_PORT"] = str(s.getsockname()[1])
     command = [sys.executable, str(REPO / "trainer/run.py"), "--config", str(config), "--set", *overrides]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
-        if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode != 0:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        if cpu is not None:  # before the child's imports start threads (no preexec_fn: the benches use threads)
+            os.sched_setaffinity(process.pid, {cpu})
+        if process.wait() != 0:
             raise SystemExit(f"training failed, see {log}")
 
 

@@ -1,9 +1,11 @@
-"""Convert an ImageFolder tree or the bundled digits into WebDataset shards and/or FFCV ``.beton`` files.
+"""Convert an ImageFolder tree, Fashion-MNIST or the bundled digits into WebDataset shards and/or FFCV ``.beton`` files.
 
     python -m data_pipeline.prepare --source digits --out data/digits
+    python -m data_pipeline.prepare --source fashion-mnist --train-per-class 1000 --out data/fashion-mnist-1k
     python -m data_pipeline.prepare --source /datasets/imagenet --out data/imagenet --formats webdataset ffcv
 
-An ImageFolder source is ``root/class/*.jpg`` (one split, ``--split``) or ``root/{train,val}/class/*.jpg``.
+``fashion-mnist`` reads the four IDX files of Debian's package ``dataset-fashion-mnist``
+(``fashion-mnist:DIR``: from DIR); the official test split becomes ``val``.  An ImageFolder source is ``root/class/*.jpg`` (one split, ``--split``) or ``root/{train,val}/class/*.jpg``.
 Output: ``{split}-{index:06d}.tar`` shards (samples ``key.jpg`` + ``key.cls``), ``{split}.beton``,
 and ``manifest.json`` (counts per split and class, class names, files with sizes and sha256).
 Everything is written under temporary names and renamed into place; the manifest is written last,
@@ -96,6 +98,33 @@ def digits_source() -> Source:
         for name, items in raw.items()
     }
     return Source(splits, classes, "bundled scikit-learn digits (32x32 RGB)")
+
+
+def fashion_mnist_source(folder: Path | None, train_per_class: int | None) -> Source:
+    from data_pipeline.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
+
+    folder = folder or FASHION_MNIST_DIR
+    splits = {
+        name: [
+            Sample(key=f"{name}{i:05d}", label=int(label), image=Image.fromarray(image, mode="L").convert("RGB"))
+            for i, (image, label) in enumerate(zip(images, labels, strict=True))
+        ]
+        for name, (images, labels) in load_fashion_mnist(folder, train_per_class).items()
+    }
+    per_class = "" if train_per_class is None else f", first {train_per_class} training images per class"
+    return Source(splits, FASHION_MNIST_CLASSES, f"Fashion-MNIST IDX files in {folder}{per_class} (28x28 grey as RGB)")
+
+
+def open_source(source_name: str, split: str, train_per_class: int | None = None) -> Source:
+    """``digits``, ``fashion-mnist[:DIR]`` or an ImageFolder root."""
+    if train_per_class is not None and not source_name.startswith("fashion-mnist"):
+        raise ValueError("--train-per-class applies to --source fashion-mnist only")
+    if source_name == "digits":
+        return digits_source()
+    if source_name == "fashion-mnist" or source_name.startswith("fashion-mnist:"):
+        folder = source_name.partition(":")[2]
+        return fashion_mnist_source(Path(folder) if folder else None, train_per_class)
+    return image_folder_source(Path(source_name), split)
 
 
 def _safe_key(text: str) -> str:
@@ -251,6 +280,7 @@ def prepare(
     workers: int = 2,
     quiet: bool = False,
     ffcv_images: str = "jpg",
+    train_per_class: int | None = None,
 ) -> dict:
     """Write the dataset and its manifest; return the manifest (the existing one when already done)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -260,11 +290,15 @@ def prepare(
     options = {"source": str(source_name), "shard_mb": shard_mb, "max_side": max_side, "jpeg_quality": quality}
     if ffcv_images != "jpg":  # only when set, so that datasets prepared before the option still match
         options["ffcv_images"] = ffcv_images
+    if train_per_class is not None:
+        if train_per_class < 1:
+            raise ValueError(f"--train-per-class must be at least 1, got {train_per_class}")
+        options["train_per_class"] = train_per_class
     if is_complete(out, formats, options):
         if not quiet:
             print(f"{out}: already prepared ({MANIFEST} matches), nothing to do")
         return read_manifest(out)
-    source = digits_source() if source_name == "digits" else image_folder_source(Path(source_name), split)
+    source = open_source(source_name, split, train_per_class)
     out.mkdir(parents=True, exist_ok=True)
     # The manifest goes first: until the new one is written, the folder is not a finished dataset (an
     # interrupted rerun must not leave the old manifest describing a mix of old and new shards).
@@ -308,7 +342,17 @@ def prepare(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default="digits", help="'digits' (bundled) or an ImageFolder root")
+    parser.add_argument(
+        "--source",
+        default="digits",
+        help="'digits' (bundled), 'fashion-mnist[:DIR]' (IDX files; default DIR: Debian's "
+        "/usr/share/datasets/fashion-mnist) or an ImageFolder root",
+    )
+    parser.add_argument(
+        "--train-per-class",
+        type=int,
+        help="fashion-mnist: keep the first N training images of each class (the test split stays whole)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--formats", nargs="+", choices=["webdataset", "ffcv"], default=["webdataset", "ffcv"])
     parser.add_argument("--split", default="train", help="split name of a flat ImageFolder root")
@@ -336,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             args.workers,
             args.quiet,
             args.ffcv_images,
+            args.train_per_class,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

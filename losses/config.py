@@ -9,6 +9,8 @@ from losses.registry import check_kd_loss
 from typedconfig import Range, check_ranges
 
 AdaptiveChoice = Literal["reference", "exact"]
+KDGate = Literal["none", "teacher_correct"]
+KD_GATES = ("none", "teacher_correct")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -38,8 +40,19 @@ class LossConfig:
     """γ, the weight of every distilled sub-network's KD loss (AlphaNet §4.1: the slimmable baseline uses γ =
     the number of sampled sub-networks)."""
 
+    kd_warmup_epochs: Annotated[float, Range(ge=0)] = 0.0
+    """Sandwich task: over the first W epochs the distilled sub-networks' loss moves linearly from the label
+    loss to the KD loss (labels first, while the in-place teacher is weak); 0: KD from the first step."""
+    kd_label_mix: Annotated[float, Range(ge=0, le=1)] = 0.0
+    """Sandwich task: γ, the label loss's share of every distilled sub-network's loss, γ·CE + (1−γ)·KD."""
+    kd_gate: KDGate = "none"
+    """Sandwich task: ``teacher_correct``: a sample whose teacher's top class is not its label learns from the
+    label instead (``losses/student.py``); ``none``: every sample learns from the teacher."""
+
     def __post_init__(self) -> None:
         check_ranges(self, "loss")
         check_kd_loss(self.kd_loss, "loss.kd_loss", none_allowed=True)
+        if self.kd_gate not in KD_GATES:
+            raise ValueError(f"loss.kd_gate must be one of {', '.join(KD_GATES)}, got {self.kd_gate!r}")
         if self.kd_loss == "adaptive_alpha" and not self.alpha_minus < self.alpha_plus:
             raise ValueError(f"loss.alpha_minus ({self.alpha_minus}) must be < loss.alpha_plus ({self.alpha_plus})")

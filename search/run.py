@@ -232,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     # A fatal signal in native code (e.g. SIGBUS: a memory-mapped .beton cut while the run reads it) prints
     # every thread's Python stack instead of dying silently.
     faulthandler.enable(all_threads=True)
-    parser = argparse.ArgumentParser(prog="search/run.py", description="Evolutionary search of a trained supernet.")
+    parser = argparse.ArgumentParser(
+        prog="search/run.py",
+        description="Evolutionary search of a trained supernet.",
+        epilog="Every key of the search config, with its type, default and meaning: docs/config.md.",
+    )
     parser.add_argument("--config", required=True, help="search YAML (a `search:` section)")
     # --run-dir is the spelling to use under torchrun, whose own parser takes --run for an abbreviation of --run-path.
     parser.add_argument(

@@ -113,6 +113,10 @@ def write_resolved(config: RunConfig, run_dir: Path | None = None) -> Path:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Every config key, with its type, default and meaning: docs/config.md. "
+        "python -m trainer.config --config FILE [--set ...] prints the resolved config."
+    )
     parser.add_argument("--config", required=True, help="run config YAML, e.g. configs/tiny_cpu.yaml")
     add_set_argument(parser, example="--set model.dropout=0.1 loss.kd_loss=kl")
     parser.add_argument(

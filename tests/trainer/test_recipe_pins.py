@@ -6,7 +6,8 @@ and a resume checks) and the YAML files of configs/ that are not training recipe
 without its data or teacher files: ``load_config`` validates, it opens no data.
 
 Once the config is reorganised, a pin is compared through the translation of old keys, not rewritten: the
-point is that today's recipes and today's run folders mean the same thing to tomorrow's code.
+point is that today's recipes and today's run folders mean the same thing to tomorrow's code.  A deliberate
+change of a recipe is listed, with its reason, in ``tests/fixtures/recipes/changes.yaml`` and applied to the pin.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typedconfig import ConfigError, from_mapping
 
 PINS = Path(__file__).resolve().parents[1] / "fixtures" / "recipes"
 INDEX = json.loads((PINS / "pins.json").read_text())
+CHANGES = yaml.safe_load((PINS / "changes.yaml").read_text())
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -48,10 +50,30 @@ def test_what_was_not_a_training_recipe_still_is_not(name):
 def test_a_recipe_resolves_to_its_pin_with_the_same_model_hash(name):
     config = load_config(Path("configs") / name)
     pinned = current_keys(yaml.safe_load((PINS / name).read_text()))  # pinned before the task section existed
+    for change in CHANGES:
+        if name in change["recipes"]:
+            for key, value in change["set"].items():
+                section, leaf = key.split(".")
+                pinned[section][leaf] = value
     assert yaml.safe_load(config_to_yaml(config)) == yaml.safe_load(config_to_yaml(from_mapping(RunConfig, pinned)))
     assert model_hash(config) == INDEX["recipes"][name]["model_hash"]
 
-    # The pin read back as a run folder's config.yaml is read on resume: the same config, the same hash.
+    # The pin read back as a run folder's config.yaml is read on resume: the same config (but for the deliberate
+    # changes), the same hash.
     reloaded = load_config(PINS / name)
-    assert reloaded == config
+    changed = [key for change in CHANGES if name in change["recipes"] for key in change["set"]]
+    assert load_config(PINS / name, [f"{key}={_get(config, key)}" for key in changed]) == config
     assert model_hash(reloaded) == INDEX["recipes"][name]["model_hash"]
+
+
+def _get(config, key: str):
+    section, leaf = key.split(".")
+    return getattr(getattr(config, section), leaf)
+
+
+def test_every_change_names_pinned_recipes_and_keys_that_exist():
+    for change in CHANGES:
+        assert change["why"] and set(change["recipes"]) <= set(INDEX["recipes"])
+        for recipe in change["recipes"]:
+            config = load_config(Path("configs") / recipe)
+            assert all(_get(config, key) == value for key, value in change["set"].items())

@@ -45,6 +45,14 @@ def test_config_errors_name_the_key(repo, tmp_path):
         load_config(repo / DISTILL, ["task.teacher=null"])
     with pytest.raises(ConfigError, match=r"task\.student"):
         load_config(repo / DISTILL, ["task.student.torchvision=resnet18"])
+    # The sandwich task's KD levers do not apply to a distilled network (task.label_weight does that) ...
+    with pytest.raises(ConfigError, match=r"loss\.kd_label_mix.*task\.label_weight"):
+        load_config(repo / DISTILL, ["loss.kd_label_mix=0.5"])
+    # ... and are ignored without a teacher, so a sandwich recipe with levers trains a network alone unchanged.
+    load_config(
+        repo / "configs/tiny_cpu.yaml",
+        ["task.name=one_network", "task.student.arch=largest", "loss.kd_gate=teacher_correct"],
+    )
 
 
 def test_torchvision_weights_load_from_disk_and_the_classifier_can_be_replaced(tmp_path):

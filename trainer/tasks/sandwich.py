@@ -79,11 +79,12 @@ class SandwichStep:
         labels: torch.Tensor,
         *,
         last_micro_batch: bool = True,
+        step: int = 0,
     ) -> dict[str, torch.Tensor]:
         metrics: dict[str, torch.Tensor] = {}
         teacher = None
         dtype = next(supernet.parameters()).dtype
-        self.teacher.begin()
+        self.teacher.begin(step)
         for i, subnet in enumerate(subnets):
             is_teacher = subnet.role == "teacher"
             local = {} if subnet.candidates is None else {"candidates": subnet.candidates, "routing": subnet.routing}
@@ -181,7 +182,9 @@ class SandwichTask(Task):
             subnets, prepared = self.sharing.prepare(step, subnets, *self._first_batch(batches), lr)
 
         def one(batch, images: torch.Tensor, last: bool) -> dict[str, torch.Tensor]:
-            return self.sandwich(run.engine, run.module, subnets, images, batch.labels, last_micro_batch=last)
+            return self.sandwich(
+                run.engine, run.module, subnets, images, batch.labels, last_micro_batch=last, step=step
+            )
 
         return {**prepared, **self.over_mini_batches(batches, one)}
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from losses.config import LossConfig
 from losses.divergences import KDLoss
+from losses.student import StudentLoss
 from trainer.state.pieces import PieceState
 from typedconfig import Registry
 
@@ -56,6 +57,18 @@ class Teacher(PieceState):
     def __init__(self, config: TeacherConfig, context: TeacherContext):
         self.config = config
         self.label_loss, self.kd_loss, self.kd_weight = context.label_loss, context.kd_loss, context.loss.kd_weight
+        loss = context.loss
+        self.student = StudentLoss(
+            context.label_loss,
+            context.kd_loss,
+            kd_weight=loss.kd_weight,
+            label_mix=loss.kd_label_mix,
+            warmup_steps=round(loss.kd_warmup_epochs * context.steps_per_epoch),
+            gate=loss.kd_gate,
+        )
+        """The distilled sub-networks' loss against a teacher's logits, with ``loss.kd_*``'s levers."""
+        self.step = 0
+        """The optimizer step being taken (set by :meth:`begin`)."""
         self.notes: list[str] = []
         """Printed when training starts."""
 
@@ -67,8 +80,9 @@ class Teacher(PieceState):
         """A few words for the start line ('' for the default)."""
         return ""
 
-    def begin(self) -> None:
-        """Before the sub-networks of a mini-batch run."""
+    def begin(self, step: int = 0) -> None:
+        """Before the sub-networks of a mini-batch of optimizer step ``step`` run."""
+        self.step = step
 
     def student_loss(
         self, name: str, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, metrics: dict

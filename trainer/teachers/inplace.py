@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from losses.student import StudentLoss
 from trainer.teachers import TEACHERS, Teacher, TeacherConfig
 
 
@@ -16,20 +17,15 @@ class InplaceConfig(TeacherConfig):
 
 @TEACHERS.register("inplace")
 class InplaceTeacher(Teacher):
-    """``kd_weight`` · KD(teacher ‖ student); with ``loss.kd_loss: none`` the students learn from the labels."""
+    """``kd_weight`` · KD(teacher ‖ student), with the label levers of ``loss.kd_*`` (:class:`StudentLoss`); with
+    ``loss.kd_loss: none`` the students learn from the labels."""
 
     Config = InplaceConfig
 
     def student_loss(
         self, name: str, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, metrics: dict
     ) -> torch.Tensor:
-        if self.kd_loss is None:
-            return self.label_loss(logits, labels)
-        loss = self.kd_loss(logits, teacher)
-        if self.kd_weight != 1.0:
-            loss = self.kd_weight * loss
-        metrics[f"kd_div/{name}"] = self.kd_loss.divergence(logits.detach(), teacher).mean()
-        return loss
+        return self.student(logits, teacher, labels, self.step, metrics, name)
 
     @classmethod
     def of(cls, label_loss, kd_loss, kd_weight: float = 1.0) -> InplaceTeacher:
@@ -37,4 +33,5 @@ class InplaceTeacher(Teacher):
         teacher = cls.__new__(cls)
         teacher.config, teacher.notes = InplaceConfig(), []
         teacher.label_loss, teacher.kd_loss, teacher.kd_weight = label_loss, kd_loss, kd_weight
+        teacher.student, teacher.step = StudentLoss(label_loss, kd_loss, kd_weight=kd_weight), 0
         return teacher

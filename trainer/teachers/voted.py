@@ -143,7 +143,8 @@ class VotedTeacher(InplaceTeacher):
         c = self.config
         return f"{c.name} teacher: {c.snapshots} snapshot(s) every {c.every_steps} steps"
 
-    def begin(self) -> None:
+    def begin(self, step: int = 0) -> None:
+        super().begin(step)
         self.voting = self.voter.ready
 
     def student_loss(self, name, logits, teacher, labels, metrics) -> torch.Tensor:

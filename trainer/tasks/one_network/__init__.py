@@ -89,6 +89,16 @@ class OneNetworkTask(Task):
         task = config.task
         if task.teacher is not None and config.loss.kd_loss == "none":
             raise ConfigError("a teacher needs a KD loss (loss.kd_loss is none)", key="task.teacher", source=source)
+        loss = config.loss
+        levers = {"kd_warmup_epochs": loss.kd_warmup_epochs, "kd_label_mix": loss.kd_label_mix}
+        levers = [k for k, v in levers.items() if v] + (["kd_gate"] if loss.kd_gate != "none" else [])
+        if task.teacher is not None and levers:
+            raise ConfigError(
+                f"loss.{levers[0]} is a lever of the sandwich task's distilled sub-networks; a one-network run "
+                "mixes the labels in with task.label_weight",
+                key=f"loss.{levers[0]}",
+                source=source,
+            )
         if task.teacher is None and task.teacher_logits == "cached":
             raise ConfigError("cached teacher logits need a teacher", key="task.teacher_logits", source=source)
         if config.engine.activation_checkpointing:
