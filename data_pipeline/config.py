@@ -41,6 +41,21 @@ class DataConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     """Per-channel mean (on the 0–1 scale) used by normalisation on the training device."""
     std: Annotated[tuple[float, float, float], Range(gt=0)] = (0.229, 0.224, 0.225)
+    """Per-channel standard deviation (on the 0–1 scale) of the same normalisation."""
+
+    def preprocessing(self, resolution: int) -> dict:
+        """What a network trained on this data expects, in the order to apply it (written into exports)."""
+        return {
+            "color": "RGB",
+            "resize_short_side": self.eval_resize,
+            "center_crop": self.base_resolution,
+            "resize_to": resolution,
+            "interpolation": "bicubic",
+            "scale": "divide 8-bit values by 255",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_size": [3, resolution, resolution],
+        }
 
     def __post_init__(self) -> None:
         check_ranges(self, "data")

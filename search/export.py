@@ -36,10 +36,16 @@ def choose(spec: str, population: list[Candidate], marked: dict[str, Candidate])
     raise ExportError(f"--export {spec}: not a marked model ({sorted(marked)}) nor pareto@MFLOPS")
 
 
-def export_subnet(model: torch.nn.Module, candidate: Candidate, folder: Path) -> tuple[Path, float, float]:
-    """Write ``model`` into ``folder``; returns (folder, max |reloaded − model|, max |ONNX − model|)."""
+def export_subnet(
+    model: torch.nn.Module, candidate: Candidate, folder: Path, preprocessing: dict | None = None
+) -> tuple[Path, float, float]:
+    """Write ``model`` into ``folder`` (``arch.yaml`` records its cost, top-1 and the input ``preprocessing``);
+    returns (folder, max |reloaded − model|, max |ONNX − model|)."""
     model = model.cpu().eval()
-    folder = save_subnet(model, folder, extra={"mflops": candidate.mflops, "top1": candidate.top1})
+    extra = {"mflops": candidate.mflops, "top1": candidate.top1}
+    if preprocessing is not None:
+        extra["preprocessing"] = preprocessing
+    folder = save_subnet(model, folder, extra=extra)
     onnx_path = export_onnx(model, folder)
     reloaded = load_subnet(folder)
     x = torch.randn(2, 3, candidate.arch.resolution, candidate.arch.resolution)

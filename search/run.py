@@ -175,13 +175,17 @@ def export(
     evaluate: CandidateEvaluator,
     out: Path,
     console,
+    data: DataConfig,
 ) -> None:
-    """Each ``--export`` spec: the chosen candidate recalibrated as it was scored, saved and checked."""
+    """Each ``--export`` spec: the chosen candidate recalibrated as it was scored, saved (with ``data``'s
+    preprocessing) and checked."""
     for spec in specs:
         name, chosen = choose(spec, population, marked)
         batches = (search.marked_calib_batches or search.calib_batches) if spec in marked else search.calib_batches
         model = evaluate.calibrated(chosen.arch, batches)
-        folder, torch_diff, onnx_diff = export_subnet(model, chosen, out / "exports" / name)
+        folder, torch_diff, onnx_diff = export_subnet(
+            model, chosen, out / "exports" / name, data.preprocessing(chosen.arch.resolution)
+        )
         console.print(
             f"exported {name} ({chosen.mflops:.2f} MFLOPs, top-1 {chosen.top1:.2f}%) to {folder}: "
             f"reload max diff {torch_diff:.2e}, ONNX max diff {onnx_diff:.2e}"
@@ -218,7 +222,7 @@ def run_search(
             if widths:
                 console.print(width_table(widths))
                 console.print("widths: {}\nplot:   {}".format(*write_widths(widths, out)))
-            export(search, exports, population, marked, evaluate, out, console)
+            export(search, exports, population, marked, evaluate, out, console, run_config.data)
         if owns_group:  # only on success: a rank that failed must exit now, not wait in a barrier
             dist.barrier()
             dist.destroy_process_group()

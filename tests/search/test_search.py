@@ -149,6 +149,13 @@ def test_search_writes_front_resumes_and_exports(run_dir, repo, monkeypatch, tmp
         folder = out / "exports" / name
         assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "arch.yaml", "model.onnx"}
         check_against_supernet(run_dir, folder, calib_batches)
+        # A deployer's preprocessing, from the run's data section: the exported resolution, mean and std.
+        resolution = load_subnet(folder).arch.resolution
+        data = load_config(run_dir / "run" / "config.yaml").data
+        preprocessing = yaml.safe_load((folder / "arch.yaml").read_text())["preprocessing"]
+        assert preprocessing["input_size"] == [3, resolution, resolution] and preprocessing["resize_to"] == resolution
+        assert preprocessing["mean"] == list(data.mean) and preprocessing["std"] == list(data.std)
+        assert preprocessing["center_crop"] == data.base_resolution
 
 
 def check_against_supernet(run_dir: Path, folder: Path, calib_batches: int) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from trainer_helpers import overrides, run_in_process
 
 from models import load_subnet
@@ -112,6 +113,8 @@ def test_fixed_teacher_chain_trains_caches_resumes_and_reloads(repo, digits_shar
 
     final = load_subnet(teacher_run / "final")  # the export a later run (or the search's tools) can load
     assert final.arch.resolution == 32 and final.num_classes == 10
+    preprocessing = yaml.safe_load((teacher_run / "final" / "arch.yaml").read_text())["preprocessing"]
+    assert preprocessing["input_size"] == [3, 32, 32] and preprocessing["interpolation"] == "bicubic"
     from trainer.config import load_config
 
     data = load_config(repo / DISTILL, [f"data.root={digits_shards}", "data.num_workers=0"]).data

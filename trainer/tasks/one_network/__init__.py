@@ -182,7 +182,8 @@ class OneNetworkTask(Task):
         """The student goes to ``RUN/final`` (an ``export:`` source of a later run)."""
         with gathered(self.run.module, self.run.config.engine.zero_stage):
             if is_main:
-                return save_network(self.student, self.run.run_dir / FINAL_DIR)
+                preprocessing = self.run.config.data.preprocessing(self.student.resolution)
+                return save_network(self.student, self.run.run_dir / FINAL_DIR, preprocessing)
         return None
 
 

@@ -173,19 +173,22 @@ def _load_from_run(source: NetworkSource, *, rank: int, calibration: Calibration
     return Network(module, arch.resolution, source.describe())
 
 
-def save_network(network: Network, folder: Path) -> Path:
+def save_network(network: Network, folder: Path, preprocessing: dict | None = None) -> Path:
     """``folder/arch.yaml`` + ``model.safetensors`` (a sub-network, reloadable with ``models.load_subnet``), or
-    ``torchvision.yaml`` + ``model.safetensors``; either is an ``export:`` source of a later run."""
+    ``torchvision.yaml`` + ``model.safetensors``; either is an ``export:`` source of a later run.  The YAML
+    records the input ``preprocessing`` when given."""
     module = network.module
+    extra = {} if preprocessing is None else {"preprocessing": preprocessing}
     if network.torchvision is None:
-        return save_subnet(module, folder)
+        return save_subnet(module, folder, extra=extra)
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     state = fp32_state(module)
     with atomic_output(folder / WEIGHTS) as tmp:
         save_file(state, str(tmp))
-    text = yaml.safe_dump({"torchvision": network.torchvision, "num_classes": network.num_classes}, sort_keys=False)
+    description = {"torchvision": network.torchvision, "num_classes": network.num_classes, **extra}
+    text = yaml.safe_dump(description, sort_keys=False)
     atomic_write_text(folder / TORCHVISION_DESCRIPTION, text)
     return folder
 
