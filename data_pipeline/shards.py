@@ -39,6 +39,18 @@ class ShardProblems:
         return out
 
 
+def prepare_hint(root: Path) -> str:
+    """The next step when ``root`` is not a prepared dataset."""
+    if not root.exists():
+        return f"{root} does not exist; prepare a dataset there with python -m data_pipeline.prepare"
+    looks_like_images = root.is_dir() and any(p.is_dir() for p in root.iterdir())
+    what = "it looks like an ImageFolder tree (class folders): " if looks_like_images else ""
+    return (
+        f"{what}data.root must be a prepared dataset; make one with "
+        f"python -m data_pipeline.prepare --source {root} --out data/{root.name or 'mydata'}"
+    )
+
+
 def split_shards(root: Path, split: str, *, verify: bool = False) -> list[Path]:
     """The shard files of ``split``: from the manifest when there is one (sizes checked, sha256 too with
     ``verify``), else a glob pattern."""
@@ -49,7 +61,7 @@ def split_shards(root: Path, split: str, *, verify: bool = False) -> list[Path]:
         pattern = str(root / f"{split}-*.tar") if root.is_dir() else str(root)
         paths = [Path(p) for p in sorted(glob.glob(pattern))]
         if not paths:
-            raise DataError(f"no shards match {pattern}")
+            raise DataError(f"no shards match {pattern}: {prepare_hint(root)}")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"missing shard file(s): {', '.join(missing)}")

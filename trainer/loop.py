@@ -107,7 +107,7 @@ class Trainer:
                 self.config, self.engine, self.module, self.device, self.rank, self.world, self.data, self.run_dir
             )
         )
-        self.notes += self.task.notes
+        self.notes += self.data.notes + self.task.notes
         self.what = self.task.describe() + (" (bf16 autocast)" if self.config.engine.bf16_autocast else "")
 
     def _build_checkpointer_and_resume(self) -> None:

@@ -186,8 +186,12 @@ def test_bad_webdataset_input_is_skipped_counted_and_reported(damaged, digits, c
 def test_missing_data_is_a_clear_error_at_start(tmp_path, digits):
     with pytest.raises(DataError, match=r"manifest\.json not found"):
         build_loader(config(tmp_path / "nothing", "ffcv"), "train", train=True)
-    with pytest.raises(DataError, match="no shards match"):
+    with pytest.raises(DataError, match=r"no shards match.*does not exist; prepare a dataset"):
         build_loader(config(tmp_path / "nothing", "webdataset"), "train", train=True)
+    images = tmp_path / "my_images"
+    (images / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"ImageFolder tree.*prepare --source .*my_images --out data/my_images"):
+        build_loader(config(images, "webdataset"), "train", train=True)
     copy = tmp_path / "copy"
     copy.mkdir()
     (copy / "manifest.json").write_text((digits / "manifest.json").read_text())

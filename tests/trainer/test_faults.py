@@ -243,3 +243,17 @@ def test_an_exported_arch_must_match_its_weights(tmp_path, tiny_space):
     (folder / "arch.yaml").write_text(billion_laughs())
     with pytest.raises(ConfigError):
         load_subnet(folder)
+
+
+def test_more_outputs_than_classes_is_a_warning_printed_at_start(repo, digits_shards):
+    from trainer.config import load_config
+    from trainer.runtime.data import build_run_data
+
+    sets = [f"data.root={digits_shards}", "data.verify=never", "data.num_workers=0"]
+    config = load_config(repo / "configs/tiny_cpu.yaml", [*sets, "model.num_classes=12"])
+    notes = build_run_data(config, rank=0, world=1, local_rank=0).notes
+    assert notes == [
+        f"warning: {digits_shards} has 10 classes but model.num_classes is 12; the extra outputs are never a "
+        "label (--set model.num_classes=10 unless that is meant)"
+    ]
+    assert build_run_data(load_config(repo / "configs/tiny_cpu.yaml", sets), rank=0, world=1, local_rank=0).notes == []

@@ -24,6 +24,8 @@ class RunData:
     final_step: int
     """Where this run stops (``optimizer.max_steps`` or the schedule's end)."""
     watch: DataWatch
+    notes: list[str]
+    """Warnings to print when training starts (a model with more outputs than the data has classes)."""
 
 
 def build_run_data(config, *, rank: int, world: int, local_rank: int) -> RunData:
@@ -40,12 +42,19 @@ def build_run_data(config, *, rank: int, world: int, local_rank: int) -> RunData
             f"{world} rank(s) × optimizer.gradient_accumulation_steps {tc.gradient_accumulation_steps}); "
             f"split '{data.train_split}' of {data.root} has {train.num_samples}"
         )
+    notes = []
     if has_manifest(data.root):
         classes = read_manifest(data.root).get("classes") or []
         if len(classes) > config.model.num_classes:
             raise DataError(
                 f"{data.root} has {len(classes)} classes but model.num_classes is "
                 f"{config.model.num_classes}: set model.num_classes to at least {len(classes)}"
+            )
+        if classes and len(classes) < config.model.num_classes:
+            notes.append(
+                f"warning: {data.root} has {len(classes)} classes but model.num_classes is "
+                f"{config.model.num_classes}; the extra outputs are never a label (--set "
+                f"model.num_classes={len(classes)} unless that is meant)"
             )
     watch = DataWatch(
         data.root,
@@ -54,4 +63,5 @@ def build_run_data(config, *, rank: int, world: int, local_rank: int) -> RunData
     )
     total = tc.epochs * steps_per_epoch
     final = min(total, tc.max_steps) if tc.max_steps else total
-    return RunData(train, val, calib, steps_per_epoch, total, round(tc.warmup_epochs * steps_per_epoch), final, watch)
+    warmup = round(tc.warmup_epochs * steps_per_epoch)
+    return RunData(train, val, calib, steps_per_epoch, total, warmup, final, watch, notes)
