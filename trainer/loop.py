@@ -269,6 +269,10 @@ class Trainer:
             if last:
                 if (folder := self.task.finish(self.env.is_main)) is not None:  # e.g. a one-network run's RUN/final
                     self.log.print(f"final model: {folder}")
+                self.log.print(
+                    f"done: {self.run_dir} holds config.yaml, checkpoints/, metrics.jsonl, console.log; "
+                    "rerunning the same command only re-validates"
+                )
                 return results
             timing.waiting()
         raise AssertionError("unreachable: the step iterator never ends")

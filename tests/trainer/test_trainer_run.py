@@ -43,6 +43,8 @@ def test_checkpoints_retention_resume_and_foreign_config(repo, digits, tmp_path,
     assert steps == [1, 2, 3, 4, 5, 6]
     val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val/top1_largest" in line]
     assert len(val) == 1 and 0 <= val[0]["val/top1_smallest"] <= 100
+    console = (run / "console.log").read_text().splitlines()  # what rank 0 printed, dated
+    assert any("val top-1" in line for line in console) and f"done: {run} holds" in console[-1]
 
     # Same command with a larger max_steps resumes from step 6 (not from scratch).
     trainer, results = run_in_process(repo, overrides(run, digits, **{"optimizer.max_steps": 8}))

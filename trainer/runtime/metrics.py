@@ -1,4 +1,5 @@
-"""Rank-0 observability: a rich live display (or plain lines when not on a terminal), JSONL, TensorBoard."""
+"""Rank-0 observability: a rich live display (or plain lines when not on a terminal), each line timestamped and
+kept in the run folder (``console.log``), JSONL, TensorBoard."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fileops import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
+CONSOLE_LOG = "console.log"
+"""Every line the run printed on rank 0, with its date and time (appended across resumes)."""
+
+
+def eta_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} days"
 
 
 def _record(line: str) -> dict | None:
@@ -49,11 +58,13 @@ class MetricsLogger:
         self._progress: Progress | None = None
         self._writer = None
         self._jsonl = None
+        self._log = None
         if not enabled:
             return
         path = Path(run_dir) / METRICS_FILE
         truncate_jsonl(path, start_step)
         self._jsonl = path.open("a")
+        self._log = (Path(run_dir) / CONSOLE_LOG).open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -71,10 +82,14 @@ class MetricsLogger:
             self._task = self._progress.add_task("", total=total_steps, completed=start_step, epoch="")
             self._progress.start()
         self._last_time, self._last_step = time.perf_counter(), start_step
+        self._eta_from: tuple[float, int] | None = None
+        """(time, step) at the end of the first logged window: the ETA's rate leaves out its one-time costs."""
 
     def print(self, message: str) -> None:
         if self.enabled:
-            self.console.print(message, highlight=False)
+            self.console.print(f"{time.strftime('%H:%M:%S')} {message}", highlight=False)
+            self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+            self._log.flush()
 
     def log_step(self, step: int, epoch: int, values: dict[str, float], images: int) -> None:
         """Record step metrics; ``images`` is the global number processed since the previous call."""
@@ -83,7 +98,11 @@ class MetricsLogger:
         now = time.perf_counter()
         elapsed = max(1e-9, now - self._last_time)
         rate = images / elapsed
-        eta = (self.total_steps - step) * elapsed / max(1, step - self._last_step)
+        eta = None
+        if self._eta_from is None:
+            self._eta_from = (now, step)  # the first window holds one-time costs (kernel builds, warm-up)
+        elif step > self._eta_from[1]:
+            eta = (self.total_steps - step) * (now - self._eta_from[0]) / (step - self._eta_from[1])
         self._last_time, self._last_step = now, step
         self.log_record({"step": step, "epoch": epoch, **values, "images_per_s": rate})
         short = " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in values.items() if k.startswith("loss/"))
@@ -95,11 +114,13 @@ class MetricsLogger:
         )
         if "time/data_wait_ms" in values:
             text += f" data wait {values['time/data_wait_ms']:.0f}/{values['time/step_ms']:.0f} ms"
+        line = f"step {step}/{self.total_steps} epoch {epoch} {text} eta {eta_text(eta)}"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, description=text, epoch=f"epoch {epoch}")
+            self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+            self._log.flush()
         else:
-            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f} days"
-            self.console.print(f"step {step}/{self.total_steps} epoch {epoch} {text} eta {eta_text}", highlight=False)
+            self.print(line)
 
     def log_validation(self, step: int, epoch: int, results: dict[str, dict[str, float]]) -> None:
         """``{network: {"top1", "top5", "samples"}}`` as a record and one console line."""
@@ -129,3 +150,6 @@ class MetricsLogger:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
