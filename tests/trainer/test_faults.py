@@ -214,6 +214,27 @@ def test_data_that_cannot_train_exits_2_before_the_first_step(repo, digits_shard
     assert fragment in out.stderr
 
 
+def test_a_busy_rendezvous_port_is_one_line_naming_the_launcher_option(repo, digits_shards, tmp_path):
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    with socket.socket() as busy:  # another run's rendezvous
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        command = [sys.executable, "trainer/run.py", "--config", "configs/tiny_cpu.yaml", "--run-dir", str(tmp_path)]
+        out = subprocess.run(
+            [*command, "--set", f"data.root={digits_shards}", "data.num_workers=0"],
+            cwd=repo,
+            env={**env, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert f"error: port {port} on 127.0.0.1 is in use" in out.stderr and "--master_port" in out.stderr
+
+
 def test_an_exported_arch_must_match_its_weights(tmp_path, tiny_space):
     import yaml
 

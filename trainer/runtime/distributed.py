@@ -21,7 +21,7 @@ DEFAULT_PORT = 29500
 
 
 class DistributedEnvError(RuntimeError):
-    """The environment names some but not all of what a launcher must set."""
+    """The environment names some but not all of what a launcher must set, or its rendezvous port is taken."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +151,17 @@ def init_distributed(env: DistEnv, timeout_s: float) -> torch.device:
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(env.local_rank)
-    deepspeed.init_distributed(
-        dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
-    )
+    try:
+        deepspeed.init_distributed(
+            dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
+        )
+    except RuntimeError as exc:  # torch's DistNetworkError is one
+        if "EADDRINUSE" not in str(exc) and "address already in use" not in str(exc).lower():
+            raise
+        raise DistributedEnvError(
+            f"port {env.master_port} on {env.master_addr} is in use (another run on this machine?): give this run "
+            "another, e.g. deepspeed --master_port 29600 ... (torchrun: --master-port; plain python: MASTER_PORT=)"
+        ) from None
     if not use_cuda:  # one rank too: the deepspeed launcher's --num_gpus 1 sets LOCAL_SIZE=1, and a segment is made
         _release_shared_allreduce_buffer(env)
     return local_device(env)
