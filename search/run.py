@@ -32,7 +32,7 @@ from rich.table import Table  # noqa: E402
 from data_pipeline import DataConfig, build_loader  # noqa: E402
 from data_pipeline.device_transforms import rescale  # noqa: E402
 from models import ArchSampler, load_named_archs  # noqa: E402
-from models.families import Arch, Space, family_of  # noqa: E402
+from models.families import Arch, Space, family_of, load_search_space  # noqa: E402
 from models.flops import subnet_cost  # noqa: E402
 from search.candidates import CandidateStore  # noqa: E402
 from search.config import SearchConfig, SearchFile  # noqa: E402
@@ -232,6 +232,44 @@ def run_search(
     return 0
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def resolve_config_path(path: Path | None, config_file: Path, key: str) -> Path | None:
+    """A relative path of a config file: against the file's folder, else the repository; never the shell's folder."""
+    if path is None or path.is_absolute():
+        return path
+    for base in (config_file.resolve().parent, REPO):
+        if (base / path).exists():
+            return base / path
+    raise ConfigError(
+        f"{path} not found in the config's folder ({config_file.resolve().parent}) nor the repository ({REPO})",
+        key=key,
+        source=config_file,
+    )
+
+
+def check_exports(specs: list[str], space: Space, mark_models: Path | None) -> None:
+    """Every ``--export`` spec names something exportable, before anything is loaded: ``pareto@MFLOPS`` or a
+    marked model of ``mark_models`` inside ``space`` (or a width of a slimmable space)."""
+    names = list(width_archs(space))
+    if mark_models is not None:
+        table_space, named = load_named_archs(mark_models)
+        if family_of(table_space) is family_of(space):
+            names += [name for name, arch in named.items() if not arch.problems(space)]
+    for spec in specs:
+        try:
+            check_spec(spec)
+        except ValueError:
+            raise ConfigError(
+                f"--export {spec}: the budget must be a number of MFLOPs (pareto@300: the best top-1 of the Pareto "
+                "front within 300 MFLOPs)"
+            ) from None
+        if not spec.startswith("pareto@") and spec not in names:
+            known = ", ".join(names) if names else "none: set search.mark_models to a model table"
+            raise ConfigError(f"--export {spec}: not a marked model of this search ({known}) nor pareto@MFLOPS")
+
+
 def main(argv: list[str] | None = None) -> int:
     # A fatal signal in native code (e.g. SIGBUS: a memory-mapped .beton cut while the run reads it) prints
     # every thread's Python stack instead of dying silently.
@@ -266,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"trained one network, not a supernet: there is nothing to search; its model is {args.run / 'final'}",
                 source=args.run,
             )
-        for spec in args.export:
-            check_spec(spec)
+        search.mark_models = resolve_config_path(search.mark_models, Path(args.config), "search.mark_models")
+        check_exports(args.export, load_search_space(run_config.model.search_space), search.mark_models)
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
