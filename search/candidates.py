@@ -4,6 +4,10 @@ Every score is on disk as soon as it exists: each rank appends its own results t
 ``candidates.rank{r}.partial.jsonl``; once a generation's results are exchanged, rank 0 appends them
 all to ``candidates.jsonl`` and the partial files go.  A rerun reads both, so a killed search
 evaluates only what is missing; lines cut by a kill are skipped (those candidates run again).
+
+A score holds for the weights and the settings that produced it: ``identity.json`` records them (the
+checkpoint tag of the weights, the calibration and validation settings, the data).  When they change, the
+earlier files are set aside as ``*.stale-N.jsonl`` and every candidate is evaluated again.
 """
 
 from __future__ import annotations
@@ -20,6 +24,27 @@ from search.evolution import Candidate, arch_key
 
 CANDIDATES = "candidates.jsonl"
 PARTIAL = "candidates.rank{rank}.partial.jsonl"
+IDENTITY = "identity.json"
+
+
+def set_aside_if_stale(out: Path, identity: dict) -> str | None:
+    """Rank 0: when ``out`` holds scores of another identity (or of an unknown one), rename them aside and say
+    why; write ``identity``.  Returns the line to print, or None."""
+    path = out / IDENTITY
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    files = [out / CANDIDATES, *sorted(out.glob(PARTIAL.format(rank="*")))]
+    existing = [f for f in files if f.is_file()]
+    message = None
+    if existing and previous != identity:
+        n = 1 + len(list(out.glob("*.stale-*.jsonl")))
+        for f in existing:
+            f.rename(f.with_name(f"{f.stem}.stale-{n}.jsonl"))
+        changed = sorted(k for k in {**identity, **(previous or {})} if (previous or {}).get(k) != identity.get(k))
+        why = f"{', '.join(changed)} changed" if previous is not None else f"no {IDENTITY} recorded what produced them"
+        message = f"earlier scores set aside as *.stale-{n}.jsonl ({why}): every candidate is evaluated again"
+    if previous != identity:
+        atomic_write_text(path, json.dumps(identity, indent=2, sort_keys=True))
+    return message
 
 
 def read_candidates(out: Path) -> dict[str, dict]:
@@ -44,9 +69,13 @@ def _barrier() -> None:
 class CandidateStore:
     """The scores of one search folder, shared by every rank; :meth:`score` evaluates only what is new."""
 
-    def __init__(self, out: Path, rank: int, world_size: int):
+    def __init__(self, out: Path, rank: int, world_size: int, identity: dict | None = None):
+        """``identity``: what the scores depend on (see the module docstring); earlier scores of another identity
+        are set aside (:attr:`note` says so)."""
         self.out, self.rank, self.world_size = out, rank, world_size
         self.path, self.partial = out / CANDIDATES, out / PARTIAL.format(rank=rank)
+        self.note = set_aside_if_stale(out, identity) if identity is not None and rank == 0 else None
+        _barrier()  # rank 0 has set stale scores aside before any rank reads
         self.cache = read_candidates(out)
         _barrier()  # every rank has read the partial files before rank 0 merges them away
         partials = list(out.glob(PARTIAL.format(rank="*")))

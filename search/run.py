@@ -192,6 +192,24 @@ def export(
         )
 
 
+def score_identity(search: SearchConfig, run_dir: Path, data: DataConfig) -> dict:
+    """What a candidate's score depends on: the weights (their checkpoint tag), calibration and validation
+    settings, the data and its split."""
+    from trainer.consolidate import WEIGHTS_NAME, weights_tag
+
+    return {
+        "weights": weights_tag(run_dir / WEIGHTS_NAME),
+        "calib_batches": search.calib_batches,
+        "marked_calib_batches": search.marked_calib_batches,
+        "val_batches": search.val_batches,
+        "batch_size": data.batch_size,
+        "data": str(Path(data.root).resolve()),
+        "val_split": data.val_split,
+        "eval_resize": data.eval_resize,
+        "base_resolution": data.base_resolution,
+    }
+
+
 def run_search(
     search: SearchConfig, run_config: RunConfig, run_dir: Path, exports: list[str], local_rank_arg=None
 ) -> int:
@@ -210,7 +228,9 @@ def run_search(
         supernet = load_supernet(run_dir, run_config.model, env.rank, device)
         data = replace(run_config.data, batch_size=search.batch_size or run_config.data.batch_size)
         evaluate = CandidateEvaluator(supernet, *load_batches(search, data, device), data, device)
-        store = CandidateStore(out, env.rank, env.world_size)
+        store = CandidateStore(out, env.rank, env.world_size, score_identity(search, run_dir, data))
+        if store.note:
+            say(store.note)
         if len(store):
             say(f"continuing from {store.path}: {len(store)} candidates already evaluated")
         population = evolve(search, supernet.space, run_config.model.num_classes, store, evaluate, say)

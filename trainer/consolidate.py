@@ -72,14 +72,24 @@ def consolidate(run_dir: Path, tag: str | None = None, out: Path | None = None) 
     return write_safetensors(state, Path(out) if out else Path(run_dir) / WEIGHTS_NAME, metadata)
 
 
+def weights_tag(weights: Path) -> str | None:
+    """The checkpoint tag a consolidated weights file was made from (its metadata), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return (f.metadata() or {}).get("tag")
+    except (OSError, ValueError, RuntimeError):  # missing, or not a safetensors file
+        return None
+
+
 def ensure_weights(run_dir: Path, rank: int) -> Path:
-    """RUN/supernet.safetensors, consolidated by rank 0 when missing or older than the newest checkpoint (the
-    other ranks wait at a barrier)."""
+    """RUN/supernet.safetensors, consolidated by rank 0 when missing or made from another checkpoint than the
+    newest (the other ranks wait at a barrier).  The file records its checkpoint tag: one consolidated from an
+    older checkpoint by hand is replaced, whatever its file time."""
     weights = Path(run_dir) / WEIGHTS_NAME
     tag = latest_tag(Path(run_dir) / "checkpoints")
-    stale = tag is not None and (
-        not weights.exists() or weights.stat().st_mtime < (Path(run_dir) / "checkpoints" / tag).stat().st_mtime
-    )
+    stale = tag is not None and weights_tag(weights) != tag
     if rank == 0 and (stale or not weights.exists()):
         if tag is None:
             raise FileNotFoundError(f"{run_dir} has neither {WEIGHTS_NAME} nor a committed checkpoint")
