@@ -242,3 +242,20 @@ def test_a_missing_export_says_how_to_make_one(tmp_path):
     source = NetworkSource(export=tmp_path / "exports" / "tiny_m")
     with pytest.raises(ConfigError, match=r"does not exist: export a sub-network first.*make demo"):
         load_network(source, ModelConfig(), base_resolution=32, calibration=None, rank=0, device="cpu")
+
+
+def test_the_teacher_cache_key_follows_the_teachers_weights():
+    """A teacher file replaced at the same path has other weights, so another cache key (its config is equal)."""
+    from trainer.tasks.one_network.distill import weights_fingerprint
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    same = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    same.load_state_dict(net.state_dict())
+    assert weights_fingerprint(net) == weights_fingerprint(same)  # num_batches_tracked (0-d int64) included
+    with torch.no_grad():
+        same[0].weight[0, 0, 0, 0] += 1e-6
+    assert weights_fingerprint(net) != weights_fingerprint(same)
+    same.load_state_dict(net.state_dict())
+    same[1].num_batches_tracked += 1
+    assert weights_fingerprint(net) != weights_fingerprint(same)

@@ -19,7 +19,7 @@ from trainer.config_keys import RESOLVED_CONFIG_NAME, config_hash
 from trainer.runtime.evaluate import accuracy_counts, collect_calibration, gathered, percentages
 from trainer.tasks import TASKS, RunContext, Task
 from trainer.tasks.one_network.config import NetworkSource, OneNetworkConfig
-from trainer.tasks.one_network.distill import FixedTeacher, StandaloneStep, teacher_logit_cache
+from trainer.tasks.one_network.distill import FixedTeacher, StandaloneStep, teacher_logit_cache, weights_fingerprint
 from trainer.tasks.one_network.networks import FINAL_DIR, Network, load_network, replace_classifier, save_network
 from typedconfig import ConfigError, to_mapping
 
@@ -130,7 +130,9 @@ class OneNetworkTask(Task):
         eval_loader = build_loader(
             data, data.train_split, train=False, seed=config.seed, rank=run.rank, world_size=run.world
         )
-        key = config_hash({"teacher": to_mapping(config.task.teacher), "data": to_mapping(data)})
+        # The teacher's weights, not only its config: a file replaced at the same path is another teacher.
+        weights = weights_fingerprint(self.teacher.network.module)
+        key = config_hash({"teacher": to_mapping(config.task.teacher), "data": to_mapping(data), "weights": weights})
         samples = run.data.train_loader.num_samples
         self.teacher.cache, missing = teacher_logit_cache(
             self.teacher,

@@ -87,6 +87,18 @@ class StandaloneStep:
 CACHE_DIR = "teacher_logits"
 
 
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 of a module's state (names, dtypes, shapes and values): what its outputs are a function of."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
 def _part_name(rank: int, world: int) -> str:
     return f"part{rank:05d}of{world:05d}.safetensors"
 
