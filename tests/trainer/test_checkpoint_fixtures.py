@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from checkpoint_fixtures import (
     CHECKPOINT_STEP,
     DATA_ROOT,
@@ -103,6 +105,13 @@ def threads_kept():
     torch.set_num_threads(threads)
 
 
+def recipe_changes_undone(recipe: str) -> list[str]:
+    """``--set`` overrides giving back the values a recipe had before its recorded deliberate changes
+    (``tests/fixtures/recipes/changes.yaml``)."""
+    changes = yaml.safe_load((FIXTURES.parent / "recipes" / "changes.yaml").read_text())
+    return [f"{k}={v}" for change in changes if recipe in change["recipes"] for k, v in change["before"].items()]
+
+
 @pytest.mark.parametrize("variant", [v.name for v in VARIANTS])
 def test_a_fixture_checkpoint_resumes_and_continues_as_recorded(
     repo, digits_shards, tmp_path, single_rank, threads_kept, monkeypatch, variant
@@ -117,6 +126,7 @@ def test_a_fixture_checkpoint_resumes_and_continues_as_recorded(
     stored_hash = consolidated(run, CHECKPOINT_STEP)[1]["model_hash"]
 
     recipe, command = record["recipe"], record["continuation_overrides"]
+    command = [*command, *recipe_changes_undone(Path(recipe).name)]  # the recipe as the fixture was written with
     trainer, results = run_in_process(repo, command, recipe=recipe)
 
     assert trainer.resumed_from == tag(CHECKPOINT_STEP) and results["global_step"] == FINAL_STEP
