@@ -38,6 +38,7 @@ from rich.table import Table
 
 from bench.ablation import evaluate, run_trainer
 from bench.common import REPO, argument_parser, saved_figure
+from data_pipeline.idx import FASHION_MNIST_DIR
 from fileops import atomic_write_text
 from models import load_named_archs
 from trainer.config import config_to_yaml, load_config
@@ -58,7 +59,7 @@ METHODS: dict[str, list[str]] = {
 """Supernet methods: ``--set`` overrides of the recipe.  ``0.5R``: half the run's budget in epochs."""
 ALONE = ("largest", "mid", "smallest")
 GOAL_POINTS = 1.0
-FASHION_MNIST_FOLDERS = (Path("/usr/share/datasets/fashion-mnist"), REPO.parent / "shared/datasets/fashion-mnist")
+FASHION_MNIST_FOLDERS = (FASHION_MNIST_DIR, REPO.parent / "shared/datasets/fashion-mnist")
 
 
 def default_data() -> Path:

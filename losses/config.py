@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from losses.registry import check_kd_loss
 from typedconfig import Range, check_ranges
 
 AdaptiveChoice = Literal["reference", "exact"]
 KDGate = Literal["none", "teacher_correct"]
-KD_GATES = ("none", "teacher_correct")
+KD_GATES = get_args(KDGate)
 
 
 @dataclass(kw_only=True, slots=True)

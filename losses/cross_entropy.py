@@ -16,6 +16,10 @@ class LabelSmoothingCrossEntropy(nn.Module):
             raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
         self.smoothing = float(smoothing)
 
+    def per_sample(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The same loss per sample (what the distilled sub-networks' label levers weigh)."""
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.smoothing, reduction="none")
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), target, label_smoothing=self.smoothing)
 

@@ -17,7 +17,6 @@ label-smoothed cross-entropy of the largest sub-network.  The mean is over the b
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from losses.config import KD_GATES, KDGate
 from losses.cross_entropy import LabelSmoothingCrossEntropy
@@ -29,7 +28,7 @@ class StudentLoss:
 
     def __init__(
         self,
-        label_loss: nn.Module,
+        label_loss: LabelSmoothingCrossEntropy,
         kd_loss: KDLoss | None,
         *,
         kd_weight: float = 1.0,
@@ -55,10 +54,6 @@ class StudentLoss:
         ramp = 1.0 if step >= self.warmup_steps else step / self.warmup_steps
         return ramp * (1.0 - self.label_mix)
 
-    def _per_sample_label_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        smoothing = self.label_loss.smoothing if isinstance(self.label_loss, LabelSmoothingCrossEntropy) else 0.0
-        return nn.functional.cross_entropy(logits.float(), labels, label_smoothing=smoothing, reduction="none")
-
     def __call__(
         self,
         logits: torch.Tensor,
@@ -80,7 +75,7 @@ class StudentLoss:
             share = share * (teacher.argmax(dim=1) == labels).float()
         if metrics is not None:
             metrics[f"kd_share/{name}"] = share.mean().detach()
-        loss = (1.0 - share) * self._per_sample_label_loss(logits, labels)
+        loss = (1.0 - share) * self.label_loss.per_sample(logits, labels)
         if bool((share > 0).any()):
             loss = loss + share * self.kd_weight * self.kd_loss.per_sample_loss(logits, teacher)
         return loss.mean()

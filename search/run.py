@@ -135,14 +135,22 @@ def evolve(
     return population
 
 
+def marked_archs(mark_models: Path | None, space: Space) -> dict[str, Arch]:
+    """The models of the table ``mark_models`` that lie inside ``space`` ({} without a table, or for a table of
+    another family: e.g. AlphaNet models against a slimmable supernet)."""
+    if not mark_models:
+        return {}
+    table_space, named = load_named_archs(mark_models)
+    if family_of(table_space) is not family_of(space):
+        return {}
+    return {name: arch for name, arch in named.items() if not arch.problems(space)}
+
+
 def score_marked(search: SearchConfig, space: Space, store: CandidateStore, evaluate) -> dict[str, Candidate]:
     """The models of ``search.mark_models`` that lie inside ``space``, scored like candidates."""
-    if not search.mark_models:
+    inside = marked_archs(search.mark_models, space)
+    if not inside:
         return {}
-    table_space, named = load_named_archs(search.mark_models)
-    if family_of(table_space) is not family_of(space):  # e.g. AlphaNet models against a slimmable supernet
-        return {}
-    inside = {name: arch for name, arch in named.items() if not arch.problems(space)}
     batches = search.marked_calib_batches or search.calib_batches
     return dict(zip(inside, store.score(list(inside.values()), functools.partial(evaluate, batches=batches))))
 
@@ -272,11 +280,7 @@ def resolve_config_path(path: Path | None, config_file: Path, key: str) -> Path 
 def check_exports(specs: list[str], space: Space, mark_models: Path | None) -> None:
     """Every ``--export`` spec names something exportable, before anything is loaded: ``pareto@MFLOPS`` or a
     marked model of ``mark_models`` inside ``space`` (or a width of a slimmable space)."""
-    names = list(width_archs(space))
-    if mark_models is not None:
-        table_space, named = load_named_archs(mark_models)
-        if family_of(table_space) is family_of(space):
-            names += [name for name, arch in named.items() if not arch.problems(space)]
+    names = [*width_archs(space), *marked_archs(mark_models, space)]
     for spec in specs:
         try:
             check_spec(spec)

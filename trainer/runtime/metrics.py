@@ -88,8 +88,12 @@ class MetricsLogger:
     def print(self, message: str) -> None:
         if self.enabled:
             self.console.print(f"{time.strftime('%H:%M:%S')} {message}", highlight=False)
-            self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-            self._log.flush()
+            self._keep(message)
+
+    def _keep(self, message: str) -> None:
+        """``message`` into RUN/console.log, dated."""
+        self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        self._log.flush()
 
     def log_step(self, step: int, epoch: int, values: dict[str, float], images: int) -> None:
         """Record step metrics; ``images`` is the global number processed since the previous call."""
@@ -117,8 +121,7 @@ class MetricsLogger:
         line = f"step {step}/{self.total_steps} epoch {epoch} {text} eta {eta_text(eta)}"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, description=text, epoch=f"epoch {epoch}")
-            self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
-            self._log.flush()
+            self._keep(line)
         else:
             self.print(line)
 
