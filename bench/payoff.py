@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from queue import Queue
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -41,8 +42,9 @@ from bench.common import REPO, argument_parser, saved_figure
 from data_pipeline.idx import FASHION_MNIST_DIR
 from fileops import atomic_write_text
 from models import load_named_archs
-from trainer.config import config_to_yaml, load_config
+from trainer.config import load_config
 from trainer.consolidate import consolidate
+from typedconfig import to_mapping
 
 LEVERS_OFF = ["loss.kd_warmup_epochs=0", "loss.kd_label_mix=0", "loss.kd_gate=none"]
 METHODS: dict[str, list[str]] = {
@@ -78,8 +80,9 @@ def method_overrides(method: str, epochs: int) -> list[str]:
 
 def run_key(config: Path, overrides: list[str]) -> str:
     """A short hash of the resolved config (without its run folder): the same training, the same key."""
-    resolved = config_to_yaml(load_config(config, [*overrides, "run_dir=runs/payoff"]))
-    return hashlib.sha256(resolved.encode()).hexdigest()[:10]
+    mapping = to_mapping(load_config(config, overrides))
+    mapping["run_dir"] = "runs/payoff"  # the same key for every run (and the one written before paths were absolute)
+    return hashlib.sha256(yaml.safe_dump(mapping, sort_keys=False).encode()).hexdigest()[:10]
 
 
 class Plan:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 from models.init import InitScheme
@@ -100,11 +102,20 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_ranges(self, "model")
 
+    def config_paths(self, anchor) -> None:
+        """A search-space YAML path is a path of the config (:mod:`typedconfig.paths`); a built-in name is not."""
+        if Path(self.search_space).suffix in (".yaml", ".yml"):
+            self.search_space = str(anchor("search_space", Path(self.search_space)))
+
     def identity(self) -> dict:
         """The fields that give the weights their meaning (hashed into checkpoints), in 0.1's form: the sharing rule
         only when it is not global (so checkpoints written before it existed still resume), as ``sharing: NAME``
-        beside ``NAME: {its keys}``."""
+        beside ``NAME: {its keys}``.  A search space read from a file is identified by the file's content, not by
+        where it lies (config paths are absolute since 0.2, so moving a checkout must not change the identity)."""
         mapping = to_mapping(self)
+        space_file = Path(self.search_space)
+        if space_file.suffix in (".yaml", ".yml") and space_file.is_file():
+            mapping["search_space"] = {"file_sha256": hashlib.sha256(space_file.read_bytes()).hexdigest()}
         sharing = mapping.pop("sharing")
         name = sharing.pop("name")
         if name != "global":

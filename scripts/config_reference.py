@@ -19,6 +19,13 @@ Generated from the config dataclasses by `python scripts/config_reference.py`; d
 is current).  Every key can be set in the YAML file or with `--set KEY=VALUE` (repeatable, applied in order).
 `python -m trainer.config --config FILE [--set ...]` prints a run config as it resolves.
 
+**Relative paths** in a config file never depend on the folder you run from.  A path the run reads (`data.root`,
+a teacher's `run`, a model table `FILE:NAME`, a search-space file, `search.mark_models`) is looked up beside the
+config file first, then in the repository.  The run folder (`run_dir`) lies in the repository when the config
+file is inside it (the recipes write `run_dir: runs/NAME`), else beside the config file.  A value given on the
+command line (`--set`, `--run-dir`) is relative to your shell's folder, like any argument.  The run's
+`config.yaml` records every path absolute.
+
 - [Run config](#run-config): `trainer/run.py --config FILE` (the recipes in `configs/`)
 - [Search config](#search-config): `search/run.py --config FILE`
 """

@@ -66,6 +66,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
+Progress = Callable[[int, int, int, Candidate], None]
+"""``(done, this rank's share, new over all ranks, the candidate just scored)``."""
+
+
 class CandidateStore:
     """The scores of one search folder, shared by every rank; :meth:`score` evaluates only what is new."""
 
@@ -88,16 +92,23 @@ class CandidateStore:
     def __len__(self) -> int:
         return len(self.cache)
 
-    def score(self, archs: list[Arch], evaluate: Callable[[Arch], Candidate]) -> list[Candidate]:
+    def score(
+        self, archs: list[Arch], evaluate: Callable[[Arch], Candidate], progress: Progress | None = None
+    ) -> list[Candidate]:
         """Candidates of ``archs``: cached ones looked up, new ones split over the ranks (uneven shares are
-        fine: no collective runs inside an evaluation) and exchanged once."""
+        fine: no collective runs inside an evaluation) and exchanged once.  ``progress(done, share, new,
+        candidate)`` is called after each evaluation of this rank's share (``new``: over all ranks)."""
         missing = [a for a in archs if arch_key(a) not in self.cache]
+        share = missing[self.rank :: self.world_size]
         records = []
         with self.partial.open("a") as sink:
-            for arch in missing[self.rank :: self.world_size]:
-                records.append(evaluate(arch).to_record())
+            for done, arch in enumerate(share, 1):
+                candidate = evaluate(arch)
+                records.append(candidate.to_record())
                 sink.write(json.dumps(records[-1]) + "\n")
                 sink.flush()
+                if progress is not None:
+                    progress(done, len(share), len(missing), candidate)
         if self.world_size > 1:
             parts: list = [None] * self.world_size
             dist.all_gather_object(parts, records)

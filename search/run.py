@@ -39,13 +39,16 @@ from search.config import SearchConfig, SearchFile  # noqa: E402
 from search.evolution import Candidate, FlopsConstrainedSampler, every_arch, pareto_front, select_parents  # noqa: E402
 from search.export import ExportError, check_spec, choose, export_subnet  # noqa: E402
 from search.pareto import write_front  # noqa: E402
+from search.progress import SearchConsole  # noqa: E402
 from search.widths import width_archs, width_table, write_widths  # noqa: E402
 from trainer.config import RunConfig, load_config  # noqa: E402
 from trainer.consolidate import load_supernet  # noqa: E402
+from trainer.paths import config_anchor  # noqa: E402
 from trainer.runtime.distributed import configure_threads, init_distributed, local_device, local_world_size, resolve  # noqa: E402
 from trainer.runtime.evaluate import calibrated_subnet, collect_calibration, evaluate_arch  # noqa: E402
 from trainer.state.safe_checkpoint import CheckpointFileError  # noqa: E402
-from typedconfig import ConfigError, add_set_argument, apply_overrides, from_mapping, load_yaml  # noqa: E402
+from typedconfig import ConfigError, add_set_argument, apply_overrides, from_mapping, load_yaml, parse_override  # noqa: E402
+from typedconfig.paths import anchor_paths  # noqa: E402
 
 
 class CandidateEvaluator:
@@ -99,7 +102,7 @@ def load_batches(search: SearchConfig, data: DataConfig, device) -> tuple[list[t
 
 
 def evolve(
-    search: SearchConfig, space: Space, num_classes: int, store: CandidateStore, evaluate, say
+    search: SearchConfig, space: Space, num_classes: int, store: CandidateStore, evaluate, out: SearchConsole
 ) -> list[Candidate]:
     """Generation 0 plus ``search.iterations`` generations of crossover and mutation children."""
     evaluate = functools.partial(evaluate, batches=search.calib_batches)
@@ -113,12 +116,13 @@ def evolve(
             raise RuntimeError(
                 f"no sub-network of '{space.name}' within [{search.min_mflops}, {search.max_mflops}] MFLOPs"
             )
-        say(
+        out.say(
             f"'{space.name}' holds {len(every)} sub-networks, {len(inside)} within the FLOPs range: evaluating all of them"
         )
-        return store.score(inside, evaluate)
-    population = store.score([constrained.draw(sampler.random, seen) for _ in range(search.population)], evaluate)
-    say(f"generation 0: {len(population)} candidates, best top-1 {max(c.top1 for c in population):.2f}%")
+        return store.score(inside, evaluate, out.progress("every sub-network"))
+    first = [constrained.draw(sampler.random, seen) for _ in range(search.population)]
+    population = store.score(first, evaluate, out.progress("generation 0"))
+    out.say(f"generation 0: {len(population)} candidates, best top-1 {max(c.top1 for c in population):.2f}%")
     for generation in range(1, search.iterations + 1):
         parents = select_parents(population, search.parents, search.bucket_mflops)
 
@@ -130,8 +134,10 @@ def evolve(
             constrained.draw(lambda: sampler.mutate(pick(), search.mutation_prob), seen)
             for _ in range(search.mutations)
         ]
-        population += store.score(children, evaluate)
-        say(f"generation {generation}: {len(population)} candidates, best top-1 {max(c.top1 for c in population):.2f}%")
+        population += store.score(children, evaluate, out.progress(f"generation {generation}"))
+        out.say(
+            f"generation {generation}: {len(population)} candidates, best top-1 {max(c.top1 for c in population):.2f}%"
+        )
     return population
 
 
@@ -146,20 +152,26 @@ def marked_archs(mark_models: Path | None, space: Space) -> dict[str, Arch]:
     return {name: arch for name, arch in named.items() if not arch.problems(space)}
 
 
-def score_marked(search: SearchConfig, space: Space, store: CandidateStore, evaluate) -> dict[str, Candidate]:
+def score_marked(
+    search: SearchConfig, space: Space, store: CandidateStore, evaluate, out: SearchConsole
+) -> dict[str, Candidate]:
     """The models of ``search.mark_models`` that lie inside ``space``, scored like candidates."""
     inside = marked_archs(search.mark_models, space)
     if not inside:
         return {}
     batches = search.marked_calib_batches or search.calib_batches
-    return dict(zip(inside, store.score(list(inside.values()), functools.partial(evaluate, batches=batches))))
+    scored = store.score(list(inside.values()), functools.partial(evaluate, batches=batches), out.progress("marked"))
+    return dict(zip(inside, scored))
 
 
-def score_widths(search: SearchConfig, space: Space, store: CandidateStore, evaluate) -> dict[str, Candidate]:
+def score_widths(
+    search: SearchConfig, space: Space, store: CandidateStore, evaluate, out: SearchConsole
+) -> dict[str, Candidate]:
     """A slimmable space's every width (``0.35x`` …), scored like marked models; {} for other spaces."""
     archs = width_archs(space)
     batches = search.marked_calib_batches or search.calib_batches
-    return dict(zip(archs, store.score(list(archs.values()), functools.partial(evaluate, batches=batches))))
+    scored = store.score(list(archs.values()), functools.partial(evaluate, batches=batches), out.progress("widths"))
+    return dict(zip(archs, scored))
 
 
 def report(search: SearchConfig, population: list[Candidate], marked: dict[str, Candidate], out: Path, console) -> None:
@@ -227,23 +239,26 @@ def run_search(
     device = init_distributed(env, search.dist_timeout_s) if owns_group else local_device(env)
     threads = configure_threads(None, local_world_size())
     console = Console(width=None if Console().is_terminal else 160)
-    say = console.print if env.is_main else (lambda *a, **k: None)
-    say(f"search of {run_dir}: {env.world_size} rank(s), {threads} thread(s) per rank")
+    lines = SearchConsole(console, is_main=env.is_main, world_size=env.world_size)
+    lines.say(f"search of {run_dir}: {env.world_size} rank(s), {threads} thread(s) per rank")
     out = run_dir / search.output
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     try:
+        lines.say("loading the supernet's weights")
         supernet = load_supernet(run_dir, run_config.model, env.rank, device)
         data = replace(run_config.data, batch_size=search.batch_size or run_config.data.batch_size)
-        evaluate = CandidateEvaluator(supernet, *load_batches(search, data, device), data, device)
+        calib, val = load_batches(search, data, device)
+        lines.say(f"{len(calib)} calibration and {len(val)} validation batches of {data.root} loaded")
+        evaluate = CandidateEvaluator(supernet, calib, val, data, device)
         store = CandidateStore(out, env.rank, env.world_size, score_identity(search, run_dir, data))
         if store.note:
-            say(store.note)
+            lines.say(store.note)
         if len(store):
-            say(f"continuing from {store.path}: {len(store)} candidates already evaluated")
-        population = evolve(search, supernet.space, run_config.model.num_classes, store, evaluate, say)
-        marked = score_marked(search, supernet.space, store, evaluate)
-        widths = score_widths(search, supernet.space, store, evaluate)
+            lines.say(f"continuing from {store.path}: {len(store)} candidates already evaluated")
+        population = evolve(search, supernet.space, run_config.model.num_classes, store, evaluate, lines)
+        marked = score_marked(search, supernet.space, store, evaluate, lines)
+        widths = score_widths(search, supernet.space, store, evaluate, lines)
         marked.update(widths)
         if env.is_main:
             report(search, population, marked, out, console)
@@ -260,21 +275,17 @@ def run_search(
     return 0
 
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def resolve_config_path(path: Path | None, config_file: Path, key: str) -> Path | None:
-    """A relative path of a config file: against the file's folder, else the repository; never the shell's folder."""
-    if path is None or path.is_absolute():
-        return path
-    for base in (config_file.resolve().parent, REPO):
-        if (base / path).exists():
-            return base / path
-    raise ConfigError(
-        f"{path} not found in the config's folder ({config_file.resolve().parent}) nor the repository ({REPO})",
-        key=key,
-        source=config_file,
-    )
+def anchor_search_paths(search: SearchConfig, config_file: Path, overrides: list[str]) -> None:
+    """The search config's relative paths by the run config's rule (:mod:`trainer.paths`: beside the config, then
+    the repository; ``--set`` values from the shell's folder); a missing model table is a config error now."""
+    given = [".".join(parse_override(text)[0]) for text in overrides]
+    anchor_paths(search, config_anchor(config_file, given), prefix="search.")
+    if search.mark_models is not None and not search.mark_models.is_file():
+        raise ConfigError(
+            f"{search.mark_models} not found (a relative path is looked up beside the config, then in the repository)",
+            key="search.mark_models",
+            source=config_file,
+        )
 
 
 def check_exports(specs: list[str], space: Space, mark_models: Path | None) -> None:
@@ -328,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"trained one network, not a supernet: there is nothing to search; its model is {args.run / 'final'}",
                 source=args.run,
             )
-        search.mark_models = resolve_config_path(search.mark_models, Path(args.config), "search.mark_models")
+        anchor_search_paths(search, Path(args.config), args.overrides)
         check_exports(args.export, load_search_space(run_config.model.search_space), search.mark_models)
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ from losses.config import LossConfig
 from models.config import ModelConfig
 from models.families import Space, load_search_space
 from trainer.config_keys import RESOLVED_CONFIG_NAME, config_hash, current_keys, current_overrides
+from trainer.paths import config_anchor
 from trainer.sections import CheckpointConfig, EngineConfig, EvalConfig, LogConfig, OptimizerConfig
 from trainer.tasks import TASKS, TaskConfig
 from typedconfig import (
@@ -31,8 +32,10 @@ from typedconfig import (
     check_ranges,
     from_mapping,
     load_yaml,
+    parse_override,
     to_mapping,
 )
+from typedconfig.paths import absolute, anchor_paths
 
 __all__ = ["RESOLVED_CONFIG_NAME", "RunConfig", "config_hash", "load_config", "model_hash"]
 
@@ -84,11 +87,14 @@ def _cross_check(config: RunConfig, source: str) -> Space:
 
 def load_config(path: str | Path, overrides: list[str] | None = None, *, notes: list[str] | None = None) -> RunConfig:
     """Read ``path``, apply ``section.key=value`` overrides, move old keys to their place (a line per old key
-    into ``notes``), build and validate the typed config."""
+    into ``notes``), build and validate the typed config; relative paths made absolute by the rule of
+    :mod:`trainer.paths` (the file's folder or the repository; the shell's folder for ``--set`` values)."""
     source = f"{path} (with --set overrides)" if overrides else str(path)
     data = current_keys(load_yaml(path), source=path, notes=notes)
-    data = apply_overrides(data, current_overrides(overrides or [], notes=notes), cls=RunConfig)
+    given = current_overrides(overrides or [], notes=notes)
+    data = apply_overrides(data, given, cls=RunConfig)
     config = from_mapping(RunConfig, data, source=source)
+    anchor_paths(config, config_anchor(Path(path), [".".join(parse_override(text)[0]) for text in given]))
     _cross_check(config, source)
     return config
 
@@ -134,7 +140,7 @@ def load_config_or_exit(args: argparse.Namespace, *, notes: list[str] | None = N
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
     if getattr(args, "run_dir", None) is not None:
-        config.run_dir = args.run_dir
+        config.run_dir = absolute(args.run_dir, Path.cwd())
     return config
 
 

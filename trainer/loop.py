@@ -63,7 +63,7 @@ class Trainer:
             self._build_checkpointer_and_resume()
             self._build_logger()
         except BaseException:
-            self.lock.release()
+            self.lock.release(discard=True)  # a failed start leaves no lock and no half-made run folder
             raise
 
     # ------------------------------------------------------------------------------------------ build
@@ -289,9 +289,10 @@ class Trainer:
     def close(self, *, destroy_process_group: bool = True, failed: bool = False) -> None:
         """Flush logs; end the process group unless the caller reuses it (in-process tests).  After a failure
         there is no collective: the other ranks may be anywhere, and this rank must exit at once (its exit
-        code is what ``srun --kill-on-bad-exit`` and the launchers act on)."""
+        code is what ``srun --kill-on-bad-exit`` and the launchers act on).  A run that failed before its first
+        step removes the run folder it made."""
         self.log.close()
-        self.lock.release()
+        self.lock.release(discard=failed and self.global_step == 0 and self.resumed_from is None)
         self.signals.restore()
         if dist.is_initialized() and not failed:
             dist.barrier()

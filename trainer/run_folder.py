@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -25,7 +26,9 @@ import yaml
 from fileops import atomic_write_text
 from trainer.config import RESOLVED_CONFIG_NAME, RunConfig
 from trainer.config_keys import current_keys
+from trainer.paths import recorded_anchor
 from typedconfig import ConfigError, from_mapping, to_mapping
+from typedconfig.paths import anchor_paths
 
 LOCK_NAME = ".lock"
 CHANGES_NAME = "config_changes.jsonl"
@@ -61,9 +64,12 @@ class RunFolderLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_NAME
         self._fd: int | None = None
+        self._made: list[Path] = []  # the folders acquire() created, innermost first
 
     def acquire(self) -> None:
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._made = missing
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -77,7 +83,16 @@ class RunFolderLock:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}\n".encode(), 0)
         self._fd = fd
 
-    def release(self) -> None:
+    def release(self, *, discard: bool = False) -> None:
+        """Drop the lock; with ``discard`` (a run that failed before its first step), also remove the run folder
+        and its parents when this lock made them: a failed start leaves nothing behind."""
+        if self._fd is not None and discard and self._made:
+            shutil.rmtree(self.path.parent, ignore_errors=True)
+            for folder in self._made[1:]:
+                try:
+                    folder.rmdir()  # only while empty: another run may have started beside it
+                except OSError:
+                    break
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
@@ -102,13 +117,16 @@ def config_changes(previous: dict[str, Any], current: RunConfig) -> dict[str, tu
 
 
 def _in_current_keys(recorded: dict[str, Any]) -> dict[str, Any]:
-    """A run folder's recorded config in today's keys, with today's defaults for keys added since (what the same
-    file means to this version); as recorded, old keys moved, when it no longer validates."""
+    """A run folder's recorded config in today's keys, with today's defaults for keys added since and its
+    relative paths (written before 0.2) made absolute (what the same file means to this version); as
+    recorded, old keys moved, when it no longer validates."""
     translated = current_keys(recorded)
     try:
-        return to_mapping(from_mapping(RunConfig, translated))
+        config = from_mapping(RunConfig, translated)
     except ConfigError:
         return translated
+    anchor_paths(config, recorded_anchor)
+    return to_mapping(config)
 
 
 def check_config_change(config: RunConfig, run_dir: Path, *, allow: bool) -> dict[str, tuple[Any, Any]]:

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,12 +108,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_search_writes_front_resumes_and_exports(run_dir, repo, monkeypatch, tmp_path):
+def test_search_writes_front_resumes_and_exports(run_dir, repo, monkeypatch, tmp_path, capsys):
     from search import run as search
 
     monkeypatch.chdir(repo)
     out = run_dir / "run" / "search"
     assert search.main(search_cmd(run_dir, "--export", "tiny_m", "pareto@0.6")[1:]) == 0
+    printed = capsys.readouterr().out
+    # progress from the first candidate on, timestamped, before the generation's summary
+    first = re.search(r"^\d\d:\d\d:\d\d generation 0: 1/5 scored, [\d.]+ s each", printed, re.M)
+    assert first is not None and first.start() < printed.index("generation 0: 5 candidates"), printed
+    assert re.search(r"^\d\d:\d\d:\d\d \d+ calibration and \d+ validation batches", printed, re.M)
     records = read_jsonl(out / "candidates.jsonl")
     assert len(records) == 5 + 4 + 3  # population + children + the 3 marked models
     front = json.loads((out / "front.json").read_text())
@@ -156,6 +162,17 @@ def test_search_writes_front_resumes_and_exports(run_dir, repo, monkeypatch, tmp
         assert preprocessing["input_size"] == [3, resolution, resolution] and preprocessing["resize_to"] == resolution
         assert preprocessing["mean"] == list(data.mean) and preprocessing["std"] == list(data.std)
         assert preprocessing["center_crop"] == data.base_resolution
+
+    # The README's reload snippet, as a user pastes it, from a folder outside the checkout.
+    readme = (repo / "README.md").read_text()
+    snippet = re.search(r"<!-- reload-snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
+    folder_line = re.search(r'^folder = ".*$', snippet, re.M).group(0)
+    snippet = snippet.replace(folder_line, f"folder = {str(out / 'exports' / 'tiny_m')!r}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ran = subprocess.run([sys.executable, "-c", snippet], cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert re.fullmatch(r"tensor\(\[\d+, \d+\]\)\n", ran.stdout)
 
 
 def check_against_supernet(run_dir: Path, folder: Path, calib_batches: int) -> None:

@@ -23,15 +23,24 @@ def search_module():
 
 
 def test_relative_paths_resolve_against_the_config_then_the_repository(tmp_path, monkeypatch, search_module):
-    monkeypatch.chdir(tmp_path)  # the shell's folder plays no part
+    from search.config import SearchConfig
+
+    monkeypatch.chdir(tmp_path)  # the shell's folder plays no part, except for --set values
     config = tmp_path / "mine" / "search.yaml"
     (tmp_path / "mine" / "tables").mkdir(parents=True)
     (tmp_path / "mine" / "tables" / "t.yaml").write_text("x")
-    resolve = search_module.resolve_config_path
-    assert resolve(Path("tables/t.yaml"), config, "k") == tmp_path / "mine" / "tables" / "t.yaml"
-    assert resolve(Path("configs/tiny_models.yaml"), config, "k") == REPO / "configs/tiny_models.yaml"
-    with pytest.raises(ConfigError, match=r"search\.mark_models.*nope\.yaml not found in the config's folder"):
-        resolve(Path("nope.yaml"), config, "search.mark_models")
+    (tmp_path / "t2.yaml").write_text("x")
+
+    def anchored(path: str, overrides=()) -> Path:
+        search = SearchConfig(mark_models=Path(path))
+        search_module.anchor_search_paths(search, config, list(overrides))
+        return search.mark_models
+
+    assert anchored("tables/t.yaml") == tmp_path / "mine" / "tables" / "t.yaml"
+    assert anchored("configs/tiny_models.yaml") == REPO / "configs/tiny_models.yaml"
+    assert anchored("t2.yaml", ["search.mark_models=t2.yaml"]) == tmp_path / "t2.yaml"
+    with pytest.raises(ConfigError, match=r"search\.mark_models.*mine/nope\.yaml not found"):
+        anchored("nope.yaml")
 
 
 def test_export_specs_are_checked_against_the_marked_models(search_module):

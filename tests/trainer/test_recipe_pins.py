@@ -20,7 +20,9 @@ import yaml
 
 from trainer.config import RunConfig, config_to_yaml, load_config, model_hash
 from trainer.config_keys import current_keys
+from trainer.paths import recorded_anchor
 from typedconfig import ConfigError, from_mapping
+from typedconfig.paths import anchor_paths
 
 PINS = Path(__file__).resolve().parents[1] / "fixtures" / "recipes"
 INDEX = json.loads((PINS / "pins.json").read_text())
@@ -55,7 +57,9 @@ def test_a_recipe_resolves_to_its_pin_with_the_same_model_hash(name):
             for key, value in change["set"].items():
                 section, leaf = key.split(".")
                 pinned[section][leaf] = value
-    assert yaml.safe_load(config_to_yaml(config)) == yaml.safe_load(config_to_yaml(from_mapping(RunConfig, pinned)))
+    expected = from_mapping(RunConfig, pinned)
+    anchor_paths(expected, recorded_anchor)  # pinned with paths relative to the checkout (the test's folder)
+    assert yaml.safe_load(config_to_yaml(config)) == yaml.safe_load(config_to_yaml(expected))
     assert model_hash(config) == INDEX["recipes"][name]["model_hash"]
 
     # The pin read back as a run folder's config.yaml is read on resume: the same config (but for the deliberate

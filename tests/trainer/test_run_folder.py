@@ -98,3 +98,28 @@ def test_the_trainer_refuses_a_locked_folder_and_records_allowed_changes(repo, d
     (line,) = (run / CHANGES_NAME).read_text().splitlines()
     assert json.loads(line)["changes"]["optimizer.weight_decay"] == [1e-05, 0.001]
     assert load_config(run / "config.yaml").optimizer.weight_decay == 0.001
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path):
+    """A missing data folder: one line, exit 2, and neither the run folder (nor its new parents) nor a lock."""
+    run = tmp_path / "new/run"
+    command = [sys.executable, str(REPO / "trainer/run.py"), "--config", str(REPO / "configs/tiny_cpu.yaml")]
+    command += ["--set", f"run_dir={run}", f"data.root={tmp_path / 'no-such-data'}"]
+    result = subprocess.run(command, env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "prepare" in result.stderr  # the next step is named
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_start_in_an_existing_folder_keeps_the_folder(tmp_path):
+    lock = RunFolderLock(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/notes.txt").write_text("mine")
+    lock.acquire()
+    lock.release(discard=True)
+    assert (tmp_path / "run/notes.txt").read_text() == "mine"
+    fresh = RunFolderLock(tmp_path / "a/b/run")
+    fresh.acquire()
+    (tmp_path / "a/b/run/config.yaml").write_text("seed: 0\n")
+    fresh.release(discard=True)
+    assert list(tmp_path.iterdir()) == [tmp_path / "run"]

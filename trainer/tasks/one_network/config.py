@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
+from trainer.paths import repo_relative
 from trainer.tasks import TaskConfig
 from typedconfig import Range, check_ranges, to_mapping
 
@@ -48,6 +49,13 @@ class NetworkSource:
         if self.weights is not None and self.torchvision is None:
             raise ValueError("weights goes with torchvision (an export folder holds its own weights)")
 
+    def config_paths(self, anchor) -> None:
+        """The model table of ``arch: FILE:NAME`` is a path of the config (:mod:`typedconfig.paths`)."""
+        if self.arch is not None and self.arch not in ("largest", "smallest"):
+            table, sep, name = self.arch.rpartition(":")
+            if sep and table:
+                self.arch = f"{anchor('arch', Path(table))}:{name}"
+
     def describe(self) -> str:
         if self.export is not None:
             return f"export {self.export}"
@@ -85,7 +93,15 @@ class OneNetworkConfig(TaskConfig):
 
     def weights_identity(self) -> dict:
         """The student and teacher are part of what the weights mean (the keys of the former ``standalone``
-        section, so that checkpoints written before 0.2 keep their hash)."""
+        section, so that checkpoints written before 0.2 keep their hash); paths inside the repository as
+        repository-relative, as they were written before paths were stored absolute."""
         mapping = to_mapping(self)
         del mapping["name"]
+        for source in (mapping["student"], mapping["teacher"]):
+            for key in ("export", "run", "weights"):
+                if source and source.get(key) is not None:
+                    source[key] = repo_relative(source[key])
+            if source and source.get("arch") and ":" in source["arch"]:
+                table, _, name = source["arch"].rpartition(":")
+                source["arch"] = f"{repo_relative(table)}:{name}"
         return mapping
