@@ -294,7 +294,7 @@ class Trainer:
         """Flush logs; end the process group unless the caller reuses it (in-process tests).  After a failure
         there is no collective: the other ranks may be anywhere, and this rank must exit at once (its exit
         code is what ``srun --kill-on-bad-exit`` and the launchers act on)."""
-        self.log.close()
+        self.log.close(failed=failed)
         self.lock.release()
         self.signals.restore()
         if dist.is_initialized() and not failed:

@@ -62,15 +62,15 @@ def test_the_logger_gives_its_sinks_the_numbers_of_each_record_and_closes_them(t
         def log(self, step, values):
             self.records.append((step, values))
 
-        def close(self):
-            self.closed = True
+        def close(self, *, failed=False):
+            self.closed = "failed" if failed else True
 
     sink, other_rank = Kept(), Kept()
     log = MetricsLogger(tmp_path, enabled=True, total_steps=10, start_step=0, sinks=[sink])
     log.log_record({"step": 3, "epoch": 0, "loss/largest": 1.5, "note": "text"})
-    log.close()
+    log.close(failed=True)
     MetricsLogger(tmp_path / "other", enabled=False, total_steps=10, start_step=0, sinks=[other_rank]).close()
-    assert sink.records == [(3, {"loss/largest": 1.5})] and sink.closed
+    assert sink.records == [(3, {"loss/largest": 1.5})] and sink.closed == "failed"
     assert other_rank.records == [] and not other_rank.closed
 
 
@@ -188,3 +188,31 @@ def test_wandb_and_mlflow_hold_the_metrics_and_a_resume_continues_their_runs(
     validation = client.get_metric_history(mlflow_id, "val/top1_largest")
     assert [m.step for m in validation] == [2, 4]  # the end of each invocation validates
     assert only.data.params["optimizer.max_steps"] == "2"  # parameters keep their first value
+
+
+def test_a_failed_run_is_marked_failed_in_both(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from trainer.runtime.sinks.mlflow_sink import MlflowSink
+    from trainer.runtime.sinks.wandb_sink import WandbSink
+    from trainer.sections import MlflowConfig, WandbConfig
+
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / "wandb_home"))
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    run.mkdir()
+    built = [
+        WandbSink(WandbConfig(enabled=True, mode="offline"), run, run_config={"seed": 0}),
+        MlflowSink(MlflowConfig(enabled=True), run, run_config={"seed": 0}),
+    ]
+    for sink in built:
+        sink.log(1, {"loss/largest": 2.0})
+        sink.close(failed=True)
+    (path,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    exits = [r.exit.exit_code for r in wandb_records(path) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [1]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    assert client.get_run((run / "mlflow_run_id").read_text().strip()).info.status == "FAILED"

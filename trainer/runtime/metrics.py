@@ -142,12 +142,13 @@ class MetricsLogger:
             for sink in self._sinks:
                 sink.log(record.get("step", 0), values)
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
+        """``failed``: the run stops on an error (W&B and MLflow mark their run so)."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
         for sink in self._sinks:
-            sink.close()
+            sink.close(failed=failed)
         self._sinks = []
         if self._jsonl is not None:
             self._jsonl.close()

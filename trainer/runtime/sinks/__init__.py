@@ -22,8 +22,8 @@ class Sink(Protocol):
     def log(self, step: int, values: dict[str, float]) -> None:
         """Record ``values`` (numbers only, ``step`` and ``epoch`` left out) at the optimizer step ``step``."""
 
-    def close(self) -> None:
-        """Flush and end; the training's end, or its stop for a resume later."""
+    def close(self, *, failed: bool = False) -> None:
+        """Flush and end: at the training's end, at a stop for a resume later, or after an error (``failed``)."""
 
 
 def _needed_modules(log: LogConfig) -> list[tuple[str, str, list[str]]]:

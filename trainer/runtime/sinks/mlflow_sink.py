@@ -72,5 +72,5 @@ class MlflowSink:
         metrics = [Metric(key, float(value), now, step) for key, value in values.items()]
         self._client.log_batch(self._run_id, metrics=metrics)
 
-    def close(self) -> None:
-        self._client.set_terminated(self._run_id)
+    def close(self, *, failed: bool = False) -> None:
+        self._client.set_terminated(self._run_id, status="FAILED" if failed else "FINISHED")

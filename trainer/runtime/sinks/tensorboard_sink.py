@@ -16,5 +16,5 @@ class TensorBoardSink:
         for key, value in values.items():
             self._writer.add_scalar(key, value, step)
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         self._writer.close()

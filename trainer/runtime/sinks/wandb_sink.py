@@ -46,5 +46,5 @@ class WandbSink:
         # than a killed run's last records, the steps in between keep the killed run's values.
         self._run.log(values, step=step)
 
-    def close(self) -> None:
-        self._run.finish()
+    def close(self, *, failed: bool = False) -> None:
+        self._run.finish(exit_code=1 if failed else 0)  # W&B shows a failed run as such
