@@ -30,9 +30,11 @@ from trainer.runtime.ranks import agree, gathered_objects, mean_over_ranks
 from trainer.runtime.requeue import requeue_if_asked
 from trainer.runtime.schedule import lr_at
 from trainer.runtime.signals import StopSignals
+from trainer.runtime.sinks import build_sinks, check_packages
 from trainer.runtime.timing import StepTiming
 from trainer.state.checkpoint import Checkpointer, check_resumable, rng_state, set_rng_state
 from trainer.tasks import RunContext, build_task
+from typedconfig import to_mapping
 
 __all__ = ["Trainer", "TrainingStopped"]
 
@@ -50,6 +52,7 @@ class Trainer:
         notes: list[str] | None = None,
     ):
         """``notes``: lines to print when training starts (e.g. the config's deprecation notes)."""
+        check_packages(config.log)  # a missing optional package stops the run before any work
         self.config = config
         self.notes: list[str] = list(notes or [])
         self.config_changes = check_config_change(config, Path(config.run_dir), allow=allow_config_change)
@@ -123,11 +126,12 @@ class Trainer:
         if self.env.is_main:
             record_config_change(self.run_dir, self.config_changes, self.global_step)
             write_resolved(self.config, self.run_dir)
-        steps, tensorboard = (
-            {"total_steps": self.data.final_step, "start_step": self.global_step},
-            self.config.log.tensorboard,
-        )
-        self.log = MetricsLogger(self.run_dir, enabled=self.env.is_main, tensorboard=tensorboard, **steps)
+        steps = {"total_steps": self.data.final_step, "start_step": self.global_step}
+        sinks = []
+        if self.env.is_main:  # TensorBoard, W&B, MLflow: W&B and MLflow runs start (or continue) here
+            run_config = to_mapping(self.config)
+            sinks = build_sinks(self.config.log, self.run_dir, run_config=run_config, start_step=self.global_step)
+        self.log = MetricsLogger(self.run_dir, enabled=self.env.is_main, sinks=sinks, **steps)
         self.signals = StopSignals()  # USR1, TERM, INT (Ctrl-C): save at the next step boundary
 
     # ------------------------------------------------------------------------------------------ state
@@ -291,7 +295,7 @@ class Trainer:
         there is no collective: the other ranks may be anywhere, and this rank must exit at once (its exit
         code is what ``srun --kill-on-bad-exit`` and the launchers act on).  A run that failed before its first
         step removes the run folder it made."""
-        self.log.close()
+        self.log.close(failed=failed)
         self.lock.release(discard=failed and self.global_step == 0 and self.resumed_from is None)
         self.signals.restore()
         if dist.is_initialized() and not failed:

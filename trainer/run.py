@@ -24,6 +24,8 @@ from trainer.runtime.host_allocator import share_one_arena  # noqa: E402
 share_one_arena()
 
 from trainer.config import add_config_arguments, load_config_or_exit  # noqa: E402
+from trainer.runtime.sinks import check_packages  # noqa: E402
+from typedconfig import ConfigError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,13 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     config = load_config_or_exit(args)
+    try:  # an optional logger turned on without its package: one line, before the heavy imports
+        check_packages(config.log)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
 
     from data_pipeline import DataError
     from trainer.loop import Trainer, TrainingStopped
     from trainer.run_folder import RunFolderError
     from trainer.runtime.distributed import DistributedEnvError
     from trainer.state.checkpoint import CheckpointError
-    from typedconfig import ConfigError
 
     try:
         trainer = Trainer(config, local_rank_arg=args.local_rank, allow_config_change=args.allow_config_change)

@@ -40,6 +40,8 @@ OPERATIONAL_KEYS = frozenset(
         "optimizer.max_consecutive_bad_steps",
         "log.every_steps",
         "log.tensorboard",
+        *(f"log.wandb.{key}" for key in ("enabled", "project", "entity", "name", "mode")),
+        *(f"log.mlflow.{key}" for key in ("enabled", "tracking_uri", "experiment", "run_name")),
         "eval.every_epochs",
         "eval.calib_batches",
         "checkpoint.every_steps",

@@ -3,7 +3,7 @@ logging (before 0.2 all of them were keys of one ``trainer:`` section; ``trainer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from typedconfig import Range, check_ranges
@@ -147,12 +147,52 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class WandbConfig:
+    """``log.wandb``: the records also go to a Weights & Biases run (``pip install 'alphanet-train[wandb]'``)."""
+
+    enabled: bool = False
+    """Log to W&B from rank 0: every record of ``metrics.jsonl``, the resolved config as the run's config.  The
+    run's id is kept in ``RUN/wandb_run_id``, so a resumed training continues the same W&B run."""
+    project: str = "alphanet-train"
+    """W&B project of the run."""
+    entity: str | None = None
+    """W&B user or team; null: the account's default entity."""
+    name: str | None = None
+    """Display name of the run; null: the run folder's name."""
+    mode: Literal["online", "offline"] | None = None
+    """``online``: stream to the W&B server; ``offline``: write only under ``RUN/wandb/`` (upload later with
+    ``wandb sync``), for nodes without internet; null: W&B's own choice (the ``WANDB_MODE`` variable, else
+    online)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class MlflowConfig:
+    """``log.mlflow``: the records also go to an MLflow run (``pip install 'alphanet-train[mlflow]'``)."""
+
+    enabled: bool = False
+    """Log to MLflow from rank 0: every record of ``metrics.jsonl`` as metrics at their step, the resolved config
+    as the run's parameters (``section.key``).  The run's id is kept in ``RUN/mlflow_run_id``, so a resumed
+    training continues the same MLflow run."""
+    tracking_uri: str | None = None
+    """Where MLflow keeps runs: a server (``http://host:5000``), a database (``sqlite:///path/mlflow.db``); null:
+    an SQLite file in the run folder, ``RUN/mlflow.db`` (``mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db``
+    shows it)."""
+    experiment: str = "alphanet-train"
+    """MLflow experiment of the run (created when missing)."""
+    run_name: str | None = None
+    """Name of the run; null: the run folder's name."""
+
+
+@dataclass(kw_only=True, slots=True)
 class LogConfig:
-    """``log``: console, ``metrics.jsonl`` and TensorBoard records."""
+    """``log``: console, ``metrics.jsonl`` and TensorBoard records, optionally W&B and MLflow too."""
 
     every_steps: Annotated[int, Range(ge=1)] = 10
     """Steps between JSONL/TensorBoard records and console refreshes."""
     tensorboard: bool = True
+    """Also write the records as TensorBoard events under ``RUN/tensorboard/``."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def __post_init__(self) -> None:
         check_ranges(self, "log")

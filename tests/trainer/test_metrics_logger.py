@@ -11,7 +11,7 @@ from trainer.runtime.metrics import CONSOLE_LOG, MetricsLogger
 def test_lines_are_timestamped_and_kept_and_the_eta_skips_the_first_window(tmp_path, monkeypatch, capsys):
     clock = iter([0.0, 100.0, 110.0, 120.0])  # start; a slow first window (one-time costs); then 10 s per 10 steps
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
-    log = MetricsLogger(tmp_path, enabled=True, total_steps=100, start_step=0, tensorboard=False)
+    log = MetricsLogger(tmp_path, enabled=True, total_steps=100, start_step=0)
     log.print("hello")
     for step in (10, 20, 30):
         log.log_step(step, 0, {"lr": 0.1, "loss/largest": 1.0}, images=640)
@@ -27,7 +27,7 @@ def test_lines_are_timestamped_and_kept_and_the_eta_skips_the_first_window(tmp_p
 
 
 def test_other_ranks_write_nothing(tmp_path, capsys):
-    log = MetricsLogger(tmp_path, enabled=False, total_steps=10, start_step=0, tensorboard=False)
+    log = MetricsLogger(tmp_path, enabled=False, total_steps=10, start_step=0)
     log.print("x")
     log.close()
     assert capsys.readouterr().out == "" and not (tmp_path / CONSOLE_LOG).exists()

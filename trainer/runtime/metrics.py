@@ -1,10 +1,12 @@
 """Rank-0 observability: a rich live display (or plain lines when not on a terminal), each line timestamped and
-kept in the run folder (``console.log``), JSONL, TensorBoard."""
+kept in the run folder (``console.log``), JSONL, and the sinks of ``trainer.runtime.sinks`` (TensorBoard, W&B,
+MLflow)."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fileops import atomic_write_text
+from trainer.runtime.sinks import Sink
 
 METRICS_FILE = "metrics.jsonl"
 CONSOLE_LOG = "console.log"
@@ -47,16 +50,16 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
 
 
 class MetricsLogger:
-    """Does nothing on ranks other than 0."""
+    """Does nothing on ranks other than 0.  ``sinks`` receive every record's numbers (``build_sinks``)."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int, tensorboard: bool):
+    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int, sinks: Sequence[Sink] = ()):
         self.enabled = enabled
         self.console = Console()
         if not self.console.is_terminal:
             self.console = Console(width=200, soft_wrap=True)  # log files: one record per line
         self.total_steps = total_steps
         self._progress: Progress | None = None
-        self._writer = None
+        self._sinks = list(sinks) if enabled else []
         self._jsonl = None
         self._log = None
         if not enabled:
@@ -65,10 +68,6 @@ class MetricsLogger:
         truncate_jsonl(path, start_step)
         self._jsonl = path.open("a")
         self._log = (Path(run_dir) / CONSOLE_LOG).open("a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
         if self.console.is_terminal:
             self._progress = Progress(
                 TextColumn("[bold]{task.fields[epoch]}"),
@@ -138,18 +137,19 @@ class MetricsLogger:
             return
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        if self._writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self._writer.add_scalar(key, value, record.get("step", 0))
+        if self._sinks:
+            values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+            for sink in self._sinks:
+                sink.log(record.get("step", 0), values)
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
+        """``failed``: the run stops on an error (W&B and MLflow mark their run so)."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        for sink in self._sinks:
+            sink.close(failed=failed)
+        self._sinks = []
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
