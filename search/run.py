@@ -26,6 +26,7 @@ from dataclasses import replace  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -47,7 +48,15 @@ from trainer.paths import config_anchor  # noqa: E402
 from trainer.runtime.distributed import configure_threads, init_distributed, local_device, local_world_size, resolve  # noqa: E402
 from trainer.runtime.evaluate import calibrated_subnet, collect_calibration, evaluate_arch  # noqa: E402
 from trainer.state.safe_checkpoint import CheckpointFileError  # noqa: E402
-from typedconfig import ConfigError, add_set_argument, apply_overrides, from_mapping, load_yaml, parse_override  # noqa: E402
+from typedconfig import (  # noqa: E402
+    ConfigError,
+    add_set_argument,
+    apply_overrides,
+    from_mapping,
+    load_yaml,
+    parse_override,
+    to_mapping,
+)
 from typedconfig.paths import anchor_paths  # noqa: E402
 
 
@@ -326,11 +335,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_set_argument(parser, example="--set search.iterations=5")
     parser.add_argument("--export", nargs="*", default=[], metavar="NAME|pareto@MFLOPS", help="sub-networks to export")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved search config (defaults filled in) and exit"
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         source = f"{args.config} (with --set overrides)" if args.overrides else args.config
         search = from_mapping(SearchFile, apply_overrides(load_yaml(args.config), args.overrides), source=source).search
+        anchor_search_paths(search, Path(args.config), args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump({"search": to_mapping(search)}, sort_keys=False), end="")
+            return 0
         if not (args.run / "config.yaml").is_file():
             raise ConfigError("no config.yaml: not a training run folder", source=args.run)
         run_config = load_config(args.run / "config.yaml")
@@ -339,7 +355,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"trained one network, not a supernet: there is nothing to search; its model is {args.run / 'final'}",
                 source=args.run,
             )
-        anchor_search_paths(search, Path(args.config), args.overrides)
         check_exports(args.export, load_search_space(run_config.model.search_space), search.mark_models)
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)

@@ -121,7 +121,7 @@ def write_resolved(config: RunConfig, run_dir: Path | None = None) -> Path:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Every config key, with its type, default and meaning: docs/config.md. "
-        "python -m trainer.config --config FILE [--set ...] prints the resolved config."
+        "--print-config prints the config as it resolves, without training."
     )
     parser.add_argument("--config", required=True, help="run config YAML, e.g. configs/tiny_cpu.yaml")
     add_set_argument(parser, example="--set model.dropout=0.1 loss.kd_loss=kl")
@@ -129,6 +129,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--run-dir",
         type=Path,
         help="the run folder, taken literally (unlike --set run_dir=..., whose value is parsed as YAML)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (every default filled in) and exit"
     )
 
 
@@ -141,6 +144,9 @@ def load_config_or_exit(args: argparse.Namespace, *, notes: list[str] | None = N
         sys.exit(2)
     if getattr(args, "run_dir", None) is not None:
         config.run_dir = absolute(args.run_dir, Path.cwd())
+    if getattr(args, "print_config", False):
+        print(config_to_yaml(config), end="")
+        sys.exit(0)
     return config
 
 

@@ -195,6 +195,24 @@ def test_config_cli_exit_codes(tmp_path, repo):
     assert missing.returncode == 2 and "file not found" in missing.stderr
 
 
+def test_both_entry_points_print_their_resolved_config_on_request(tmp_path, repo):
+    """``--print-config`` prints what would run (every default, absolute paths) and starts nothing."""
+    train = [sys.executable, str(repo / "trainer/run.py"), "--config", str(repo / "configs/tiny_cpu.yaml")]
+    train += ["--print-config", "--set", "seed=4", "run_dir=here"]
+    printed = subprocess.run(train, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    resolved = yaml.safe_load(printed.stdout)
+    assert resolved["seed"] == 4 and resolved["run_dir"] == str(tmp_path / "here")
+    assert resolved["optimizer"]["lr_per_256"] == load_config(repo / "configs/tiny_cpu.yaml").optimizer.lr_per_256
+    search = [sys.executable, str(repo / "search/run.py"), "--config", str(repo / "configs/search_tiny_cpu.yaml")]
+    search += ["--run", "no-run-yet", "--print-config", "--set", "search.iterations=3"]
+    printed = subprocess.run(search, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    resolved = yaml.safe_load(printed.stdout)["search"]
+    assert resolved["iterations"] == 3 and resolved["mark_models"] == str(repo / "configs/tiny_models.yaml")
+    assert list(tmp_path.iterdir()) == []  # nothing made
+
+
 @pytest.mark.parametrize("name", ["tiny_cpu.yaml", "alphanet_imagenet.yaml"])
 def test_shipped_recipes_are_valid(repo, name):
     config = load_config(repo / "configs" / name)
