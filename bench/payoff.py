@@ -57,6 +57,8 @@ METHODS: dict[str, list[str]] = {
     "adaptive+gate": ["loss.kd_loss=adaptive_alpha", *LEVERS_OFF, "loss.kd_gate=teacher_correct"],
     "kl+warmup": ["loss.kd_loss=kl", *LEVERS_OFF, "loss.kd_warmup_epochs=0.5R"],
     "kl+mix": ["loss.kd_loss=kl", *LEVERS_OFF, "loss.kd_label_mix=0.5"],
+    "kl+clean": ["loss.kd_loss=kl", *LEVERS_OFF, "task.teacher.clean_logits=true"],
+    "adaptive+clean": ["loss.kd_loss=adaptive_alpha", *LEVERS_OFF, "task.teacher.clean_logits=true"],
 }
 """Supernet methods: ``--set`` overrides of the recipe.  ``0.5R``: half the run's budget in epochs."""
 ALONE = ("largest", "mid", "smallest")

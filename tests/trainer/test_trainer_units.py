@@ -389,3 +389,55 @@ def test_zero3_gather_is_network_or_block():
     assert from_mapping(EngineConfig, {"zero3_gather": "block"}).zero3_gather == "block"
     with pytest.raises(ConfigError, match="zero3_gather"):
         from_mapping(EngineConfig, {"zero3_gather": "layer"})
+
+
+@pytest.mark.parametrize("clean", [False, True])
+def test_the_inplace_teachers_targets_are_clean_only_when_asked(clean):
+    """``task.teacher.clean_logits``: the students' target is a second forward of the largest sub-network with
+    dropout and drop-connect off, after its label step; else the logits of its regularised forward."""
+    from losses import LossConfig, build_kd_loss, build_label_loss
+    from models import ArchSampler, ModelConfig, build_supernet
+    from trainer.samplers import sample_sandwich
+    from trainer.tasks.sandwich import SandwichStep
+    from trainer.teachers.inplace import InplaceConfig, InplaceTeacher
+
+    torch.manual_seed(0)
+    net = build_supernet(ModelConfig(search_space="tiny", num_classes=10, dropout=0.5, drop_connect=0.5))
+    subnets = sample_sandwich(net.space, ArchSampler(net.space, 0), 2)
+    seen = []
+
+    class Engine:
+        def __call__(self, x):
+            seen.append((net.regularize, torch.is_grad_enabled()))
+            logits = net(x)
+            outputs.append(logits.detach().clone())
+            return logits
+
+        def set_gradient_accumulation_boundary(self, flag):
+            pass
+
+        def backward(self, loss):
+            loss.backward()
+
+    outputs: list[torch.Tensor] = []
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    label_loss, kd_loss = build_label_loss(LossConfig()), build_kd_loss(LossConfig(kd_loss="kl"))
+    teacher = InplaceTeacher.of(label_loss, kd_loss)
+    teacher.config = InplaceConfig(clean_logits=clean)
+    targets = []
+    real = teacher.student_loss
+    teacher.student_loss = lambda name, logits, target, labels, metrics: (
+        targets.append(target) or real(name, logits, target, labels, metrics)
+    )
+    SandwichStep(label_loss, teacher=teacher)(Engine(), net, subnets, images, labels)
+    net.train()
+    if clean:
+        assert seen[:2] == [(True, True), (False, False)]  # the label step, then the clean one without gradient
+        assert torch.equal(targets[0], outputs[1])
+        assert not torch.allclose(outputs[0], outputs[1])  # dropout and drop-connect changed the label step's
+        net.set_arch(subnets[0].arch, regularize=False)
+        with torch.no_grad():
+            assert torch.allclose(targets[0], net(images), atol=1e-6)  # deterministic without regularisation
+    else:
+        assert seen[0] == (True, True) and len(seen) == 2
+        assert torch.equal(targets[0], outputs[0])

@@ -102,6 +102,10 @@ class SandwichStep:
             metrics[f"loss/{subnet.name}"] = loss.detach().float()
             engine.set_gradient_accumulation_boundary(last_micro_batch and i == len(subnets) - 1)
             engine.backward(loss)
+            if is_teacher and self.teacher.clean_targets:
+                supernet.set_arch(subnet.arch, regularize=False, **local)
+                with torch.no_grad():
+                    teacher = forward_logits(engine, inputs, bf16_autocast=self.bf16_autocast).detach()
         return metrics
 
 

@@ -80,6 +80,12 @@ class Teacher(PieceState):
         """A few words for the start line ('' for the default)."""
         return ""
 
+    @property
+    def clean_targets(self) -> bool:
+        """Whether the sandwich step takes the teacher's logits from a second, unregularised forward of the
+        largest sub-network (after its label step) instead of its regularised one."""
+        return False
+
     def begin(self, step: int = 0) -> None:
         """Before the sub-networks of a mini-batch of optimizer step ``step`` run."""
         self.step = step

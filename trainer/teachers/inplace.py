@@ -13,6 +13,10 @@ from trainer.teachers import TEACHERS, Teacher, TeacherConfig
 @dataclass(kw_only=True, slots=True)
 class InplaceConfig(TeacherConfig):
     name: str = "inplace"
+    clean_logits: bool = False
+    """Take the teacher's logits from a second forward of the largest sub-network with dropout and drop-connect
+    off (BatchNorm on the batch's statistics, no gradient): one more forward per step.  False (AlphaNet): the
+    logits of its regularised forward on the labels."""
 
 
 @TEACHERS.register("inplace")
@@ -21,6 +25,10 @@ class InplaceTeacher(Teacher):
     ``loss.kd_loss: none`` the students learn from the labels."""
 
     Config = InplaceConfig
+
+    @property
+    def clean_targets(self) -> bool:
+        return self.config.clean_logits
 
     def student_loss(
         self, name: str, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, metrics: dict
