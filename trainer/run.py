@@ -16,6 +16,9 @@ sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolv
 
 import argparse  # noqa: E402
 import faulthandler  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
 
 from trainer.runtime.host_allocator import share_one_arena  # noqa: E402
 
@@ -23,16 +26,59 @@ from trainer.runtime.host_allocator import share_one_arena  # noqa: E402
 # allocates.  One arena is the part of engine.keep_freed_host_memory that cannot wait for the config.
 share_one_arena()
 
+# Before torch's extension builder is imported (DeepSpeed imports it): on a machine without CUDA it warns, once per
+# rank, that it found no CUDA runtime, which is true and asks nothing of anyone.
+logging.getLogger("torch.utils.cpp_extension").addFilter(
+    lambda record: not record.getMessage().startswith("No CUDA runtime is found")
+)
+
 from trainer.config import add_config_arguments, load_config_or_exit  # noqa: E402
+
+INTERRUPTED = 130
+"""Exit code of a run stopped by Ctrl-C: after saving (``trainer.runtime.signals``), or before training began."""
+
+NON_LEADER_GRACE_S = 10.0
+"""How long a rank other than its node's first waits, after a config error that its node's first rank prints, before
+it exits too.  The deepspeed launcher ends every rank once one exits with an error: were the silent rank first, the
+one that prints could be ended before it printed."""
+
+
+def _local_rank(local_rank_arg: int | None) -> int:
+    """This process's rank on its node, as launchers set it, before the config (and the resolver) is read."""
+    for value in (os.environ.get("LOCAL_RANK"), os.environ.get("SLURM_LOCALID"), local_rank_arg):
+        try:
+            return int(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+    return 0
+
+
+def _load_config(args: argparse.Namespace):
+    """The config; a problem in it (the same on every rank) is printed by the first rank of each node only."""
+    leader = _local_rank(args.local_rank) == 0
+    try:
+        return load_config_or_exit(args, print_error=leader)
+    except SystemExit:
+        if not leader:
+            time.sleep(NON_LEADER_GRACE_S)
+        raise
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error, the same on every rank, is printed by the first rank of each node only (as a config error)."""
+
+    def error(self, message: str):
+        if _local_rank(None) != 0:
+            time.sleep(NON_LEADER_GRACE_S)
+            self.exit(2)
+        super().error(message)
 
 
 def main(argv: list[str] | None = None) -> int:
     # A fatal signal in native code (e.g. SIGBUS: a memory-mapped .beton cut while the run reads it) prints
     # every thread's Python stack instead of dying silently.
     faulthandler.enable(all_threads=True)
-    parser = argparse.ArgumentParser(
-        prog="trainer/run.py", description="Train an AlphaNet supernet with the sandwich rule."
-    )
+    parser = _Parser(prog="trainer/run.py", description="Train an AlphaNet supernet with the sandwich rule.")
     add_config_arguments(parser)
     parser.add_argument(
         "--allow-config-change",
@@ -41,7 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    config = load_config_or_exit(args)
+    try:
+        return _train(args)
+    except KeyboardInterrupt:  # Ctrl-C before training began, or a second one: every rank gets it, one prints
+        if _local_rank(args.local_rank) == 0:
+            print("interrupted: stopped without saving (rerun the same command to resume)", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = _load_config(args)
 
     from data_pipeline import DataError
     from trainer.loop import Trainer, TrainingStopped
@@ -56,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        trainer.train()
+        results = trainer.train()
     except (TrainingStopped, CheckpointError, DataError) as exc:
         trainer.close(failed=True)
         print(f"error: {exc}", file=sys.stderr)
@@ -65,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close(failed=True)  # no barrier: the traceback prints now and the process exits non-zero
         raise
     trainer.close()
-    return 0
+    return results.get("exit_code", 0)  # stopped on a request and saved: 130 after Ctrl-C, else 0
 
 
 if __name__ == "__main__":
