@@ -18,6 +18,7 @@ import argparse  # noqa: E402
 import faulthandler  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 
 from trainer.runtime.host_allocator import share_one_arena  # noqa: E402
@@ -32,10 +33,7 @@ logging.getLogger("torch.utils.cpp_extension").addFilter(
     lambda record: not record.getMessage().startswith("No CUDA runtime is found")
 )
 
-from trainer.config import add_config_arguments, load_config_or_exit  # noqa: E402
-
-INTERRUPTED = 130
-"""Exit code of a run stopped by Ctrl-C: after saving (``trainer.runtime.signals``), or before training began."""
+from trainer.runtime.signals import INTERRUPTED_EXIT_CODE  # noqa: E402
 
 NON_LEADER_GRACE_S = 10.0
 """How long a rank other than its node's first waits, after a config error that its node's first rank prints, before
@@ -55,6 +53,8 @@ def _local_rank(local_rank_arg: int | None) -> int:
 
 def _load_config(args: argparse.Namespace):
     """The config; a problem in it (the same on every rank) is printed by the first rank of each node only."""
+    from trainer.config import load_config_or_exit
+
     leader = _local_rank(args.local_rank) == 0
     try:
         return load_config_or_exit(args, print_error=leader)
@@ -74,10 +74,42 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+class _InterruptOnce:
+    """A signal handler that raises KeyboardInterrupt the first time only: DeepSpeed's launch.py follows a terminal's
+    SIGINT with a SIGTERM, which must not interrupt the rank again while it prints its line.  (Setting the handlers
+    to SIG_IGN instead makes CPython raise OSError for a SIGTERM already pending.)"""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def __call__(self, signum, frame) -> None:
+        if not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     # A fatal signal in native code (e.g. SIGBUS: a memory-mapped .beton cut while the run reads it) prints
     # every thread's Python stack instead of dying silently.
     faulthandler.enable(all_threads=True)
+    # Until the trainer takes them over (then they save), Ctrl-C and SIGTERM, which DeepSpeed's launch.py sends each
+    # rank right after a terminal's Ctrl-C, stop the rank with one line: there is nothing to save yet.
+    interrupt = _InterruptOnce()
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # before training began, or a second Ctrl-C: every rank gets it, one prints
+        if _local_rank(None) == 0:
+            print("interrupted: stopped without saving (rerun the same command to resume)", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(argv: list[str] | None) -> int:
+    from trainer.config import add_config_arguments
+
     parser = _Parser(prog="trainer/run.py", description="Train an AlphaNet supernet with the sandwich rule.")
     add_config_arguments(parser)
     parser.add_argument(
@@ -87,15 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    try:
-        return _train(args)
-    except KeyboardInterrupt:  # Ctrl-C before training began, or a second one: every rank gets it, one prints
-        if _local_rank(args.local_rank) == 0:
-            print("interrupted: stopped without saving (rerun the same command to resume)", file=sys.stderr)
-        return INTERRUPTED
-
-
-def _train(args: argparse.Namespace) -> int:
     config = _load_config(args)
 
     from data_pipeline import DataError

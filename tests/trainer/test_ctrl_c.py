@@ -196,6 +196,31 @@ def test_ctrl_c_to_the_launcher_alone_saves_and_leaves_no_process(repo, digits_s
 
 
 @pytest.mark.slow
+def test_ctrl_c_before_the_first_step_prints_one_line(repo, digits_shards, tmp_path):
+    """Ctrl-C while the ranks start (importing, building): nothing to save, one line, no traceback from any rank."""
+    run, log = tmp_path / "run", tmp_path / "job.log"
+    proc = launch(repo, overrides(run, digits_shards), log)
+    try:
+        deadline = time.time() + 120
+        while log.read_text().count("spawned with command") < 2 and time.time() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(3)  # past Python's own start, well before the first step
+        assert not (run / "metrics.jsonl").exists()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == -signal.SIGINT
+        left = wait_until_gone(proc.pid, timeout=120)
+    finally:
+        if proc.poll() is None or group_members(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert left == [], text[-3000:]
+    assert text.count("interrupted: stopped without saving") == 1, text[-3000:]
+    console_checks(text)
+    assert latest_tag(run / "checkpoints") is None
+
+
+@pytest.mark.slow
 def test_a_config_error_of_a_two_rank_run_is_printed_once(repo, digits_shards, tmp_path):
     log = tmp_path / "job.log"
     proc = launch(repo, [*overrides(tmp_path / "run", digits_shards), "model.dropout=7"], log)
