@@ -128,7 +128,7 @@ class Trainer:
             self.config.log.tensorboard,
         )
         self.log = MetricsLogger(self.run_dir, enabled=self.env.is_main, tensorboard=tensorboard, **steps)
-        self.signals = StopSignals()  # USR1, TERM, INT (Ctrl-C), the launcher's end: save at the next step boundary
+        self.signals = StopSignals()  # USR1, TERM, INT (Ctrl-C) and the like: save at the next step boundary
 
     # ------------------------------------------------------------------------------------------ state
     def _client_state(self) -> dict[str, Any]:
