@@ -125,12 +125,13 @@ def _to_batch(collated) -> Batch:
 
 def _init_worker(worker_id: int) -> None:
     """A data worker decodes one sample at a time: one torch thread, so workers and ranks share the cores.
-    It ignores SIGTERM and SIGUSR1, which SLURM sends to every process of a job step: its rank handles them
-    (saves at the next step boundary) and still needs its workers until then.  The workers end when their
-    rank shuts the loader down, or exits."""
+    It ignores SIGTERM and SIGUSR1, which SLURM sends to every process of a job step, and SIGINT, which Ctrl-C
+    sends to every process of the terminal's process group: its rank handles them (saves at the next step
+    boundary) and still needs its workers until then.  The workers end when their rank shuts the loader down, or
+    exits."""
     torch.set_num_threads(1)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class _EpochBatches:

@@ -10,9 +10,10 @@ started by fork + exec, which runs no other thread, and forks each worker from i
 the dataset pickled.
 
 The server imports :mod:`data_pipeline._fork_server` first: torch and the backends (workers start with them
-loaded), and SIGTERM and SIGUSR1 ignored, as the workers do (``wds_backend._init_worker``): SLURM sends
-them to every process of a job step, and a rank still starts workers after them (it saves at the next step
-boundary).  It exits when the process that started it does.
+loaded), and SIGTERM, SIGUSR1 and SIGINT ignored, as the workers do (``wds_backend._init_worker``): SLURM sends
+the first two to every process of a job step, Ctrl-C the third to every process of the terminal's group, and a
+rank still starts workers after them (it saves at the next step boundary).  It exits when the process that
+started it does.
 """
 
 from __future__ import annotations

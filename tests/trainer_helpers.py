@@ -1,14 +1,22 @@
-"""Running the Trainer inside the test process (one rank, one process group for the whole session), and the
-environment of the processes that tests start."""
+"""Running the Trainer inside the test process (one rank, one process group for the whole session), the
+environment of the processes that tests start, and runs of two ranks through the deepspeed launcher."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainer.config import load_config
+from trainer.state.checkpoint import latest_tag
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,3 +81,32 @@ def run_in_process(repo: Path, args: list[str], *, recipe: str = "configs/tiny_c
         return trainer, trainer.train()
     finally:
         trainer.close(destroy_process_group=False)  # DeepSpeed cannot re-initialise one in the same process
+
+
+# ---- two ranks through the deepspeed launcher ------------------------------------------------------------------
+def launch(repo, args: list[str], log: Path) -> subprocess.Popen:
+    """``deepspeed --num_gpus 2 trainer/run.py --config configs/tiny_cpu.yaml --set ARGS`` on CPU, its output into
+    ``log``, in a process group of its own (led by the launcher) that a test may signal as a terminal would."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    command += ["trainer/run.py", "--config", "configs/tiny_cpu.yaml", "--set", *args]
+    return subprocess.Popen(
+        command, cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def losses_by_step(run: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {
+        r["step"]: {k: v for k, v in r.items() if k.startswith(("loss/", "kd_div/"))}
+        for r in records
+        if "loss/largest" in r
+    }
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    from trainer.consolidate import consolidated_state_dict
+
+    return consolidated_state_dict(run / "checkpoints", latest_tag(run / "checkpoints"))[0]

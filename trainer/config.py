@@ -135,12 +135,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_config_or_exit(args: argparse.Namespace, *, notes: list[str] | None = None) -> RunConfig:
-    """Entry points call this: a config problem prints one clear line and exits with code 2."""
+def load_config_or_exit(
+    args: argparse.Namespace, *, notes: list[str] | None = None, print_error: bool = True
+) -> RunConfig:
+    """Entry points call this: a config problem prints one clear line (unless ``print_error`` is false: another
+    process prints it) and exits with code 2."""
     try:
         config = load_config(args.config, args.overrides, notes=notes)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        if print_error:
+            print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
     if getattr(args, "run_dir", None) is not None:
         config.run_dir = absolute(args.run_dir, Path.cwd())

@@ -132,7 +132,7 @@ class Trainer:
             run_config = to_mapping(self.config)
             sinks = build_sinks(self.config.log, self.run_dir, run_config=run_config, start_step=self.global_step)
         self.log = MetricsLogger(self.run_dir, enabled=self.env.is_main, sinks=sinks, **steps)
-        self.signals = StopSignals()  # USR1, TERM, INT (Ctrl-C): save at the next step boundary
+        self.signals = StopSignals()  # USR1, TERM, INT (Ctrl-C) and the like: save at the next step boundary
 
     # ------------------------------------------------------------------------------------------ state
     def _client_state(self) -> dict[str, Any]:
@@ -255,14 +255,14 @@ class Trainer:
                 self.log.print(merged.text())
                 self.log.log_record({"step": self.global_step, **merged.record()})
             problem = self.data.watch.problem()
-            stop, data_failed = agree(self.signals.received != 0, problem is not None)
+            stop, data_failed = agree(self.signals.requested, problem is not None)
             if data_failed:
                 self._stop_for_bad_data(problem)
             if stop:
                 saved = self.checkpointer.dir / self.save()
-                self.log.print(f"signal received: saved {saved}; rerun the same command to resume")
+                self.log.print(f"{self.signals.reason}: saved {saved}; rerun the same command to resume")
                 requeued = requeue_if_asked(self.env.is_main, self.log.print, self.log.close)
-                return {**results, "stopped_by_signal": True, "requeued": requeued}
+                return {**results, "stopped_by_signal": True, "requeued": requeued, "exit_code": self.signals.exit_code}
             if last or (epoch_end and self._eval_due(epoch)):
                 results["val"] = self.validate(epoch)
             if self.checkpointer.should_save(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import free_port, overrides, run_in_process
+from trainer_helpers import final_weights, free_port, launch, losses_by_step, overrides, run_in_process
 
 from data_pipeline import prepare as prep
 from trainer.config import load_config
@@ -121,42 +121,6 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(repo, digits, tmp_path, 
 
 
 # ---- real processes through the deepspeed launcher -----------------------------------------------------
-def launch(repo, args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "trainer/run.py",
-        "--config",
-        "configs/tiny_cpu.yaml",
-        "--set",
-        *args,
-    ]
-    return subprocess.Popen(
-        command, cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def losses_by_step(run: Path) -> dict[int, dict]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {
-        r["step"]: {k: v for k, v in r.items() if k.startswith(("loss/", "kd_div/"))}
-        for r in records
-        if "loss/largest" in r
-    }
-
-
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    from trainer.consolidate import consolidated_state_dict
-
-    return consolidated_state_dict(run / "checkpoints", latest_tag(run / "checkpoints"))[0]
-
-
 def test_kill_9_and_rerun_resumes_exactly(repo, digits, tmp_path):
     args = overrides(
         tmp_path / "x", digits, **{"optimizer.max_steps": 14, "checkpoint.every_steps": 4, "data.num_workers": 1}

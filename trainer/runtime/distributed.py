@@ -6,10 +6,13 @@ when an environment is half set (a common cause of silent hangs on clusters).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -151,14 +154,22 @@ def init_distributed(env: DistEnv, timeout_s: float) -> torch.device:
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(env.local_rank)
+    printed = io.StringIO()  # on CPU, DeepSpeed prints that it built its shared-memory all-reduce, once per rank
     try:
-        deepspeed.init_distributed(
-            dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
-        )
-    except RuntimeError as exc:  # torch's DistNetworkError is one
-        if "EADDRINUSE" not in str(exc) and "address already in use" not in str(exc).lower():
+        with contextlib.redirect_stdout(printed):
+            deepspeed.init_distributed(
+                dist_backend="nccl" if use_cuda else "gloo",
+                auto_mpi_discovery=False,
+                timeout=timedelta(seconds=timeout_s),
+            )
+    except BaseException as exc:
+        message = str(exc)
+        if not isinstance(exc, RuntimeError) or (
+            "EADDRINUSE" not in message and "address already in use" not in message.lower()
+        ):
+            sys.stdout.write(printed.getvalue())  # what it printed may explain the failure
             raise
-        raise DistributedEnvError(
+        raise DistributedEnvError(  # torch's DistNetworkError is a RuntimeError
             f"port {env.master_port} on {env.master_addr} is in use (another run on this machine?): give this run "
             "another, e.g. deepspeed --master_port 29600 ... (torchrun: --master-port; plain python: MASTER_PORT=)"
         ) from None
