@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import signal
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from data_pipeline.jpeg_region import UndecodableImage, decode_rgb
 from data_pipeline.manifest import has_manifest, split_entry
 from data_pipeline.shards import index_shards, split_shards
 from data_pipeline.transforms import eval_transform, seeded, train_decode_transform
-from data_pipeline.worker_start import worker_context
+from data_pipeline.worker_start import stay_unless_orphaned, worker_context
 
 _OPEN_SHARDS = 64
 """Shard descriptors a process keeps open (a split of 64 MB shards of ImageNet has about 2,200 shards)."""
@@ -125,13 +124,12 @@ def _to_batch(collated) -> Batch:
 
 def _init_worker(worker_id: int) -> None:
     """A data worker decodes one sample at a time: one torch thread, so workers and ranks share the cores.
-    It ignores SIGTERM and SIGUSR1, which SLURM sends to every process of a job step, and SIGINT, which Ctrl-C
-    sends to every process of the terminal's process group: its rank handles them (saves at the next step
-    boundary) and still needs its workers until then.  The workers end when their rank shuts the loader down, or
-    exits."""
+    It sets aside SIGTERM and SIGUSR1, which SLURM sends to every process of a job step, and SIGINT, which Ctrl-C
+    sends to the terminal's process group, while its parent lives: its rank handles them (saves at the next step boundary) and still needs its workers until then.
+    The workers end when their rank shuts the loader down, or exits; with no parent left, those signals end
+    them too (and under the fork server the kernel ends them with it, see :mod:`data_pipeline.worker_start`)."""
     torch.set_num_threads(1)
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(signum, signal.SIG_IGN)
+    stay_unless_orphaned(os.getppid())
 
 
 class _EpochBatches:
@@ -154,7 +152,7 @@ _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 def _close_all() -> None:
     """At exit, end idle workers before multiprocessing's own exit hook, which would terminate them (they
-    ignore SIGTERM, see ``_init_worker``) and then wait for them for ever.  Exit hooks run last-registered
+    set SIGTERM aside, see ``_init_worker``) and then wait for them for ever.  Exit hooks run last-registered
     first: this one is registered after torch (and so multiprocessing) was imported, so it runs before their
     hooks (after torch's, a DataLoader no longer shuts its workers down)."""
     for backend in list(_LIVE):

@@ -10,19 +10,58 @@ started by fork + exec, which runs no other thread, and forks each worker from i
 the dataset pickled.
 
 The server imports :mod:`data_pipeline._fork_server` first: torch and the backends (workers start with them
-loaded), and SIGTERM, SIGUSR1 and SIGINT ignored, as the workers do (``wds_backend._init_worker``): SLURM sends
-the first two to every process of a job step, Ctrl-C the third to every process of the terminal's group, and a
-rank still starts workers after them (it saves at the next step boundary).  It exits when the process that
-started it does.
+loaded), and the signals SLURM sends to every process of a job step (SIGTERM, SIGUSR1) and Ctrl-C's SIGINT set
+aside while the parent lives, as the workers do (``wds_backend._init_worker``): a rank still reads batches after them (it
+saves at the next step boundary).
+
+Neither outlives its parent.  Each asks the kernel for SIGKILL when its parent ends (``PR_SET_PDEATHSIG``:
+the fork server when the rank thread that started it ends, a worker when the fork server ends), then checks
+that the parent has not ended already (the race between the fork and that request); a SIGTERM, SIGUSR1 or SIGINT
+that finds the parent gone ends the process.  Without this, a rank killed with SIGKILL left both running for
+as long as the machine lived: each worker holds the fork server's "alive" pipe open, and a worker's
+DataLoader watchdog looks at the fork server, not at the rank.  Loaders are iterated by the main thread
+(the fork server starts with the first worker and dies with the thread that started it).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import multiprocessing.context
+import os
+import signal
 import sys
 
 PRELOAD = "data_pipeline._fork_server"
+PARENT_ENV = "DATA_PIPELINE_FORK_SERVER_PARENT"
+"""The pid of the process that starts the fork server, for the server's check that its parent still lives."""
+PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+"""What SLURM sends to every process of a job step, and Ctrl-C to every process of the terminal's group."""
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent (``parent``, a pid) ends; exit now if it has
+    ended already.  Linux only."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"prctl(PR_SET_PDEATHSIG): {os.strerror(error)}")
+    if os.getppid() != parent:  # ended before the request: no signal will come
+        os._exit(1)
+
+
+def stay_unless_orphaned(parent: int) -> None:
+    """SIGTERM, SIGUSR1 and SIGINT end this process only when ``parent`` is no longer its parent; otherwise they are
+    set aside (the parent, a rank or the fork server, handles them and ends this process when it is done)."""
+
+    def handler(signum, frame) -> None:
+        if os.getppid() != parent:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
 
 
 def worker_context() -> multiprocessing.context.BaseContext | None:
@@ -30,6 +69,7 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
     there is no fork server)."""
     if sys.platform != "linux":
         return None
+    os.environ[PARENT_ENV] = str(os.getpid())  # read by the fork server this process starts
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([PRELOAD])  # read when the server starts: the first worker of the process
     return context

@@ -169,13 +169,17 @@ class Trainer:
         """Every rank raises the same DataError (all ranks are here, so gathering the messages is safe)."""
         raise bad_data(problem, world=self.world, step=self.global_step, checkpointer=self.checkpointer)
 
-    def _check_data_before_commit(self) -> None:
-        """Wait for the background hashes (data.verify: background) and stop if any rank found bad data."""
+    def _check_data_before_commit(self) -> bool:
+        """Wait for the background hashes (data.verify: background) and stop if any rank found bad data.  False
+        when a stop signal ended the wait on some rank: the data was never checked, so nothing may be committed."""
         if self.data.watch.hashing and self.env.is_main:
             self.log.print("waiting for the data check (sha256 of every data file) before committing a checkpoint")
-        problem = self.data.watch.problem(wait=True)
-        if agree(problem is not None)[0]:
+        finished = self.data.watch.wait(stop=lambda: self.signals.received != 0)
+        problem = self.data.watch.problem()
+        interrupted, failed = agree(not finished, problem is not None)
+        if failed:
             self._stop_for_bad_data(problem)
+        return not interrupted
 
     # ------------------------------------------------------------------------------------------ steps
     def set_lr(self, step: int) -> float:
@@ -268,7 +272,13 @@ class Trainer:
             if self.checkpointer.should_save(
                 self.global_step, last=last, epoch_end=epoch_end, healthy=self.bad_steps == 0
             ):
-                self._check_data_before_commit()
+                if not self._check_data_before_commit():
+                    self.log.print(
+                        "signal received while waiting for the data check: stopped without committing a checkpoint "
+                        "(its data was never checked); rerun the same command to resume from the last one"
+                    )
+                    requeued = requeue_if_asked(self.env.is_main, self.log.print, self.log.close)
+                    return {**results, "stopped_by_signal": True, "requeued": requeued}
                 self.save()
             if last:
                 if (folder := self.task.finish(self.env.is_main)) is not None:  # e.g. a one-network run's RUN/final

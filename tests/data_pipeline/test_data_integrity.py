@@ -49,8 +49,10 @@ def victim(root: Path, fmt: str) -> Path:
 
 @pytest.mark.parametrize("fmt", ["webdataset", "ffcv"])
 def test_the_background_hash_finds_a_same_size_change(digits, fmt):
-    entries = split_files(digits, ["train", "val"])
-    assert {e["name"] for e in entries} >= {"train.beton", "val.beton"}
+    entries = split_files(digits, ["train", "val"], fmt)
+    assert {e["name"] for e in entries} >= (
+        {"train.beton", "val.beton"} if fmt == "ffcv" else {victim(digits, fmt).name}
+    )
     assert DataWatch(digits, entries, hash_files=True).problem(wait=True) is None
     bad = victim(digits, fmt)
     flip_middle(bad)
@@ -61,15 +63,117 @@ def test_the_background_hash_finds_a_same_size_change(digits, fmt):
 
 
 def test_a_file_changed_or_removed_during_the_run_is_noticed(digits):
-    entries = split_files(digits, ["train"])
+    entries = split_files(digits, ["train"], "webdataset")
     watch = DataWatch(digits, entries, hash_files=False)
     shard = victim(digits, "webdataset")
     shard.write_bytes(shard.read_bytes()[:1000])
     assert f"{shard} changed during the run" in watch.problem()
     (digits / "train.beton").unlink()
-    watch = DataWatch(digits, split_files(digits, ["train"]), hash_files=False)
+    watch = DataWatch(digits, split_files(digits, ["train"], "webdataset"), hash_files=False)
     shard.unlink()
     assert f"{shard} was removed" in watch.problem()
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "ffcv"])
+def test_the_check_reads_only_the_format_the_run_reads(repo, digits, tmp_path, fmt):
+    """A WebDataset run never reads the .beton files (nor an FFCV run the shards): one missing or changed is
+    none of its business (issue 37 item 8: a WebDataset run stopped because an unused .beton was missing)."""
+    from trainer.runtime.data import build_run_data
+
+    unused = ["train.beton", "val.beton"] if fmt == "webdataset" else [p.name for p in digits.glob("*.tar")]
+    for name in unused:
+        (digits / name).unlink()
+    config = load_config(repo / "configs/tiny_cpu.yaml", overrides(tmp_path / "run", digits, **{"data.format": fmt}))
+    watch = build_run_data(config, rank=0, world=1, local_rank=0).watch
+    assert watch.problem(wait=True) is None
+    assert watch.entries and not {e["name"] for e in watch.entries} & set(unused)
+
+
+@pytest.mark.parametrize("name", ["/dev/zero", "../outside.tar", "fifo", "folder"])
+def test_the_check_refuses_names_that_are_not_regular_files_in_the_folder(digits, name):
+    """A manifest name is a plain name of a regular file inside the data folder: ``/dev/zero`` (or a FIFO) would
+    keep the hash, and the run waiting on it, busy for ever; the name is refused at once, naming the manifest."""
+    os.mkfifo(digits / "fifo")
+    (digits / "folder").mkdir()
+    entries = [{"name": name, "size": 1, "sha256": "0" * 64}]
+    with pytest.raises(DataError, match=rf"manifest\.json names .*{name.lstrip('./')}") as info:
+        DataWatch(digits, entries, hash_files=True)
+    assert "\n" not in str(info.value)
+
+
+class BlockedHash:
+    """A stand-in for ``hashlib.sha256`` whose ``update`` blocks until ``release`` (or 30 s, once): a data check
+    that does not finish, and then gives a wrong digest."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+
+    def __call__(self, *args):
+        blocked = self
+
+        class Digest:
+            def update(self, data) -> None:
+                if not blocked.release.wait(30):
+                    blocked.release.set()  # a check that never ends would keep a test of the old code for ever
+
+            def hexdigest(self) -> str:
+                return "blocked"
+
+        return Digest()
+
+
+def test_the_wait_for_the_check_is_bounded(digits, monkeypatch):
+    blocked = BlockedHash()
+    monkeypatch.setattr("hashlib.sha256", blocked)
+    try:
+        watch = DataWatch(digits, split_files(digits, ["train"], "webdataset"), hash_files=True, stall_s=0.5)
+        start = time.monotonic()
+        assert watch.wait(stop=lambda: False)
+        assert time.monotonic() - start < 5
+        assert "the data check read nothing from" in watch.problem()
+        stopped = DataWatch(digits, split_files(digits, ["train"], "webdataset"), hash_files=True)
+        assert not stopped.wait(stop=lambda: True) and stopped.hashing
+    finally:
+        blocked.release.set()
+
+
+def test_a_stop_signal_ends_the_wait_for_the_data_check(repo, digits, tmp_path, single_rank, monkeypatch):
+    """SIGTERM while the run waits for the data check before its first checkpoint: the run stops at once
+    (issue 37 item 8: it waited for ever), committing nothing, since that data was never checked."""
+    import threading
+
+    from trainer.loop import Trainer
+
+    blocked = BlockedHash()
+    monkeypatch.setattr("hashlib.sha256", blocked)
+    run = tmp_path / "run"
+    args = overrides(run, digits, **{"checkpoint.every_steps": 1, "optimizer.max_steps": 3})
+    trainer = Trainer(load_config(repo / "configs/tiny_cpu.yaml", args))
+    sent: list[float] = []
+
+    def terminate_once_waiting() -> None:
+        deadline = time.monotonic() + 60
+        while trainer.global_step < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # inside the wait by now
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_once_waiting, daemon=True)
+    try:
+        killer.start()
+        results = trainer.train()
+        stopped = time.monotonic()
+        killer.join()
+    finally:
+        trainer.close(failed=True)
+        blocked.release.set()
+    assert results["stopped_by_signal"] and results["global_step"] == 1
+    assert stopped - sent[0] < 5
+    assert committed_tags(run / "checkpoints") == []
+    assert "stopped without committing a checkpoint" in (run / "console.log").read_text()
 
 
 def test_a_corrupt_beton_stops_the_run_before_any_checkpoint(repo, digits, tmp_path, single_rank):

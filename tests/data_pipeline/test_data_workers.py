@@ -3,10 +3,12 @@ CHW decode and raw pixels, the fork server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -210,12 +212,97 @@ def test_webdataset_workers_are_forked_by_the_fork_server(digits):
     parents = {int(Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for w in workers}
     assert len(workers) == 2 and os.getpid() not in parents and len(parents) == 1
     (server,) = parents
-    ignored = int(
-        next(
-            line for line in Path(f"/proc/{server}/status").read_text().splitlines() if line.startswith("SigIgn:")
-        ).split()[1],
-        16,
-    )
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        assert ignored >> (sig - 1) & 1, f"the fork server does not ignore {sig.name}"
+    for pid in (server, *(w.pid for w in workers)):  # set aside while the parent lives, not ignored
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            assert signal_mask(pid, "SigCgt") >> (sig - 1) & 1, f"{pid} does not handle {sig.name}"
+            assert not signal_mask(pid, "SigIgn") >> (sig - 1) & 1, f"{pid} ignores {sig.name}"
+    os.kill(server, signal.SIGTERM)  # SLURM's signal to the whole step: the rank still reads batches after it
+    os.kill(workers[0].pid, signal.SIGTERM)
+    assert sum(len(b) for b in loader) == 300
     loader.close()
+
+
+def signal_mask(pid: int, field: str) -> int:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith(f"{field}:")).split()[1], 16)
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_data_workers_die_with_their_rank(digits, sig):
+    """A rank killed (SIGKILL; or SIGTERM before it handles signals, e.g. while the teacher-logit cache is built)
+    takes its fork server and workers with it (issue 37 item 6: they ran on, re-parented to init, holding
+    their shards open, for as long as the machine lived)."""
+    code = (
+        "import sys, time; from pathlib import Path; "
+        "from data_pipeline import DataConfig, build_loader; "
+        "c = DataConfig(root=Path(sys.argv[1]), batch_size=16, num_workers=2, eval_resize=36); "
+        "it = iter(build_loader(c, 'val', train=False)); next(it); "
+        "print('ready', flush=True); time.sleep(600)"
+    )
+    rank = subprocess.Popen(
+        [sys.executable, "-c", code, str(digits)], stdout=subprocess.PIPE, text=True, env=child_env()
+    )
+    helpers: list[int] = []
+    try:
+        assert rank.stdout.readline().strip() == "ready"
+        servers = [p for p in _children(rank.pid) if len(_children(p)) == 2]
+        assert len(servers) == 1, "no fork server with two workers"
+        helpers = [servers[0], *_children(servers[0])]
+        rank.send_signal(sig)
+        rank.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in helpers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in helpers if alive(pid)], "helpers outlived their rank"
+    finally:
+        for pid in [rank.pid, *helpers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        rank.wait(timeout=30)
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid``."""
+    return [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and alive(int(p.name)) and _parent_of(int(p.name)) == pid
+    ]
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return None
+
+
+def test_an_orphaned_helper_ends_on_sigterm():
+    """``stay_unless_orphaned``: SIGTERM is set aside while the recorded parent is the parent, and ends the
+    process once it is not (an orphan)."""
+    code = (
+        "import os, sys, time; from data_pipeline.worker_start import stay_unless_orphaned; "
+        "stay_unless_orphaned(int(sys.argv[1]) or os.getppid()); print('ready', flush=True); time.sleep(60)"
+    )
+    for recorded, ends in ((0, False), (1, True)):  # 1: a parent that is not ours, as for an orphan
+        helper = subprocess.Popen(
+            [sys.executable, "-c", code, str(recorded)], stdout=subprocess.PIPE, text=True, env=child_env()
+        )
+        try:
+            assert helper.stdout.readline().strip() == "ready"
+            helper.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                helper.wait(timeout=3)
+            assert (helper.returncode == -signal.SIGTERM) if ends else helper.returncode is None
+        finally:
+            helper.kill()
+            helper.wait(timeout=30)

@@ -253,6 +253,30 @@ def test_a_locally_shared_run_decides_every_layer_and_resumes_bit_identically(
         )
 
 
+def test_a_resume_that_re_times_the_schedule_skips_no_layer(repo, digits_shards, tmp_path, single_rank):
+    """Twice the gradient accumulation halves the steps per epoch, and so the schedule's steps: resumed at step 6
+    (layers 0-3 decided) the new timing has decided 0-4 by then, and layer 4 would never be (issue 37 item 7).
+    Refused in one line naming the key; a re-timing that agrees with what is decided (here, in warm-up) is
+    accepted, and every layer is then decided, one after another."""
+    retimed = {"optimizer.gradient_accumulation_steps": 2}
+    run = tmp_path / "run"
+    run_in_process(repo, local_overrides(run, digits_shards, **{"optimizer.max_steps": 6}))
+    with pytest.raises(
+        ConfigError, match=r"resumed at step 6 with layers \[0, 1, 2, 3\] decided.*\[0, 1, 2, 3, 4\]"
+    ) as info:
+        run_in_process(repo, local_overrides(run, digits_shards, **retimed), allow_config_change=True)
+    assert info.value.key == "optimizer.gradient_accumulation_steps" and "\n" not in str(info.value)
+
+    early = tmp_path / "early"
+    run_in_process(repo, local_overrides(early, digits_shards, **{"optimizer.max_steps": 1}))
+    trainer, _ = run_in_process(repo, local_overrides(early, digits_shards, **retimed), allow_config_change=True)
+    assert trainer.resumed_from == "step000000001"
+    blocks = len(trainer.module.blocks)
+    assert sorted(trainer.task.sharing.local.assignment.decided) == list(range(blocks))
+    decided = [int(m["local/layer_decided"]) for m in metrics(early).values() if "local/layer_decided" in m]
+    assert decided == list(range(blocks))
+
+
 @pytest.mark.parametrize(
     ("setting", "key"),
     [

@@ -215,6 +215,45 @@ def test_finetune_inherits_the_supernet_and_transfers_to_new_classes(repo, digit
         run_in_process(repo, [*args, "task.new_classifier=false", f"run_dir={tmp_path / 'x'}"], recipe=FINETUNE)
 
 
+def test_a_run_teacher_stays_the_one_the_run_started_with(repo, digits_shards, tmp_path, single_rank):
+    """A ``{run: ..., arch: ...}`` teacher is the source run's weights with BatchNorm recalibrated on
+    ``eval.calib_batches`` batches; resumed with another (operational) value, or after the source run trained
+    on, it is still the teacher the run started with (issue 37 item 4: 147 of 343 entries differed), which
+    ``RUN/teacher`` keeps with what produced it."""
+    supernet_run = tmp_path / "supernet"
+    run_in_process(repo, overrides(supernet_run, digits_shards, **{"optimizer.max_steps": 2}))
+    tune = {
+        "task.student.export": "null",
+        "task.student.arch": "smallest",
+        "task.teacher.run": supernet_run,
+        "optimizer.max_steps": 2,
+        "eval.every_epochs": 0,
+        "eval.calib_batches": 2,
+    }
+    run = tmp_path / "tuned"
+    first, _ = run_in_process(repo, overrides(run, digits_shards, **tune), recipe=FINETUNE)
+    started = {k: v.clone() for k, v in first.task.teacher.module.state_dict().items()}
+
+    resumed = {**tune, "eval.calib_batches": 4, "optimizer.max_steps": 3}
+    for step in (3, 4):
+        if step == 4:
+            run_in_process(repo, overrides(supernet_run, digits_shards, **{"optimizer.max_steps": 3}))  # trains on
+        later, _ = run_in_process(
+            repo, overrides(run, digits_shards, **{**resumed, "optimizer.max_steps": step}), recipe=FINETUNE
+        )
+        assert later.resumed_from == f"step00000000{step - 1}"
+        now = later.task.teacher.module.state_dict()
+        assert now.keys() == started.keys()
+        assert [k for k, v in started.items() if not torch.equal(now[k], v)] == []
+        assert any("as this run first built it" in note for note in later.notes)
+    pinned = yaml.safe_load((run / "teacher" / "arch.yaml").read_text())["pinned_teacher"]
+    assert pinned["calib_batches"] == 2 and pinned["checkpoint"] == "step000000002"
+
+    fresh, _ = run_in_process(repo, overrides(tmp_path / "fresh", digits_shards, **resumed), recipe=FINETUNE)
+    other = fresh.task.teacher.module.state_dict()
+    assert any(not torch.equal(other[k], v) for k, v in started.items())  # what rebuilding it would have given
+
+
 @pytest.mark.parametrize(
     "name", ["finetune_alphanet_imagenet", "transfer_alphanet", "distill_mobilenetv3_imagenet", "tiny_distill_cpu"]
 )

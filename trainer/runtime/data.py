@@ -58,7 +58,7 @@ def build_run_data(config, *, rank: int, world: int, local_rank: int) -> RunData
             )
     watch = DataWatch(
         data.root,
-        split_files(data.root, [data.train_split, data.val_split]),
+        split_files(data.root, [data.train_split, data.val_split], data.format),
         hash_files=data.verify == "background" and local_rank == 0,
     )
     total = tc.epochs * steps_per_epoch

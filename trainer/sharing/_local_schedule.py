@@ -351,8 +351,25 @@ class LocalSharing:
         checkpoint's client state, where consolidation also reads it: see :meth:`load_state_dict`."""
         return {"meta": {k: v.detach().clone() for k, v in self.meta.state_dict().items()}}
 
-    def load_state_dict(self, state: dict, assignment: dict) -> None:
-        """``state`` from :meth:`state_dict`, ``assignment`` from ``LocalAssignment.to_dict``."""
+    def decided_by(self, step: int) -> list[int]:
+        """The layers this schedule has decided once optimizer step ``step`` is done (see :meth:`after_step`)."""
+        return list(range(min(self.num_blocks, max(0, (step - self.warmup_steps) // self.layer_steps))))
+
+    def load_state_dict(self, state: dict, assignment: dict, *, step: int | None = None) -> None:
+        """``state`` from :meth:`state_dict`, ``assignment`` from ``LocalAssignment.to_dict``; ``step``: the
+        optimizer steps done, at which the decided layers must be those this schedule decides by then.  A resume
+        that re-times the schedule (other steps per epoch: ``optimizer.gradient_accumulation_steps``,
+        ``data.batch_size``, the world size) would otherwise skip the layers it places before ``step`` and
+        never decided, or decide again one it places after: a ConfigError, which the run reports in one line."""
         self.assignment = LocalAssignment.from_dict(self.space, assignment)
         self.supernet.assignment = self.assignment
         self.meta.load_state_dict(state["meta"])
+        decided, due = sorted(self.assignment.decided), self.decided_by(step) if step is not None else None
+        if due is not None and decided != due:
+            raise ConfigError(
+                f"local sharing resumed at step {step} with layers {decided} decided, but this run's schedule "
+                f"({self.warmup_steps} warm-up steps, {self.layer_steps} per layer) has decided {due} by then: "
+                "the steps per epoch changed (optimizer.gradient_accumulation_steps, data.batch_size or the world "
+                "size), which would skip layers; resume with the values the run was started with",
+                key="optimizer.gradient_accumulation_steps",
+            )

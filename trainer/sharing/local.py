@@ -77,4 +77,5 @@ class LocalSharingRule(Sharing):
         return {"local_sharing": self.local.state_dict()}
 
     def load_state(self, client, rank):
-        self.local.load_state_dict(rank["local_sharing"], client["local_sharing"])
+        step = client.get("global_step")
+        self.local.load_state_dict(rank["local_sharing"], client["local_sharing"], step=step)

@@ -7,6 +7,7 @@ fixed teacher, its logit cache and the step.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -15,13 +16,17 @@ from torch import nn
 
 from data_pipeline import build_loader
 from losses import build_kd_loss, build_label_loss
+from models import load_subnet, save_subnet
+from models.export import ARCH, WEIGHTS
 from trainer.config_keys import RESOLVED_CONFIG_NAME, config_hash
 from trainer.runtime.evaluate import accuracy_counts, collect_calibration, gathered, percentages
+from trainer.runtime.ranks import agree
+from trainer.state.checkpoint import latest_tag
 from trainer.tasks import TASKS, RunContext, Task
 from trainer.tasks.one_network.config import NetworkSource, OneNetworkConfig
 from trainer.tasks.one_network.distill import FixedTeacher, StandaloneStep, teacher_logit_cache, weights_fingerprint
 from trainer.tasks.one_network.networks import FINAL_DIR, Network, load_network, replace_classifier, save_network
-from typedconfig import ConfigError, to_mapping
+from typedconfig import ConfigError, load_yaml, to_mapping
 
 
 def _train_ready(module: nn.Module, dropout: float) -> nn.Module:
@@ -35,10 +40,56 @@ def _train_ready(module: nn.Module, dropout: float) -> nn.Module:
     return module.train()
 
 
-def build_student_and_teacher(config, *, rank: int, world: int, device):
+PINNED_TEACHER_DIR = "teacher"
+"""``RUN/teacher``: the teacher a ``{run: ..., arch: ...}`` source gave at the run's first start (an export folder:
+``arch.yaml``, which records what produced it, + ``model.safetensors``)."""
+
+
+def _pinned_teacher(config, load, *, rank: int, device, notes: list[str]) -> Network:
+    """The teacher of a ``{run: ..., arch: ...}`` source, fixed for the life of the run folder.
+
+    Such a teacher is the source run's newest checkpoint with BatchNorm recalibrated on ``eval.calib_batches``
+    training batches of this run: rebuilt at every start, it changed when that operational key changed on resume
+    (issue 37 item 4), or when the source run had trained on.  So the first start saves it into ``RUN/teacher``
+    with what produced it; later starts load it while ``task.teacher`` is unchanged (an allowed change of
+    ``task.teacher`` builds and saves a new one), and check its weights against the recorded hash."""
+    source, folder = config.task.teacher, Path(config.run_dir) / PINNED_TEACHER_DIR
+    identity = json.dumps(to_mapping(source), sort_keys=True)
+    recorded = {}
+    if (folder / ARCH).is_file() and (folder / WEIGHTS).is_file():
+        recorded = load_yaml(folder / ARCH).get("pinned_teacher")
+        recorded = recorded if isinstance(recorded, dict) else {}
+    # every rank reuses it or none does: the rebuild's calibration is collective
+    reuse = not agree(recorded.get("source") != identity)[0]
+    if reuse:
+        module = load_subnet(folder).to(device)
+        if weights_fingerprint(module) != recorded.get("weights"):
+            raise ConfigError(
+                f"the teacher's weights in {folder / WEIGHTS} are not those recorded in {folder / ARCH}: remove "
+                f"{folder} to rebuild the teacher from {source.describe()}"
+            )
+        notes.append(
+            f"teacher: {source.describe()} as this run first built it ({folder}: BatchNorm recalibrated on "
+            f"{recorded.get('calib_batches')} batches, from checkpoint weights {recorded.get('checkpoint')})"
+        )
+        return Network(module, module.arch.resolution, source.describe())
+    network = load(source)
+    if rank == 0:
+        pinned = {
+            "source": identity,
+            "calib_batches": config.eval.calib_batches,
+            "checkpoint": latest_tag(Path(source.run) / "checkpoints"),
+            "weights": weights_fingerprint(network.module),
+        }
+        save_subnet(network.module, folder, extra={"pinned_teacher": pinned})
+    return network
+
+
+def build_student_and_teacher(config, *, rank: int, world: int, device, notes: list[str] | None = None):
     """(student :class:`Network`, :class:`FixedTeacher` or None) of a run config whose task is ``one_network``;
     BatchNorm of networks taken from a supernet run is recalibrated on ``eval.calib_batches`` training
-    batches (loaded once, shared by both)."""
+    batches (loaded once, shared by both).  Such a teacher is built once per run folder and then reused (see
+    :func:`_pinned_teacher`); ``notes`` receives a line saying so."""
     standalone, data, model = config.task, config.data, config.model
     batches: list[torch.Tensor] = []
 
@@ -64,7 +115,11 @@ def build_student_and_teacher(config, *, rank: int, world: int, device):
     student.module = _train_ready(student.module, model.dropout)
     teacher = None
     if standalone.teacher is not None:
-        teacher = FixedTeacher(load(standalone.teacher))
+        if standalone.teacher.run is not None:
+            network = _pinned_teacher(config, load, rank=rank, device=device, notes=[] if notes is None else notes)
+        else:
+            network = load(standalone.teacher)
+        teacher = FixedTeacher(network)
         if teacher.network.num_classes != model.num_classes:
             raise ConfigError(
                 f"the teacher ({teacher.network.description}) has {teacher.network.num_classes} outputs, the student "
@@ -81,7 +136,9 @@ class OneNetworkTask(Task):
 
     def __init__(self, config, *, rank: int, world: int, device: torch.device):
         super().__init__(config, rank=rank, world=world, device=device)
-        self.student, self.teacher = build_student_and_teacher(config, rank=rank, world=world, device=device)
+        self.student, self.teacher = build_student_and_teacher(
+            config, rank=rank, world=world, device=device, notes=self.notes
+        )
         self.trained = self.student.module
 
     @staticmethod
