@@ -63,32 +63,32 @@ class Sample:
     image: Image.Image | None = None
 
     def jpeg_bytes(self, quality: int, max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
-        """Original bytes of a JPEG file (its header checked against ``max_pixels``, nothing decoded); anything
-        else is encoded as JPEG."""
+        """Original bytes of a JPEG file, once the size its header declares passed ``max_pixels`` (nothing is
+        decoded: a file without a frame header is stored as it is, and the loader skips it); anything else is
+        encoded as JPEG."""
         if self.path is not None and self.path.suffix.lower() in (".jpg", ".jpeg"):
-            return self._checked_bytes(max_pixels)
+            data = self.path.read_bytes()
+            if not data:
+                raise ValueError("empty file")
+            size = declared_jpeg_size(data)
+            if size is not None:
+                check_pixels(*size, max_pixels)
+            return data
         buffer = io.BytesIO()
         self.load(max_pixels).save(buffer, format="JPEG", quality=quality)
         return buffer.getvalue()
 
-    def _checked_bytes(self, max_pixels: int) -> bytes:
-        """The file's bytes, once the size its header declares passed ``max_pixels`` (read by our JPEG
-        header walk, or PIL's header parser for other formats: before PIL's own, larger, bomb check)."""
-        data = self.path.read_bytes()
-        if not data:
-            raise ValueError("empty file")
-        size = declared_jpeg_size(data)
-        if size is None:
-            with Image.open(io.BytesIO(data)) as img:  # reads the header only
-                size = img.size[::-1]
-        check_pixels(*size, max_pixels)
-        return data
-
     def load(self, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-        """The image as 8-bit RGB; a file is decoded only once its header's size passed ``max_pixels``."""
+        """The image as 8-bit RGB, decoded only once the size its header declares passed ``max_pixels`` (read
+        by our JPEG header walk, before PIL's own, larger, bomb check; PIL's header parser for other formats)."""
         if self.image is not None:
             return self.image
-        with Image.open(io.BytesIO(self._checked_bytes(max_pixels))) as img:
+        data = self.path.read_bytes()
+        size = declared_jpeg_size(data)
+        if size is not None:
+            check_pixels(*size, max_pixels)
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            check_pixels(*img.size[::-1], max_pixels)
             return to_rgb8(img)
 
     def where(self) -> str:

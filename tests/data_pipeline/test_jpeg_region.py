@@ -267,6 +267,12 @@ def test_a_header_declaring_too_many_pixels_is_refused_before_decoding(progressi
             with pytest.raises(OversizedImage, match=f"declares {side}x{side} pixels"):
                 decode()
         assert region_into(jpeg.numpy(), scratch, 0, 0, 16, 16, MAX_IMAGE_PIXELS) == -5  # FFCV's path
+        # Bytes that are no marker before the frame header: libjpeg skips them with a warning (so the region
+        # decoder hands the file to the full decoder), and so does the header walk.
+        junk = torch.frombuffer(bytearray(raw[:2] + b"junk" + raw[2:]), dtype=torch.uint8)
+        assert image_size(junk) is None and declared_size(junk) == (side, side)
+        with pytest.raises(OversizedImage):
+            DecodeResizedCrop(crop)(junk)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 * 1024  # KiB: nothing decoded
     # The bound is the caller's (data.max_image_pixels): an ordinary image over a lower bound is refused too.
     small = encode(photo(40, 50, noise=False))

@@ -351,3 +351,52 @@ def test_a_batch_size_change_accepted_on_resume_is_one_line_naming_the_file(repo
     message = str(info.value)
     assert str(run / "checkpoints" / "step000000002" / "trainer_rank0.pt") in message and "\n" not in message
     assert "data.batch_size 16, this run has 8; resume with the checkpoint's value" in message
+
+
+@pytest.mark.parametrize("case", ["not_safetensors", "vit_h_14_beside_resnet18"])
+def test_a_crafted_export_stops_the_trainer_in_one_line(repo, digits_shards, tmp_path, case):
+    """The entry point's side of the export checks above: exit 2, the file named, no traceback."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    from models import save_subnet
+    from models.mbconv.static import StaticSubnet
+
+    folder = tmp_path / "export"
+    if case == "not_safetensors":
+        space = load_search_space("tiny")
+        save_subnet(StaticSubnet(space, space.smallest(), num_classes=10), folder)
+        (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+        fragment = "is not a readable safetensors file"
+    else:
+        folder.mkdir()
+        (folder / "torchvision.yaml").write_text("torchvision: vit_h_14\nnum_classes: 10\n")
+        resnet18 = torchvision.models.get_model("resnet18", weights=None, num_classes=10)
+        save_file(resnet18.state_dict(), str(folder / "model.safetensors"))
+        fragment = "does not fit torchvision vit_h_14"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    command = [
+        sys.executable,
+        "trainer/run.py",
+        "--config",
+        "configs/tiny_cpu.yaml",
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
+    sets = [
+        f"data.root={digits_shards}",
+        "data.num_workers=0",
+        "task.name=one_network",
+        f"task.student.export={folder}",
+    ]
+    out = subprocess.run(
+        [*command, "--set", *sets],
+        cwd=repo,
+        env={**env, "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+    assert fragment in line and str(folder / "model.safetensors") in line
