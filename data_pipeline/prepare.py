@@ -298,7 +298,7 @@ def write_ffcv(
             return len(good)
 
         def __getitem__(self, i: int):
-            return good[i].load(), good[i].label
+            return good[i].load(max_pixels), good[i].label
 
     final = out / f"{split}.beton"
     fields = {

@@ -83,7 +83,8 @@ class FlopsConstrainedSampler:
         return self.lo <= self.mflops(arch) <= self.hi
 
     def draw(self, make: Callable[[], Arch], seen: set[str]) -> Arch:
-        for _ in range(self.max_tries if self.pool is None else min(self.max_tries, POOL_TRIES)):
+        tries = self.max_tries if self.pool is None else min(self.max_tries, POOL_TRIES)
+        for _ in range(tries):
             arch = make()
             if self.ok(arch) and arch_key(arch) not in seen:
                 seen.add(arch_key(arch))
@@ -94,7 +95,7 @@ class FlopsConstrainedSampler:
             seen.add(arch_key(arch))
             return arch
         raise SpaceExhausted(
-            f"no new architecture within [{self.lo}, {self.hi}] MFLOPs after {self.max_tries} draws "
+            f"no new architecture within [{self.lo}, {self.hi}] MFLOPs after {tries} draws "
             f"({len(seen)} drawn so far); widen the range (search.min_mflops, search.max_mflops) or ask for fewer "
             "(search.population, search.crossovers, search.mutations, search.iterations)"
         )
