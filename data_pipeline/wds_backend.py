@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from data_pipeline.batch import Batch
-from data_pipeline.config import DataConfig
+from data_pipeline.config import MAX_IMAGE_PIXELS, DataConfig
 from data_pipeline.jpeg_region import UndecodableImage, decode_rgb
 from data_pipeline.manifest import has_manifest, split_entry
 from data_pipeline.shards import index_shards, split_shards
@@ -39,7 +39,7 @@ _OPEN_SHARDS = 64
 class _Samples(Dataset):
     """Item = (sample index, augmentation seed, valid) → (image, label, valid, index) or a skip record."""
 
-    def __init__(self, refs, transform, train: bool, max_pixels: int):
+    def __init__(self, refs, transform, train: bool, max_pixels: int = MAX_IMAGE_PIXELS):
         self.refs = refs
         self.transform = transform
         self.train = train
