@@ -105,6 +105,7 @@ def single_thread_costs(folder, refs, beton: Path, count: int) -> dict[str, floa
 
     from data_pipeline import DataConfig
     from data_pipeline.bicubic import resize_into_chw
+    from data_pipeline.config import MAX_IMAGE_PIXELS
     from data_pipeline.ffcv_backend import _seeded_crop_and_flip
     from data_pipeline.jpeg_region import decode_region, decode_region_into, image_size
     from data_pipeline.shards import read_bytes
@@ -141,7 +142,7 @@ def single_thread_costs(folder, refs, beton: Path, count: int) -> dict[str, floa
         ffcv_crops[i] = crop(height, width, 0.08, 1.0, np.log(3 / 4), np.log(4 / 3), i)
 
     def region(i, y, x, h, w):  # the crop's pixels, as the pipeline decodes them
-        region_into(jpegs[i][2], scratch, y, x, h, w)
+        region_into(jpegs[i][2], scratch, y, x, h, w, MAX_IMAGE_PIXELS)
         return scratch[: h * w * 3].reshape(h, w, 3)
 
     def ffcv_decode(i):

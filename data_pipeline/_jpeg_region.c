@@ -29,6 +29,7 @@
 #define REGION_BAD_RECTANGLE -2
 #define REGION_SMALL_BUFFER -3
 #define REGION_WARNING -4
+#define REGION_TOO_LARGE -5
 
 struct guarded_error {
     struct jpeg_error_mgr pub;
@@ -86,9 +87,12 @@ uint64_t jpeg_region_buffer_bytes(int32_t height, int32_t width, int32_t image_w
 /* RGB pixels of rows [top, top + height) and columns [left, left + width) into `out`, packed (height, width,
  * 3).  `capacity` is out's size in bytes, at least jpeg_region_buffer_bytes(height, width, image width).
  * `fast_dct`: libjpeg's fast integer inverse DCT (what TurboJPEG's TJFLAG_FASTDCT and so FFCV's decoder use)
- * instead of the accurate one (torchvision's decode_jpeg, PIL). */
+ * instead of the accurate one (torchvision's decode_jpeg, PIL).  A header that declares more than
+ * `max_pixels` pixels is refused (REGION_TOO_LARGE) before anything is decoded: libjpeg sizes its buffers by
+ * the declared image (a progressive file's coefficients: about 2 bytes per pixel and component), not by the
+ * file, so a few kilobytes could otherwise make it allocate gigabytes. */
 int jpeg_region_decode(const uint8_t *data, uint64_t length, uint8_t *out, uint64_t capacity, int32_t top,
-                       int32_t left, int32_t height, int32_t width, int32_t fast_dct) {
+                       int32_t left, int32_t height, int32_t width, int32_t fast_dct, uint64_t max_pixels) {
     struct jpeg_decompress_struct cinfo;
     struct guarded_error err;
     guard(&cinfo, &err);
@@ -100,6 +104,10 @@ int jpeg_region_decode(const uint8_t *data, uint64_t length, uint8_t *out, uint6
     cinfo.out_color_space = JCS_RGB;
     cinfo.dct_method = fast_dct ? JDCT_IFAST : JDCT_ISLOW;
     cinfo.do_fancy_upsampling = TRUE;
+    if ((uint64_t)cinfo.image_height * (uint64_t)cinfo.image_width > max_pixels) {
+        jpeg_destroy_decompress(&cinfo);
+        return REGION_TOO_LARGE;
+    }
     int32_t image_height = (int32_t)cinfo.image_height, image_width = (int32_t)cinfo.image_width;
     if (top < 0 || left < 0 || height <= 0 || width <= 0 || top > image_height - height ||
         left > image_width - width) {

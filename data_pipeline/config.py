@@ -8,6 +8,10 @@ from typing import Annotated, Literal
 
 from typedconfig import Range, check_ranges
 
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""Default bound on the pixels an image's header may declare (64 Mpx: 192 MiB of RGB once decoded); a JPEG
+decoder sizes its buffers by the header, not by the file, so a few kilobytes can otherwise ask for gigabytes."""
+
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
@@ -34,6 +38,9 @@ class DataConfig:
     implementation, mean-colour fill); ``imagenet`` is torchvision's ImageNet policy (fill 0)."""
     eval_resize: Annotated[int, Range(ge=8)] = 36
     """Eval transform: resize the short side to this (bicubic), then centre-crop ``base_resolution``."""
+    max_image_pixels: Annotated[int, Range(ge=1)] = MAX_IMAGE_PIXELS
+    """Images whose header declares more pixels (height × width) than this are skipped, not decoded (and
+    reported with the epoch's skipped samples); ``prepare --max-image-pixels`` applies the same bound."""
     verify: Literal["background", "start", "never"] = "background"
     """Check every data file's sha256 against the manifest (sizes are always checked at start):
     ``background`` hashes while training runs (a mismatch stops the run at the next step; a checkpoint is

@@ -34,7 +34,7 @@ import torch
 
 from data_pipeline.batch import Batch
 from data_pipeline.bicubic import centre_offset, resize_into_chw, resized_size
-from data_pipeline.config import DataConfig
+from data_pipeline.config import MAX_IMAGE_PIXELS, DataConfig
 from data_pipeline.jpeg_region import region_decoder_for_numba
 from data_pipeline.manifest import DataError, ffcv_entry, split_entry
 from data_pipeline.plan import splitmix64
@@ -67,10 +67,21 @@ def _seeded_crop_and_flip(height, width, scale_lo, scale_hi, log_ratio_lo, log_r
     return (height - h) // 2, (width - w) // 2, h, w, np.random.random() < 0.5
 
 
-def _make_decoder(output_size, *, train: bool, scale=None, ratio=None, hflip=False, run_seed=0, eval_resize=None):
+def _make_decoder(
+    output_size,
+    *,
+    train: bool,
+    scale=None,
+    ratio=None,
+    hflip=False,
+    run_seed=0,
+    eval_resize=None,
+    max_pixels=MAX_IMAGE_PIXELS,
+):
     """A decoder that writes uint8 CHW images as our torchvision transforms make them from the decoded image:
     train, the seeded RandomResizedCrop (bicubic, antialiased) + flip; eval, ``Resize(eval_resize)`` (bicubic,
-    antialiased) + ``CenterCrop``.  The resize (``data_pipeline.bicubic``) writes the CHW layout and the flip."""
+    antialiased) + ``CenterCrop``.  The resize (``data_pipeline.bicubic``) writes the CHW layout and the flip.
+    The region decoder refuses a JPEG whose header declares more than ``max_pixels`` pixels."""
     from dataclasses import replace
 
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_center_crop
@@ -104,6 +115,7 @@ def _make_decoder(output_size, *, train: bool, scale=None, ratio=None, hflip=Fal
             side = int(output_size[0])
             do_flip = hflip
             base = np.uint64(run_seed)
+            pixel_bound = np.uint64(max_pixels)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
@@ -122,7 +134,7 @@ def _make_decoder(output_size, *, train: bool, scale=None, ratio=None, hflip=Fal
                         i, j, h, w = 0, 0, height, width
                     if field["mode"] == jpg:
                         scratch = temp_storage[dst_ix].reshape(-1)
-                        if region_c(image_data, scratch, i, j, h, w) == 0:  # the crop's pixels only
+                        if region_c(image_data, scratch, i, j, h, w, pixel_bound) == 0:  # the crop's pixels only
                             crop = scratch[: 3 * h * w].reshape(h, w, 3)
                         else:  # a file the region decoder refuses: FFCV's full decode
                             imdecode_c(image_data, scratch, height, width, height, width, 0, 0, 1, 1, False, False)
@@ -196,10 +208,16 @@ class FFCVBackend:
         size = (c.base_resolution, c.base_resolution)
         if self.train:
             decoder = _make_decoder(
-                size, train=True, scale=c.crop_scale, ratio=(3 / 4, 4 / 3), hflip=c.hflip, run_seed=self.seed
+                size,
+                train=True,
+                scale=c.crop_scale,
+                ratio=(3 / 4, 4 / 3),
+                hflip=c.hflip,
+                run_seed=self.seed,
+                max_pixels=c.max_image_pixels,
             )
         else:
-            decoder = _make_decoder(size, train=False, eval_resize=c.eval_resize)
+            decoder = _make_decoder(size, train=False, eval_resize=c.eval_resize, max_pixels=c.max_image_pixels)
         threads = torch.get_num_threads()
         try:
             loader = Loader(

@@ -58,6 +58,14 @@ class EpochSummary:
         return "\n".join([line, *details])
 
 
+class LoaderStateMismatch(ValueError):
+    """A saved loader position that does not apply to this loader (another batch size, dataset or split)."""
+
+    def __init__(self, key: str, saved: Any, have: Any):
+        super().__init__(f"loader state was saved with {key}={saved}, this loader has {key}={have}")
+        self.key, self.saved, self.have = key, saved, have
+
+
 class ResumableLoader:
     """Iterates one epoch per ``iter()``; ``state_dict`` pins the epoch and the next batch exactly."""
 
@@ -140,7 +148,7 @@ class ResumableLoader:
         for key in ("world_size", "num_samples", "batch_size", "split"):
             have = getattr(self.plan, key, None) if key != "split" else self.split
             if state[key] != have:
-                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has {key}={have}")
+                raise LoaderStateMismatch(key, state[key], have)
         if not 0 <= state["position"] <= self.plan.num_batches:
             raise ValueError(f"loader position {state['position']} outside 0..{self.plan.num_batches}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

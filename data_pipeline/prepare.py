@@ -32,12 +32,27 @@ from unittest import mock
 import numpy as np
 from PIL import Image
 
+from data_pipeline.config import MAX_IMAGE_PIXELS
+from data_pipeline.image_header import declared_jpeg_size
 from data_pipeline.manifest import MANIFEST, MANIFEST_VERSION, is_complete, manifest_path, read_manifest, write_manifest
 from fileops import atomic_output, fsync_dir, temp_path_for
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 FFCV_IMAGE_MODES = ("jpg", "raw")
 """How a ``.beton`` stores images (FFCV's ``write_mode``)."""
+
+
+class OversizedImageError(ValueError):
+    """An image file whose header declares more pixels than the bound (``--max-image-pixels``)."""
+
+
+def check_pixels(height: int, width: int, max_pixels: int) -> None:
+    """``OversizedImageError`` when a header declares more than ``max_pixels`` pixels: a decoder allocates by
+    the declared size, whatever the file's."""
+    if width * height > max_pixels:
+        raise OversizedImageError(
+            f"declares {width}x{height} pixels, more than --max-image-pixels ({max_pixels:,}); not decoded"
+        )
 
 
 @dataclass(slots=True)
@@ -47,22 +62,42 @@ class Sample:
     path: Path | None = None
     image: Image.Image | None = None
 
-    def jpeg_bytes(self, quality: int) -> bytes:
-        """Original bytes of a JPEG file; anything else is encoded as JPEG."""
+    def jpeg_bytes(self, quality: int, max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
+        """Original bytes of a JPEG file, once the size its header declares passed ``max_pixels`` (nothing is
+        decoded: a file without a frame header is stored as it is, and the loader skips it); anything else is
+        encoded as JPEG."""
         if self.path is not None and self.path.suffix.lower() in (".jpg", ".jpeg"):
             data = self.path.read_bytes()
             if not data:
                 raise ValueError("empty file")
+            size = declared_jpeg_size(data)
+            if size is not None:
+                check_pixels(*size, max_pixels)
             return data
         buffer = io.BytesIO()
-        self.load().save(buffer, format="JPEG", quality=quality)
+        self.load(max_pixels).save(buffer, format="JPEG", quality=quality)
         return buffer.getvalue()
 
-    def load(self) -> Image.Image:
+    def load(self, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+        """The image as 8-bit RGB, decoded only once the size its header declares passed ``max_pixels`` (read
+        by our JPEG header walk, before PIL's own, larger, bomb check; PIL's header parser for other formats)."""
         if self.image is not None:
             return self.image
-        with Image.open(self.path) as img:
+        data = self.path.read_bytes()
+        size = declared_jpeg_size(data)
+        if size is not None:
+            check_pixels(*size, max_pixels)
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            check_pixels(*img.size[::-1], max_pixels)
             return to_rgb8(img)
+
+    def where(self) -> str:
+        """The file (or, for a built-in source, the key) for messages."""
+        return str(self.path) if self.path is not None else self.key
+
+
+def _skip_record(sample: Sample, exc: Exception) -> dict:
+    return {"key": sample.key, "path": sample.where(), "reason": f"{type(exc).__name__}: {exc}"}
 
 
 def to_rgb8(img: Image.Image) -> Image.Image:
@@ -187,11 +222,17 @@ def _file_entry(path: Path, **extra) -> dict:
 
 
 def write_webdataset(
-    samples: list[Sample], out: Path, split: str, shard_mb: float, quality: int, progress
+    samples: list[Sample],
+    out: Path,
+    split: str,
+    shard_mb: float,
+    quality: int,
+    progress,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> tuple[list[dict], list[dict]]:
     """Write ``{split}-%06d.tar`` shards of about ``shard_mb`` MB into ``out`` (via a temp folder); return
-    the shard entries and the samples skipped because they could not be encoded (JPEGs are stored as they
-    are and checked when loaded)."""
+    the shard entries and the samples skipped because they could not be encoded or declare more than
+    ``max_pixels`` pixels (JPEGs are stored as they are and decoded only when loaded)."""
     import webdataset as wds
 
     tmp = temp_path_for(out / f"{split}-webdataset")  # a folder: ShardWriter names the files itself
@@ -207,9 +248,9 @@ def write_webdataset(
             for sample in samples:
                 progress.advance(task)
                 try:
-                    jpeg = sample.jpeg_bytes(quality)
+                    jpeg = sample.jpeg_bytes(quality, max_pixels)
                 except Exception as exc:  # PIL raises many types (0-byte file, decompression bomb, ...)
-                    skipped.append({"key": sample.key, "reason": f"{type(exc).__name__}: {exc}"})
+                    skipped.append(_skip_record(sample, exc))
                     continue
                 sink.write({"__key__": sample.key, "jpg": jpeg, "cls": str(sample.label).encode()})
                 counts[Path(sink.fname).name] += 1
@@ -233,9 +274,11 @@ def write_ffcv(
     workers: int,
     progress,
     images: str = "jpg",
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> tuple[dict, list[dict]]:
-    """Write ``{split}.beton``; images that fail to decode are skipped and returned as such.  ``images``:
-    FFCV's write mode, ``jpg`` (decoded by every read) or ``raw`` (pixels, no decode; ~12× the size)."""
+    """Write ``{split}.beton``; images that fail to decode or declare more than ``max_pixels`` pixels are
+    skipped and returned as such.  ``images``: FFCV's write mode, ``jpg`` (decoded by every read) or ``raw``
+    (pixels, no decode; ~12× the size)."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     from tqdm import tqdm
@@ -244,10 +287,10 @@ def write_ffcv(
     good, skipped = [], []
     for sample in samples:
         try:
-            sample.load().load()
+            sample.load(max_pixels).load()
             good.append(sample)
         except Exception as exc:  # PIL raises many types for broken files
-            skipped.append({"key": sample.key, "reason": f"{type(exc).__name__}: {exc}"})
+            skipped.append(_skip_record(sample, exc))
         progress.advance(task)
 
     class Indexed:
@@ -255,7 +298,7 @@ def write_ffcv(
             return len(good)
 
         def __getitem__(self, i: int):
-            return good[i].load(), good[i].label
+            return good[i].load(max_pixels), good[i].label
 
     final = out / f"{split}.beton"
     fields = {
@@ -281,8 +324,11 @@ def prepare(
     quiet: bool = False,
     ffcv_images: str = "jpg",
     train_per_class: int | None = None,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> dict:
-    """Write the dataset and its manifest; return the manifest (the existing one when already done)."""
+    """Write the dataset and its manifest; return the manifest (the existing one when already done).  Images
+    whose header declares more than ``max_image_pixels`` pixels are skipped (listed in the manifest), never
+    decoded."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     if ffcv_images not in FFCV_IMAGE_MODES:
@@ -290,6 +336,10 @@ def prepare(
     options = {"source": str(source_name), "shard_mb": shard_mb, "max_side": max_side, "jpeg_quality": quality}
     if ffcv_images != "jpg":  # only when set, so that datasets prepared before the option still match
         options["ffcv_images"] = ffcv_images
+    if max_image_pixels < 1:
+        raise ValueError(f"--max-image-pixels must be at least 1, got {max_image_pixels}")
+    if max_image_pixels != MAX_IMAGE_PIXELS:  # only when set, as ffcv_images
+        options["max_image_pixels"] = max_image_pixels
     if train_per_class is not None:
         if train_per_class < 1:
             raise ValueError(f"--train-per-class must be at least 1, got {train_per_class}")
@@ -319,11 +369,13 @@ def prepare(
             per_class = Counter(source.classes[s.label] for s in samples)
             entry: dict = {"count": len(samples), "per_class": dict(sorted(per_class.items()))}
             if "webdataset" in formats:
-                shards, entry["webdataset_skipped"] = write_webdataset(samples, out, name, shard_mb, quality, progress)
+                shards, entry["webdataset_skipped"] = write_webdataset(
+                    samples, out, name, shard_mb, quality, progress, max_image_pixels
+                )
                 entry["webdataset"] = {"shards": shards}
             if "ffcv" in formats:
                 entry["ffcv"], entry["ffcv_skipped"] = write_ffcv(
-                    samples, out, name, max_side, quality, workers, progress, ffcv_images
+                    samples, out, name, max_side, quality, workers, progress, ffcv_images, max_image_pixels
                 )
             manifest["splits"][name] = entry
     write_manifest(out, manifest)
@@ -335,6 +387,9 @@ def prepare(
                 f"{name}: {entry['count']} images, {shards} shard(s)"
                 + (f", {skipped} undecodable skipped (listed in {MANIFEST})" if skipped else "")
             )
+            listed = {s["key"]: s for s in entry.get("webdataset_skipped", []) + entry.get("ffcv_skipped", [])}
+            for item in list(listed.values())[:20]:
+                print(f"  skipped {item.get('path', item['key'])}: {item['reason']}")
         for item in source.refused:
             print(f"refused {item['path']}: {item['reason']}")
     return manifest
@@ -365,6 +420,13 @@ def main(argv: list[str] | None = None) -> int:
         default="jpg",
         help="FFCV: store JPEGs (decoded at every read) or raw pixels (no decode; about 12x the disk of ~500x375 JPEGs)",
     )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=MAX_IMAGE_PIXELS,
+        help=f"skip images whose header declares more pixels (height x width) than this (default {MAX_IMAGE_PIXELS:,}: "
+        "8192x8192); the loader's data.max_image_pixels bounds them again",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -381,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             args.quiet,
             args.ffcv_images,
             args.train_per_class,
+            args.max_image_pixels,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -36,9 +36,10 @@ def train_transform(config: DataConfig, *, crop: bool = True) -> v2.Compose:
 
 def train_decode_transform(config: DataConfig) -> v2.Compose:
     """``train_transform`` from JPEG bytes (1-D uint8): its RandomResizedCrop decodes only the crop's pixels
-    (``DecodeResizedCrop``), with the same random draws and the same output."""
+    (``DecodeResizedCrop``), with the same random draws and the same output.  An image whose header declares
+    more than ``config.max_image_pixels`` pixels is refused before decoding."""
     crop, *rest = train_transform(config).transforms
-    return v2.Compose([DecodeResizedCrop(crop), *rest])
+    return v2.Compose([DecodeResizedCrop(crop, config.max_image_pixels), *rest])
 
 
 def _posterize(image: Image.Image, bits: int, **_) -> Image.Image:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from data_pipeline.batch import Batch
-from data_pipeline.config import DataConfig
+from data_pipeline.config import MAX_IMAGE_PIXELS, DataConfig
 from data_pipeline.jpeg_region import UndecodableImage, decode_rgb
 from data_pipeline.manifest import has_manifest, split_entry
 from data_pipeline.shards import index_shards, split_shards
@@ -38,10 +38,12 @@ _OPEN_SHARDS = 64
 class _Samples(Dataset):
     """Item = (sample index, augmentation seed, valid) → (image, label, valid, index) or a skip record."""
 
-    def __init__(self, refs, transform, train: bool):
+    def __init__(self, refs, transform, train: bool, max_pixels: int = MAX_IMAGE_PIXELS):
         self.refs = refs
         self.transform = transform
         self.train = train
+        self.max_pixels = max_pixels
+        """Eval images whose header declares more pixels are skipped, not decoded (train: the transform's own)."""
         self._files: OrderedDict[str, int] = OrderedDict()
         self._files_pid = os.getpid()
 
@@ -85,7 +87,9 @@ class _Samples(Dataset):
         ref = self.refs[index]
         try:
             data = self._read(ref.shard, ref.image)
-            image = seeded(self.transform, data, seed) if self.train else self.transform(decode_rgb(data))
+            image = (
+                seeded(self.transform, data, seed) if self.train else self.transform(decode_rgb(data, self.max_pixels))
+            )
         except (UndecodableImage, OSError) as exc:
             return ("skip", Path(ref.shard).name, ref.key, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         return image, ref.label, valid, index
@@ -170,7 +174,7 @@ class WebDatasetBackend:
         self._skipped_at_prepare = entry.get("webdataset_skipped", [])
         # Train: the crop is drawn before decoding, and only its pixels are decoded.
         transform = train_decode_transform(config) if train else eval_transform(config)
-        self.dataset = _Samples(self.refs, transform, train)
+        self.dataset = _Samples(self.refs, transform, train, config.max_image_pixels)
         self._idle: DataLoader | None = None
         """A DataLoader whose workers finished an epoch and wait for the next one."""
         _LIVE.add(self)

@@ -51,13 +51,58 @@ BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 MAX_CLASSES = 1_000_000
 
 
-def read_description(folder: Path) -> tuple[Space, Arch, int]:
-    """(space, arch, num_classes) of an exported folder, checked before anything is built: ``arch.yaml`` is
-    read with the config loader's limits, the arch must lie in its space, and the parameters it implies
-    must be exactly those stored in ``model.safetensors`` (so a crafted arch cannot make us allocate a
-    model far larger than the file)."""
+def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor in the safetensors file ``path``, read from its header alone (nothing is
+    loaded); a file that is not safetensors is a one-line :class:`ConfigError` naming it."""
     from safetensors import safe_open
 
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
+    except Exception as exc:  # SafetensorError (not safetensors, header too large), OSError
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"{path} is not a readable safetensors file ({reason}); write it again with safetensors' save_file "
+            "(or give a weights-only torch.save file a .pt name)"
+        ) from exc
+
+
+def _shape(shape) -> str:
+    return "[" + ", ".join(str(n) for n in shape) + "]"
+
+
+def check_fits(
+    model: torch.nn.Module, stored: dict[str, tuple[int, ...]], path: Path, what: str, next_step: str
+) -> None:
+    """A one-line :class:`ConfigError` naming ``path`` and the first tensor that differs, unless ``stored``
+    (name → shape, e.g. :func:`stored_shapes`) has exactly the names and shapes of ``model``'s state dict
+    (``model`` may live on the meta device: nothing is allocated)."""
+    needed = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in needed if k not in stored]
+    unexpected = [k for k in stored if k not in needed]
+    differ = [k for k in needed if k in stored and stored[k] != needed[k]]
+    if not (missing or unexpected or differ):
+        return
+    parts = []
+    if differ:
+        first = differ[0]
+        parts.append(
+            f"{len(differ)} tensor(s) of another shape, first {first}: {_shape(stored[first])} stored, "
+            f"{_shape(needed[first])} needed"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing, first {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, first {unexpected[0]}")
+    raise ConfigError(f"{path} does not fit {what}: " + "; ".join(parts) + f" ({next_step})")
+
+
+def read_description(folder: Path) -> tuple[Space, Arch, int]:
+    """(space, arch, num_classes) of an exported folder, checked before anything is built: ``arch.yaml`` is
+    read with the config loader's limits, its space's values must lie in their bounds (``models.limits``),
+    the arch must lie in its space, and the tensors it implies must be exactly those stored in
+    ``model.safetensors``, name by name and shape by shape (so a crafted arch cannot make us allocate a model
+    far larger than the file, and a mismatch is one line, not a traceback from ``load_state_dict``)."""
     arch_file, weights = folder / ARCH, folder / WEIGHTS
     description = load_yaml(arch_file)
     missing = sorted({"search_space", "arch", "num_classes"} - set(description))
@@ -75,14 +120,16 @@ def read_description(folder: Path) -> tuple[Space, Arch, int]:
         )
     if not weights.is_file():
         raise ConfigError(f"{weights} not found", source=arch_file)
-    with safe_open(str(weights), framework="pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    shapes = stored_shapes(weights)
     stored = sum(math.prod(shape) for k, shape in shapes.items() if not k.endswith(BUFFER_SUFFIXES))
     _, expected = family_of(space).cost(space, arch, num_classes)
-    if stored != expected:
+    if stored != expected:  # first, from the header alone: even a model on the meta device costs its layers
         raise ConfigError(
             f"describes a model of {expected:,} parameters but {weights} holds {stored:,}", source=arch_file
         )
+    with torch.device("meta"):  # shapes without memory
+        skeleton = build_subnet(space, arch, num_classes=num_classes)
+    check_fits(skeleton, shapes, weights, f"the model {arch_file} describes", "export the sub-network again")
     return space, arch, num_classes
 
 

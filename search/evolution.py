@@ -45,14 +45,36 @@ def arch_key(arch: Arch) -> str:
     return "|".join(str(value) for value in arch.to_dict().values())
 
 
+ENUMERATE_LIMIT = 10_000
+"""A space of at most this many sub-networks is listed whole (a slimmable space's widths and resolutions)."""
+POOL_TRIES = 100
+"""Draws of a listed space before an unseen architecture is taken from the list instead."""
+
+
+class SpaceExhausted(ValueError):
+    """No new sub-network within the FLOPs range after ``max_tries`` draws: the search asks for more distinct
+    architectures than the range seems to hold."""
+
+
 class FlopsConstrainedSampler:
     """Random / mutated / crossed architectures resampled until their FLOPs lie in [lo, hi]."""
 
     def __init__(
-        self, space: Space, sampler: ArchSampler, lo: float, hi: float, num_classes: int, max_tries: int = 10000
+        self,
+        space: Space,
+        sampler: ArchSampler,
+        lo: float,
+        hi: float,
+        num_classes: int,
+        max_tries: int = 10000,
+        pool: list[Arch] | None = None,
     ):
         self.space, self.sampler, self.lo, self.hi = space, sampler, lo, hi
         self.num_classes, self.max_tries = num_classes, max_tries
+        self.pool = pool
+        """Every architecture within the range, when the space is small enough to list: a draw that keeps
+        giving architectures already seen (crossing two widths of a width-only space gives one of them) takes
+        an unseen one of these instead."""
 
     def mflops(self, arch: Arch) -> float:
         return subnet_cost(self.space, arch, self.num_classes).mflops
@@ -61,13 +83,21 @@ class FlopsConstrainedSampler:
         return self.lo <= self.mflops(arch) <= self.hi
 
     def draw(self, make: Callable[[], Arch], seen: set[str]) -> Arch:
-        for _ in range(self.max_tries):
+        tries = self.max_tries if self.pool is None else min(self.max_tries, POOL_TRIES)
+        for _ in range(tries):
             arch = make()
             if self.ok(arch) and arch_key(arch) not in seen:
                 seen.add(arch_key(arch))
                 return arch
-        raise RuntimeError(
-            f"no new architecture within [{self.lo}, {self.hi}] MFLOPs after {self.max_tries} draws; widen the range"
+        fresh = [arch for arch in self.pool or [] if arch_key(arch) not in seen]
+        if fresh:
+            arch = fresh[self.sampler.index(len(fresh))]
+            seen.add(arch_key(arch))
+            return arch
+        raise SpaceExhausted(
+            f"no new architecture within [{self.lo}, {self.hi}] MFLOPs after {tries} draws "
+            f"({len(seen)} drawn so far); widen the range (search.min_mflops, search.max_mflops) or ask for fewer "
+            "(search.population, search.crossovers, search.mutations, search.iterations)"
         )
 
 

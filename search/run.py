@@ -37,7 +37,15 @@ from models.families import Arch, Space, family_of, load_search_space  # noqa: E
 from models.flops import subnet_cost  # noqa: E402
 from search.candidates import CandidateStore  # noqa: E402
 from search.config import SearchConfig, SearchFile  # noqa: E402
-from search.evolution import Candidate, FlopsConstrainedSampler, every_arch, pareto_front, select_parents  # noqa: E402
+from search.evolution import (  # noqa: E402
+    ENUMERATE_LIMIT,
+    Candidate,
+    FlopsConstrainedSampler,
+    SpaceExhausted,
+    every_arch,
+    pareto_front,
+    select_parents,
+)
 from search.export import ExportError, check_spec, choose, export_subnet  # noqa: E402
 from search.pareto import write_front  # noqa: E402
 from search.progress import SearchConsole  # noqa: E402
@@ -118,17 +126,25 @@ def evolve(
     sampler = ArchSampler(space, search.seed)
     constrained = FlopsConstrainedSampler(space, sampler, search.min_mflops, search.max_mflops, num_classes)
     seen: set[str] = set()
-    every = every_arch(space, search.population)
-    if every is not None:  # a small space (width-only): evaluate all of it, nothing is left to evolve
+    # The most architectures the search would draw.  A space small enough to list (a slimmable space's widths)
+    # is listed: when its range holds no more than that, all of it is evaluated (drawing that many distinct
+    # ones could not succeed); otherwise its draws fall back on the list (see FlopsConstrainedSampler.pool).
+    wanted = search.population + search.iterations * (search.crossovers + search.mutations)
+    every = every_arch(space, max(wanted, ENUMERATE_LIMIT))
+    if every is not None:
         inside = [arch for arch in every if constrained.ok(arch)]
         if not inside:
-            raise RuntimeError(
-                f"no sub-network of '{space.name}' within [{search.min_mflops}, {search.max_mflops}] MFLOPs"
+            raise SpaceExhausted(
+                f"no sub-network of '{space.name}' within [{search.min_mflops}, {search.max_mflops}] MFLOPs; "
+                "widen the range (search.min_mflops, search.max_mflops)"
             )
-        out.say(
-            f"'{space.name}' holds {len(every)} sub-networks, {len(inside)} within the FLOPs range: evaluating all of them"
-        )
-        return store.score(inside, evaluate, out.progress("every sub-network"))
+        if len(inside) <= wanted:
+            out.say(
+                f"'{space.name}' holds {len(every)} sub-networks, {len(inside)} within the FLOPs range: "
+                "evaluating all of them"
+            )
+            return store.score(inside, evaluate, out.progress("every sub-network"))
+        constrained.pool = inside
     first = [constrained.draw(sampler.random, seen) for _ in range(search.population)]
     population = store.score(first, evaluate, out.progress("generation 0"))
     out.say(f"generation 0: {len(population)} candidates, best top-1 {max(c.top1 for c in population):.2f}%")
@@ -361,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run_search(search, run_config, args.run, args.export, args.local_rank)
-    except (ExportError, CheckpointFileError) as exc:
+    except (ExportError, CheckpointFileError, SpaceExhausted) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -56,3 +56,17 @@ def config(root: Path, fmt: str, **kw) -> DataConfig:
 
 def all_batches(loader):
     return [(b.images.clone(), b.labels.clone()) for b in loader]
+
+
+def hostile_jpeg(height: int, width: int, *, progressive: bool = False) -> bytes:
+    """A 16×16 JPEG (a few hundred bytes) whose frame header is patched to declare ``height`` × ``width``
+    pixels: what a decoder sizes its buffers by."""
+    pixels = np.random.default_rng(0).integers(0, 255, size=(16, 16, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90, progressive=progressive)
+    data = bytearray(buffer.getvalue())
+    pos = 2
+    while data[pos + 1] not in (0xC0, 0xC2):  # walk the marker segments to the frame header
+        pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+    data[pos + 5 : pos + 9] = bytes([height >> 8, height & 0xFF, width >> 8, width & 0xFF])
+    return bytes(data)

@@ -32,7 +32,7 @@ from trainer.runtime.schedule import lr_at
 from trainer.runtime.signals import StopSignals
 from trainer.runtime.sinks import build_sinks, check_packages
 from trainer.runtime.timing import StepTiming
-from trainer.state.checkpoint import Checkpointer, check_resumable, rng_state, set_rng_state
+from trainer.state.checkpoint import Checkpointer, check_resumable, restore_loader, rng_state, set_rng_state
 from trainer.tasks import RunContext, build_task
 from typedconfig import to_mapping
 
@@ -157,7 +157,7 @@ class Trainer:
         check_resumable(resumed, self.checkpointer.dir / tag, model_hash=self.model_hash, world=self.world)
         self.global_step = int(client["global_step"])
         self.bad_steps, self.skipped_total = int(client["bad_steps"]), int(client["skipped_total"])
-        self.train_loader.load_state_dict(rank_state["loader"])
+        restore_loader(self.train_loader, rank_state["loader"], self.checkpointer.dir / tag, self.rank)
         self.task.load_state(client, rank_state)
         set_rng_state(rank_state["rng"])
         return tag

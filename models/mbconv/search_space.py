@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from models.limits import check_resolutions
 from typedconfig import from_mapping, load_yaml, to_mapping
 
 
@@ -112,6 +113,7 @@ class SearchSpace:
         if len(set(names)) != len(names):
             raise ValueError(f"stages: duplicate stage names {names}")
         _check_choices("resolutions", self.resolutions)
+        check_resolutions(self.resolutions)
         bad = [r for r in self.resolutions if r % self.total_stride]
         if bad:
             raise ValueError(

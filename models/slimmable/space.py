@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from models.limits import check_resolutions
 from typedconfig import from_mapping, load_yaml, to_mapping
 
 MobileNet = Literal["mobilenet_v1", "mobilenet_v2"]
@@ -64,6 +65,7 @@ class SlimmableSpace:
             raise ValueError("last_channels: mobilenet_v1 has no last 1x1 conv (use 0)")
         if self.family == "mobilenet_v2" and self.last_channels < 1:
             raise ValueError("last_channels: mobilenet_v2 needs its last 1x1 conv width (1280)")
+        check_resolutions(self.resolutions)
         if not self.resolutions or any(r % self.total_stride for r in self.resolutions):
             raise ValueError(
                 f"resolutions {list(self.resolutions)} must be divisible by the total stride {self.total_stride}"

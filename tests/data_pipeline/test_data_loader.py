@@ -219,6 +219,52 @@ def test_imagefolder_jpegs_of_mixed_sizes_load_in_both_formats(tmp_path):
     assert [s[1] for s in wds_loader.last_summary.skipped] == ["train_class_0_broken0"]
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_hostile_jpeg_headers_are_skipped_at_prepare_and_by_the_loader(tmp_path, fmt):
+    """JPEGs of a few hundred bytes declaring 20000×20000 and 65500×65500 pixels: ``prepare`` skips them,
+    naming the file; shards written with a higher bound hold them, and the loader skips them without decoding
+    (before, the first was decoded at 2.3 GB and the second escaped as "you tried to allocate 5327047971
+    bytes")."""
+    import resource
+
+    from data_helpers import hostile_jpeg, make_image_folder
+
+    root = make_image_folder(tmp_path / "f", classes=2, per_class=3)
+    for split in ("train", "val"):
+        (root / split / "class_0" / "huge.jpg").write_bytes(hostile_jpeg(20000, 20000, progressive=True))
+        (root / split / "class_1" / "giant.jpg").write_bytes(hostile_jpeg(65500, 65500))
+    command = [sys.executable, "-m", "data_pipeline.prepare", "--source", str(root), "--out", str(tmp_path / "o")]
+    result = subprocess.run(
+        [*command, "--formats", fmt],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"skipped {root / 'train' / 'class_0' / 'huge.jpg'}: OversizedImageError: declares 20000x20000" in result.stdout
+    )
+    manifest = prep.read_manifest(tmp_path / "o")
+    skipped = manifest["splits"]["train"][f"{fmt}_skipped"]
+    assert sorted(s["path"] for s in skipped) == sorted(
+        str(root / "train" / p) for p in ("class_0/huge.jpg", "class_1/giant.jpg")
+    )
+    assert all("declares" in s["reason"] and "--max-image-pixels" in s["reason"] for s in skipped)
+    if fmt == "ffcv":  # FFCV stores images re-encoded at prepare's --max-side: nothing hostile reaches a .beton
+        return
+    out = tmp_path / "stored"
+    prep.prepare(str(root), out, ["webdataset"], quiet=True, max_image_pixels=65500 * 65500)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for split, train in (("train", True), ("val", False)):
+        loader = build_loader(config(out, fmt, batch_size=4, num_workers=0), split, train=train)
+        assert sum(len(b) for b in loader) == loader.num_samples - 2
+        reasons = {key: reason for _, key, reason in loader.last_summary.skipped}
+        assert sorted(reasons) == [f"{split}_class_0_huge", f"{split}_class_1_giant"]
+        assert all(r.startswith("OversizedImage: its header declares") for r in reasons.values())
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 * 1024  # KiB: nothing decoded
+
+
 # ---- multi-resolution rescale ------------------------------------------------------------------------
 def test_rescale_is_a_no_op_at_base_resolution():
     batch = torch.rand(2, 3, 32, 32)

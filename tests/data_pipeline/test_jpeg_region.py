@@ -14,7 +14,16 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from data_pipeline import DataConfig, jpeg_region
-from data_pipeline.jpeg_region import DecodeResizedCrop, UndecodableImage, decode_region, image_size
+from data_pipeline.config import MAX_IMAGE_PIXELS
+from data_pipeline.jpeg_region import (
+    DecodeResizedCrop,
+    OversizedImage,
+    UndecodableImage,
+    declared_size,
+    decode_region,
+    decode_rgb,
+    image_size,
+)
 from data_pipeline.transforms import seeded, train_decode_transform, train_transform
 
 # (PIL subsampling: 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0), progressive, greyscale
@@ -141,10 +150,12 @@ def test_ffcv_s_region_decode_has_the_pixels_of_ffcv_s_full_decode(layout):
     region_into = njit(decode_region_into)
     scratch = np.empty(height * width * 3, dtype=np.uint8)  # what FFCV's pipeline gives each sample
     for top, left, h, w in rectangles(height, width, count=25, seed=7):
-        assert region_into(jpeg, scratch, top, left, h, w) == 0
+        assert region_into(jpeg, scratch, top, left, h, w, MAX_IMAGE_PIXELS) == 0
         region = scratch[: h * w * 3].reshape(h, w, 3)
         assert np.array_equal(region, full[top : top + h, left : left + w]), (layout, top, left, h, w)
-    assert region_into(jpeg[: jpeg.size // 2].copy(), scratch, 0, 0, height, width) != 0  # cut: FFCV decodes it
+    assert (
+        region_into(jpeg[: jpeg.size // 2].copy(), scratch, 0, 0, height, width, MAX_IMAGE_PIXELS) != 0
+    )  # cut: FFCV decodes it
 
 
 def test_the_webdataset_loader_gives_the_batches_of_the_full_decode(digits_shards, monkeypatch):
@@ -226,3 +237,45 @@ def test_damaged_files_fail_as_they_fail_a_full_decode():
         assert full is not None, (attempt, kind)
         assert torch.equal(region, full[:, top : top + h, left : left + w]), (attempt, kind)
     assert decoded > 100 and refused > 50, (decoded, refused)  # the sweep exercised both outcomes
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+def test_a_header_declaring_too_many_pixels_is_refused_before_decoding(progressive):
+    """A few hundred bytes declaring 20000×20000 (1.2 GB of RGB; progressive: as much again for libjpeg's
+    coefficients) or 65500×65500: every decoding path reads the declared size first and refuses the image,
+    and nothing near that size is allocated."""
+    import resource
+
+    from data_helpers import hostile_jpeg
+    from numba import njit
+
+    from data_pipeline.jpeg_region import decode_region_into
+
+    crop = v2.RandomResizedCrop(32, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    region_into = njit(decode_region_into)
+    scratch = np.empty(64 * 64 * 3, dtype=np.uint8)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for side in (20000, 65500):
+        raw = hostile_jpeg(side, side, progressive=progressive)
+        jpeg = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        assert len(raw) < 4096 and declared_size(raw) == declared_size(jpeg) == image_size(jpeg) == (side, side)
+        for decode in (
+            lambda jpeg=jpeg: decode_rgb(jpeg),
+            lambda jpeg=jpeg: DecodeResizedCrop(crop)(jpeg),
+            lambda jpeg=jpeg: decode_region(jpeg, 0, 0, 16, 16),
+        ):
+            with pytest.raises(OversizedImage, match=f"declares {side}x{side} pixels"):
+                decode()
+        assert region_into(jpeg.numpy(), scratch, 0, 0, 16, 16, MAX_IMAGE_PIXELS) == -5  # FFCV's path
+        # Bytes that are no marker before the frame header: libjpeg skips them with a warning (so the region
+        # decoder hands the file to the full decoder), and so does the header walk.
+        junk = torch.frombuffer(bytearray(raw[:2] + b"junk" + raw[2:]), dtype=torch.uint8)
+        assert image_size(junk) is None and declared_size(junk) == (side, side)
+        with pytest.raises(OversizedImage):
+            DecodeResizedCrop(crop)(junk)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 * 1024  # KiB: nothing decoded
+    # The bound is the caller's (data.max_image_pixels): an ordinary image over a lower bound is refused too.
+    small = encode(photo(40, 50, noise=False))
+    with pytest.raises(OversizedImage, match="declares 50x40 pixels"):
+        DecodeResizedCrop(crop, max_pixels=40 * 50 - 1)(small)
+    assert DecodeResizedCrop(crop, max_pixels=40 * 50)(small).shape == (3, 32, 32)

@@ -19,7 +19,15 @@ from safetensors.torch import save_file
 
 from data_pipeline import prepare as prep
 from models import ArchSampler, build_supernet, load_search_space, load_subnet
-from search.evolution import Candidate, FlopsConstrainedSampler, best_per_bucket, pareto_front, select_parents
+from models.flops import subnet_cost
+from search.evolution import (
+    Candidate,
+    FlopsConstrainedSampler,
+    SpaceExhausted,
+    best_per_bucket,
+    pareto_front,
+    select_parents,
+)
 from trainer.config import load_config, write_resolved
 
 
@@ -58,8 +66,46 @@ def test_constrained_sampler_respects_range_and_novelty():
     assert all(0.3 <= sampler.mflops(a) <= 0.8 for a in archs)
     assert len({json.dumps(a.to_dict()) for a in archs}) == 30
     narrow = FlopsConstrainedSampler(space, ArchSampler(space, 0), 50.0, 60.0, num_classes=10, max_tries=50)
-    with pytest.raises(RuntimeError, match="widen the range"):
+    with pytest.raises(SpaceExhausted, match=r"widen the range \(search.min_mflops, search.max_mflops\)"):
         narrow.draw(narrow.sampler.random, set())
+
+
+class ScoreAll:
+    """A candidate store that remembers nothing: every arch is scored."""
+
+    def score(self, archs, evaluate):
+        return [evaluate(arch) for arch in archs]
+
+
+def by_width(space):
+    def evaluate(arch, batches):
+        cost = subnet_cost(space, arch, 10)
+        return Candidate(arch, cost.mflops, cost.params_m, 100 * arch.width, 0.0)
+
+    return evaluate
+
+
+def test_a_slimmable_search_smaller_than_its_draws_evaluates_every_width():
+    """Population 6 over 14 widths, with the default generations (256 children each): before, generation 1 ran
+    out of new widths ("no new architecture ... after 10000 draws") although the range holds every width."""
+    from search.config import SearchConfig
+    from search.run import evolve
+
+    space = load_search_space("tiny_slim_mbv2")
+    assert len(space.widths) == 14
+    said: list[str] = []
+    search = SearchConfig(population=6, min_mflops=0.1, max_mflops=1.0, bucket_mflops=0.05)
+    population = evolve(search, space, 10, ScoreAll(), by_width(space), said.append)
+    assert sorted(c.arch.width for c in population) == list(space.widths)
+    assert said == ["'tiny_slim_mbv2' holds 14 sub-networks, 14 within the FLOPs range: evaluating all of them"]
+    # A search that draws fewer than the space holds still evolves: 6 + 1 × (2 + 2) of 14.
+    small = SearchConfig(
+        population=6, parents=3, crossovers=2, mutations=2, iterations=1, min_mflops=0.1, max_mflops=1.0
+    )
+    population = evolve(small, space, 10, ScoreAll(), by_width(space), said.append)
+    assert len({c.arch.width for c in population}) == len(population) == 10
+    with pytest.raises(SpaceExhausted, match="no sub-network of 'tiny_slim_mbv2' within"):
+        evolve(SearchConfig(population=6, min_mflops=50, max_mflops=60), space, 10, ScoreAll(), by_width(space), print)
 
 
 # ---- a run folder with supernet weights, no training needed ----------------------------------------
@@ -258,3 +304,16 @@ def test_search_config_errors_exit_2(run_dir, repo):
         [sys.executable, *search_cmd(run_dir, "--set", "search.populaton=3")], cwd=repo, capture_output=True, text=True
     )
     assert result.returncode == 2 and "search.populaton" in result.stderr
+
+
+def test_a_search_whose_range_runs_out_of_new_archs_exits_2_in_one_line(run_dir, repo):
+    result = subprocess.run(
+        [sys.executable, *search_cmd(run_dir, "--set", "search.min_mflops=0.1", "search.max_mflops=0.11")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "no new architecture within [0.1, 0.11] MFLOPs" in line and "search.population" in line

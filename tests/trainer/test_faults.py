@@ -261,9 +261,64 @@ def test_an_exported_arch_must_match_its_weights(tmp_path, tiny_space):
     assert "num_classes" in edited(lambda d: d.update(num_classes=10**9))
     assert "arch outside its search space" in edited(lambda d: d["arch"].update(resolution=10**6))
     assert "parameters but" in edited(lambda d: d.update(num_classes=11))
+
+    def huge_resolution(d):  # no weight holds the resolution: before, a training step asked for 103 GB
+        d["search_space"]["resolutions"] = [16, 24, 32, 16384]
+        d["arch"]["resolution"] = 16384
+
+    message = edited(huge_resolution)
+    assert "resolutions [16384] outside 1..1024" in message and str(folder / "arch.yaml") in message
     (folder / "arch.yaml").write_text(billion_laughs())
     with pytest.raises(ConfigError):
         load_subnet(folder)
+
+
+def test_an_export_whose_tensors_differ_in_shape_or_are_not_safetensors_is_one_line(tmp_path, tiny_space):
+    """The same number of parameters in other shapes (before: "size mismatch for blocks.0.dw_conv.weight" from
+    load_state_dict), and a model.safetensors that is no safetensors file (before: "SafetensorError: header too
+    large"): a ConfigError naming the file and the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from models import load_subnet, save_subnet
+    from models.mbconv.static import StaticSubnet
+
+    folder = save_subnet(StaticSubnet(tiny_space, tiny_space.smallest(), num_classes=10), tmp_path / "export")
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k, v in state.items() if v.dim() == 4 and v.shape[-1] == 3)
+    state[key] = state[key].reshape(*state[key].shape[:2], 9, 1)  # same count, another shape
+    save_file(state, str(weights))
+    with pytest.raises(ConfigError) as info:
+        load_subnet(folder)
+    message = str(info.value)
+    assert "\n" not in message and str(weights) in message and f"first {key}: [" in message, message
+    weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(ConfigError, match="is not a readable safetensors file") as info:
+        load_subnet(folder)
+    assert str(weights) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_torchvision_weights_are_checked_against_a_meta_model_before_any_allocation(tmp_path):
+    """``vit_h_14`` named beside resnet18 weights: refused from the safetensors header and the model built on
+    the meta device (before: 3.2 GiB allocated, then "does not fit"); a non-safetensors file is one line."""
+    import resource
+
+    import torchvision
+    from safetensors.torch import save_file
+
+    from trainer.tasks.one_network.networks import torchvision_model
+
+    weights = tmp_path / "w.safetensors"
+    save_file(torchvision.models.get_model("resnet18", weights=None, num_classes=10).state_dict(), str(weights))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ConfigError, match=r"does not fit torchvision vit_h_14: .*first") as info:
+        torchvision_model("vit_h_14", 1, weights)
+    assert str(weights) in str(info.value) and "\n" not in str(info.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 300 * 1024  # KiB; vit_h_14 is 2.5 GB
+    assert torchvision_model("resnet18", 1, weights).fc.out_features == 10
+    weights.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ConfigError, match="is not a readable safetensors file"):
+        torchvision_model("resnet18", 1, weights)
 
 
 def test_more_outputs_than_classes_is_a_warning_printed_at_start(repo, digits_shards):
@@ -278,3 +333,70 @@ def test_more_outputs_than_classes_is_a_warning_printed_at_start(repo, digits_sh
         "label (--set model.num_classes=10 unless that is meant)"
     ]
     assert build_run_data(load_config(repo / "configs/tiny_cpu.yaml", sets), rank=0, world=1, local_rank=0).notes == []
+
+
+def test_a_batch_size_change_accepted_on_resume_is_one_line_naming_the_file(repo, digits_shards, tmp_path, single_rank):
+    """``--allow-config-change data.batch_size=8`` over a run saved at 16: before, "ValueError: loader state was
+    saved with batch_size=16" escaped as a traceback; now a CheckpointError (exit 2 from trainer/run.py) naming
+    the rank's state file, the key and what to do."""
+    from trainer_helpers import overrides, run_in_process
+
+    from trainer.state.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    run_in_process(repo, overrides(run, digits_shards, **{"optimizer.max_steps": 2}))
+    changed = overrides(run, digits_shards, **{"optimizer.max_steps": 4, "data.batch_size": 8})
+    with pytest.raises(CheckpointError) as info:
+        run_in_process(repo, changed, allow_config_change=True)
+    message = str(info.value)
+    assert str(run / "checkpoints" / "step000000002" / "trainer_rank0.pt") in message and "\n" not in message
+    assert "data.batch_size 16, this run has 8; resume with the checkpoint's value" in message
+
+
+@pytest.mark.parametrize("case", ["not_safetensors", "vit_h_14_beside_resnet18"])
+def test_a_crafted_export_stops_the_trainer_in_one_line(repo, digits_shards, tmp_path, case):
+    """The entry point's side of the export checks above: exit 2, the file named, no traceback."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    from models import save_subnet
+    from models.mbconv.static import StaticSubnet
+
+    folder = tmp_path / "export"
+    if case == "not_safetensors":
+        space = load_search_space("tiny")
+        save_subnet(StaticSubnet(space, space.smallest(), num_classes=10), folder)
+        (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+        fragment = "is not a readable safetensors file"
+    else:
+        folder.mkdir()
+        (folder / "torchvision.yaml").write_text("torchvision: vit_h_14\nnum_classes: 10\n")
+        resnet18 = torchvision.models.get_model("resnet18", weights=None, num_classes=10)
+        save_file(resnet18.state_dict(), str(folder / "model.safetensors"))
+        fragment = "does not fit torchvision vit_h_14"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    command = [
+        sys.executable,
+        "trainer/run.py",
+        "--config",
+        "configs/tiny_cpu.yaml",
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
+    sets = [
+        f"data.root={digits_shards}",
+        "data.num_workers=0",
+        "task.name=one_network",
+        f"task.student.export={folder}",
+    ]
+    out = subprocess.run(
+        [*command, "--set", *sets],
+        cwd=repo,
+        env={**env, "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+    assert fragment in line and str(folder / "model.safetensors") in line

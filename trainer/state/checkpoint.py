@@ -114,6 +114,31 @@ def check_resumable(resumed: Resumed, where: Path, *, model_hash: str, world: in
         )
 
 
+_LOADER_KEYS = {
+    "batch_size": "data.batch_size",
+    "num_samples": "the training split's size (data.root, data.train_split)",
+    "split": "data.train_split",
+    "world_size": "the world size",
+}
+"""The config key behind each value a loader position depends on, for the message that refuses it."""
+
+
+def restore_loader(loader, state: dict[str, Any], where: Path, rank: int) -> None:
+    """``loader.load_state_dict(state)``, or a one-line :class:`CheckpointError` naming the file and the key
+    when the saved position belongs to another batch size or dataset (a change ``--allow-config-change``
+    accepted, but which no data position carries over)."""
+    from data_pipeline.loader import LoaderStateMismatch
+
+    try:
+        loader.load_state_dict(state)
+    except LoaderStateMismatch as exc:
+        key = _LOADER_KEYS.get(exc.key, exc.key)
+        raise CheckpointError(
+            f"{where / f'trainer_rank{rank}.pt'}: its data position is for {key} {exc.saved}, this run has "
+            f"{exc.have}; resume with the checkpoint's value, or train into a new run_dir"
+        ) from None
+
+
 def _failed_ranks(failed: bool, rank: int, world_size: int) -> list[int]:
     """Ranks whose ``failed`` is true (a collective: every rank must call it)."""
     if not dist.is_initialized() or world_size == 1:

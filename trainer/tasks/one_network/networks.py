@@ -17,7 +17,7 @@ from torch import nn
 from fileops import atomic_output, atomic_write_text
 from models import build_subnet, load_named_archs, load_search_space, load_subnet, save_subnet
 from models.config import ModelConfig
-from models.export import ARCH, WEIGHTS, fp32_state
+from models.export import ARCH, WEIGHTS, check_fits, fp32_state, stored_shapes
 from models.ops import DynamicLinear
 from trainer.config_keys import RESOLVED_CONFIG_NAME, current_keys
 from trainer.consolidate import load_supernet
@@ -69,6 +69,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        stored_shapes(path)  # a file that is not safetensors: one line naming it
         return load_file(str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -78,27 +79,45 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ConfigError(f"{path} does not hold a state dict")
+    other = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if other is not None:
+        raise ConfigError(f"{path} does not hold a state dict: entry {other!r} is not a tensor")
     return state
 
 
+def _torchvision_fitted(name: str, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+    """``torchvision.models.get_model(name)`` (on the current default device) with its classifier resized to
+    the class count of the stored ``{classifier}.weight`` shape, when that differs."""
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None)
+    classifier, layer = last_linear(model)
+    stored = shapes.get(f"{classifier}.weight")
+    if stored is not None and stored[0] != layer.weight.shape[0]:
+        replace_classifier(model, stored[0])
+    return model
+
+
 def torchvision_model(name: str, num_classes: int, weights: Path | None) -> nn.Module:
-    """``torchvision.models.get_model(name)``; with ``weights`` its classifier takes the file's class count."""
+    """``torchvision.models.get_model(name)``; with ``weights`` its classifier takes the file's class count.
+    The weights' names and shapes (a safetensors file's header, nothing loaded) are checked against the model
+    built on the meta device first: a file that does not fit is refused before the model takes any memory."""
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ConfigError(f"unknown torchvision classification model {name!r}")
     if weights is None:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    state = read_state_dict(weights)
-    model = torchvision.models.get_model(name, weights=None)
-    classifier, layer = last_linear(model)
-    stored = state.get(f"{classifier}.weight")
-    if stored is not None and stored.shape[0] != layer.weight.shape[0]:
-        replace_classifier(model, stored.shape[0])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ConfigError(f"{weights} does not fit torchvision {name}: {str(exc).splitlines()[0][:300]}") from exc
+    weights = Path(weights)
+    if not weights.is_file():
+        raise ConfigError(f"weights file {weights} not found")
+    state = None if weights.suffix == ".safetensors" else read_state_dict(weights)
+    shapes = stored_shapes(weights) if state is None else {k: tuple(v.shape) for k, v in state.items()}
+    with torch.device("meta"):
+        skeleton = _torchvision_fitted(name, shapes)
+    check_fits(skeleton, shapes, weights, f"torchvision {name}", "name the model the weights were saved from")
+    model = _torchvision_fitted(name, shapes)
+    model.load_state_dict(read_state_dict(weights) if state is None else state)
     return model
 
 
