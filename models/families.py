@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -54,6 +55,18 @@ class Space(Protocol):
     def smallest(self) -> Arch: ...
     def arch_from_dict(self, data: dict[str, Any], *, source: str | Path | None = None) -> Arch: ...
     def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyPart:
+    """A piece of a sub-network that a latency table times on its own (:mod:`models.latency`)."""
+
+    key: str
+    """Names the part's shape: two parts with one key run the same operators on inputs of one size."""
+    input_shape: tuple[int, int, int]
+    """(channels, height, width) of one input sample."""
+    build: Callable[[], nn.Module]
+    """A freshly initialised module of the part (its latency does not depend on the weights' values)."""
 
 
 class Family(ABC):
@@ -95,6 +108,15 @@ class Family(ABC):
     @abstractmethod
     def cost(self, space: Space, arch: Arch, num_classes: int) -> tuple[int, int]:
         """(multiply-adds, parameters) of ``arch``, as :mod:`models.flops` counts them."""
+
+    def latency_parts(self, space: Space, arch: Arch, num_classes: int) -> list[LatencyPart]:
+        """``arch`` cut into the parts a per-block latency table times, in the order the model runs them; every
+        layer of the model lies in exactly one part."""
+        raise NotImplementedError(f"model family {self.name!r} has no per-block latency decomposition")
+
+    def all_latency_parts(self, space: Space, num_classes: int) -> list[LatencyPart]:
+        """Every distinct part (by key) that some sub-network of ``space`` runs."""
+        raise NotImplementedError(f"model family {self.name!r} has no per-block latency decomposition")
 
     def table_archs(self, space: Space) -> dict[str, Arch]:
         """Sub-networks the search scores one by one and prints as a table, by name (AlphaNet Table 1: every

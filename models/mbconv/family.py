@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from models.config import ModelConfig
-from models.families import Family, register
+from models.families import Family, LatencyPart, register
 from models.mbconv.cost import mbconv_cost
+from models.mbconv.latency_parts import all_latency_parts, latency_parts
 from models.mbconv.search_space import ArchConfig, SearchSpace
 from models.mbconv.static import StaticSubnet, extract_static_subnet
 from models.mbconv.supernet import AlphaNetSupernet
@@ -38,3 +39,9 @@ class MBConvFamily(Family):
 
     def cost(self, space: SearchSpace, arch: ArchConfig, num_classes: int) -> tuple[int, int]:
         return mbconv_cost(space, arch, num_classes)
+
+    def latency_parts(self, space: SearchSpace, arch: ArchConfig, num_classes: int) -> list[LatencyPart]:
+        return latency_parts(space, arch, num_classes)
+
+    def all_latency_parts(self, space: SearchSpace, num_classes: int) -> list[LatencyPart]:
+        return all_latency_parts(space, num_classes)
