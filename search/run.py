@@ -30,6 +30,10 @@ import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from trainer.runtime.accelerator import default_to_cpu  # noqa: E402
+
+default_to_cpu()  # before DeepSpeed is imported (below): its probe warns on every rank of a machine without one
+
 from data_pipeline import DataConfig, build_loader  # noqa: E402
 from data_pipeline.device_transforms import rescale  # noqa: E402
 from models import ArchSampler, load_named_archs  # noqa: E402

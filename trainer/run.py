@@ -27,6 +27,12 @@ from trainer.runtime.host_allocator import share_one_arena  # noqa: E402
 # allocates.  One arena is the part of engine.keep_freed_host_memory that cannot wait for the config.
 share_one_arena()
 
+from trainer.runtime.accelerator import default_to_cpu  # noqa: E402
+
+# Before DeepSpeed is imported (the modules below import it): its accelerator probe warns on every rank of a machine
+# that has none.
+default_to_cpu()
+
 # Before torch's extension builder is imported (DeepSpeed imports it): on a machine without CUDA it warns, once per
 # rank, that it found no CUDA runtime, which is true and asks nothing of anyone.
 logging.getLogger("torch.utils.cpp_extension").addFilter(

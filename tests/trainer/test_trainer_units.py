@@ -441,3 +441,27 @@ def test_the_inplace_teachers_targets_are_clean_only_when_asked(clean):
     else:
         assert seen[0] == (True, True) and len(seen) == 2
         assert torch.equal(targets[0], outputs[0])
+
+
+def test_a_machine_without_an_accelerator_tells_deepspeed_so_unless_the_user_did(monkeypatch):
+    """Else DeepSpeed's probe warns in every rank that it fell back to the CPU."""
+    from trainer.runtime import accelerator
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert accelerator.default_to_cpu() and os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # the user's choice stands
+    assert not accelerator.default_to_cpu() and os.environ["DS_ACCELERATOR"] == "cuda"
+    monkeypatch.delenv("DS_ACCELERATOR")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not accelerator.default_to_cpu() and "DS_ACCELERATOR" not in os.environ
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(accelerator, "find_spec", lambda name: object() if name == "torch_npu" else None)
+    assert not accelerator.default_to_cpu() and "DS_ACCELERATOR" not in os.environ
+
+
+def test_the_entry_point_prints_no_accelerator_probe_warning(tmp_path):
+    command = [sys.executable, str(REPO / "trainer/run.py"), "--config", str(REPO / "configs/tiny_cpu.yaml")]
+    env = {k: v for k, v in child_env().items() if k != "DS_ACCELERATOR"}
+    printed = subprocess.run([*command, "--print-config"], env=env, capture_output=True, text=True, timeout=300)
+    assert printed.returncode == 0 and "Setting accelerator to CPU" not in printed.stderr, printed.stderr[-2000:]
