@@ -33,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from queue import Queue
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -42,9 +41,9 @@ from bench.common import REPO, argument_parser, saved_figure
 from data_pipeline.idx import FASHION_MNIST_DIR
 from fileops import atomic_write_text
 from models import load_named_archs
-from trainer.config import load_config
+from trainer.config import RunConfig, load_config
 from trainer.consolidate import consolidate
-from typedconfig import to_mapping
+from typedconfig import ConfigError, to_mapping
 
 LEVERS_OFF = ["loss.kd_warmup_epochs=0", "loss.kd_label_mix=0", "loss.kd_gate=none"]
 METHODS: dict[str, list[str]] = {
@@ -80,11 +79,39 @@ def method_overrides(method: str, epochs: int) -> list[str]:
     return [o.replace("0.5R", str(epochs / 2)) for o in METHODS[method]]
 
 
-def run_key(config: Path, overrides: list[str]) -> str:
-    """A short hash of the resolved config (without its run folder): the same training, the same key."""
-    mapping = to_mapping(load_config(config, overrides))
-    mapping["run_dir"] = "runs/payoff"  # the same key for every run (and the one written before paths were absolute)
-    return hashlib.sha256(yaml.safe_dump(mapping, sort_keys=False).encode()).hexdigest()[:10]
+def _flat(mapping: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+DEFAULTS = _flat(to_mapping(RunConfig()))
+
+
+def run_key(config: RunConfig) -> str:
+    """A short hash of what the resolved config sets away from the defaults (its run folder aside): the same
+    training, the same key, and a key that a config field added later with its default does not change."""
+    chosen = {k: v for k, v in _flat(to_mapping(config)).items() if k != "run_dir" and DEFAULTS.get(k, ...) != v}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def cached_runs(folder: Path) -> dict[str, Path]:
+    """``{run_key: run folder}`` of the runs under ``folder``, read from their recorded configs (whatever their
+    folder's name: runs named by an earlier form of the key are found too); finished ones first."""
+    found: dict[str, Path] = {}
+    for recorded in sorted(folder.glob("*/config.yaml")):
+        try:
+            key = run_key(load_config(recorded))
+        except ConfigError:
+            continue
+        done = finished(recorded.parent, "supernet") or finished(recorded.parent, "alone")
+        if key not in found or done:
+            found[key] = recorded.parent
+    return found
 
 
 class Plan:
@@ -92,6 +119,7 @@ class Plan:
 
     def __init__(self, args, data: Path):
         self.args, self.runs = args, {}
+        self.cached = cached_runs(args.out / "runs")
         common = [f"data.root={data}", f"data.batch_size={args.batch_size}", "eval.every_epochs=0"]
         common += ["log.tensorboard=false", *args.set]
         for epochs in args.budgets:
@@ -109,7 +137,8 @@ class Plan:
         kind, _, epochs, seed = what
         # Named by the resolved config alone: two methods that train the same (the recipe and the method it
         # uses) share one run.
-        run_dir = self.args.out / "runs" / f"{kind}_e{epochs}_s{seed}_{run_key(self.args.config, overrides)}"
+        key = run_key(load_config(self.args.config, overrides))
+        run_dir = self.cached.get(key) or self.args.out / "runs" / f"{kind}_e{epochs}_s{seed}_{key}"
         self.runs[what] = (run_dir, [*overrides, f"run_dir={run_dir}"])
 
 

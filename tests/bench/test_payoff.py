@@ -54,6 +54,24 @@ def test_plan_shares_runs_of_one_config_and_cuts_seeds_at_long_budgets(tmp_path)
     assert "seed=1" in overrides and "optimizer.epochs=2" in overrides and "data.batch_size=64" in overrides
 
 
+def test_cached_runs_are_found_by_their_recorded_config_whatever_their_folder(tmp_path):
+    """A run written under an earlier key (another folder name), or before a config field with a default was
+    added (absent from its config.yaml), is the same run."""
+    from trainer.config import load_config, write_resolved
+
+    args = args_for(tmp_path, adaptive_recipe(tmp_path))
+    planned = payoff.Plan(args, tmp_path / "data")
+    run_dir, overrides = planned.runs[("supernet", "none", 2, 1)]
+    old = tmp_path / "out/runs/supernet_e2_s1_0123456789"
+    recorded = yaml.safe_load(write_resolved(load_config(args.config, overrides), old).read_text())
+    del recorded["data"]["max_image_pixels"]  # as a run written before that field existed
+    (old / "config.yaml").write_text(yaml.safe_dump(recorded))
+    (old / "supernet.safetensors").write_bytes(b"")
+    again = payoff.Plan(args, tmp_path / "data")
+    assert again.runs[("supernet", "none", 2, 1)][0] == old != run_dir
+    assert again.runs[("supernet", "none", 2, 0)][0] == planned.runs[("supernet", "none", 2, 0)][0]  # another seed
+
+
 def test_warmup_methods_take_half_the_budget():
     assert "loss.kd_warmup_epochs=12.0" in payoff.method_overrides("adaptive+warmup", 24)
     assert "loss.kd_warmup_epochs=3.0" in payoff.method_overrides("kl+warmup", 6)
