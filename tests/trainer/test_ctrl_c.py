@@ -4,6 +4,7 @@ printed once; the launcher watch itself."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -49,6 +50,27 @@ def wait_until_gone(pgid: int, timeout: float) -> list[str]:
     if left:
         os.killpg(pgid, signal.SIGKILL)
     return left
+
+
+@contextlib.contextmanager
+def group_killed_at_exit(proc: subprocess.Popen):
+    """Whatever the test asserts inside, no process of the launcher's group outlives it."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None or group_members(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def interrupt(proc: subprocess.Popen, *, whole_group: bool) -> list[str]:
+    """SIGINT to the launcher's process group (a terminal's Ctrl-C) or to the ``deepspeed`` runner alone; the runner
+    dies of it at once (130 in a shell); the ``ps`` lines of what is left of the group after 120 s."""
+    if whole_group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == -signal.SIGINT
+    return wait_until_gone(proc.pid, timeout=120)
 
 
 def console_checks(text: str) -> None:
@@ -144,15 +166,9 @@ def test_ctrl_c_to_the_process_group_saves_and_the_rerun_resumes_exactly(repo, d
     assert proc.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
 
     proc = launch(repo, [f"run_dir={run}", *args], log)
-    try:
+    with group_killed_at_exit(proc):
         wait_for_step(run, 3, proc, log)
-        os.killpg(proc.pid, signal.SIGINT)
-        # DeepSpeed's runner does not wait for its ranks: it dies of the KeyboardInterrupt at once (130 in a shell).
-        assert proc.wait(timeout=60) == -signal.SIGINT
-        left = wait_until_gone(proc.pid, timeout=120)
-    finally:
-        if proc.poll() is None or group_members(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+        left = interrupt(proc, whole_group=True)
     text = log.read_text()
     assert left == [], text[-3000:]
     assert text.count("signal received: saved") == 1, text[-3000:]
@@ -178,15 +194,10 @@ def test_ctrl_c_to_the_launcher_alone_saves_and_leaves_no_process(repo, digits_s
     run, log = tmp_path / "run", tmp_path / "job.log"
     long = {"optimizer.epochs": 100, "optimizer.max_steps": 2000, "checkpoint.every_steps": 10_000}
     proc = launch(repo, [*overrides(run, digits_shards, **long), "data.num_workers=1"], log)
-    try:
+    with group_killed_at_exit(proc):
         wait_for_step(run, 3, proc, log)
         assert len(group_members(proc.pid)) >= 4, group_members(proc.pid)  # runner, launch.py, two ranks (+ workers)
-        os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) == -signal.SIGINT
-        left = wait_until_gone(proc.pid, timeout=120)
-    finally:
-        if proc.poll() is None or group_members(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+        left = interrupt(proc, whole_group=False)
     text = log.read_text()
     assert left == [], "\n".join(left) + "\n" + text[-3000:]
     assert text.count("launcher gone (deepspeed, pid") == 1 and "saved" in text, text[-3000:]
@@ -200,19 +211,14 @@ def test_ctrl_c_before_the_first_step_prints_one_line(repo, digits_shards, tmp_p
     """Ctrl-C while the ranks start (importing, building): nothing to save, one line, no traceback from any rank."""
     run, log = tmp_path / "run", tmp_path / "job.log"
     proc = launch(repo, overrides(run, digits_shards), log)
-    try:
+    with group_killed_at_exit(proc):
         deadline = time.time() + 120
         while log.read_text().count("spawned with command") < 2 and time.time() < deadline:
             assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.1)
         time.sleep(3)  # past Python's own start, well before the first step
         assert not (run / "metrics.jsonl").exists()
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) == -signal.SIGINT
-        left = wait_until_gone(proc.pid, timeout=120)
-    finally:
-        if proc.poll() is None or group_members(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+        left = interrupt(proc, whole_group=True)
     text = log.read_text()
     assert left == [], text[-3000:]
     assert text.count("interrupted: stopped without saving") == 1, text[-3000:]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -108,6 +109,20 @@ def test_a_few_aliases_still_work(tmp_path):
     assert load_config(path).data.std == (0.5, 0.5, 0.5)
 
 
+def run_entry_point(repo: Path, run_dir: Path, sets: list[str]) -> subprocess.CompletedProcess:
+    """``trainer/run.py`` of the tiny recipe as one plain process (no launcher's rank variables), output kept."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    command = [sys.executable, "trainer/run.py", "--config", "configs/tiny_cpu.yaml", "--run-dir", str(run_dir)]
+    return subprocess.run(
+        [*command, "--set", *sets],
+        cwd=repo,
+        env={**env, "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 @pytest.mark.parametrize(
     "override, fragment",
     [
@@ -190,26 +205,7 @@ def test_a_corrupt_manifest_is_a_data_error(tmp_path):
     ],
 )
 def test_data_that_cannot_train_exits_2_before_the_first_step(repo, digits_shards, tmp_path, override, fragment):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "trainer/run.py",
-            "--config",
-            "configs/tiny_cpu.yaml",
-            "--run-dir",
-            str(tmp_path / "run"),
-            "--set",
-            f"data.root={digits_shards}",
-            "data.num_workers=0",
-            override,
-        ],
-        cwd=repo,
-        env={**env, "DS_ACCELERATOR": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_entry_point(repo, tmp_path / "run", [f"data.root={digits_shards}", "data.num_workers=0", override])
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert fragment in out.stderr
 
@@ -374,29 +370,13 @@ def test_a_crafted_export_stops_the_trainer_in_one_line(repo, digits_shards, tmp
         resnet18 = torchvision.models.get_model("resnet18", weights=None, num_classes=10)
         save_file(resnet18.state_dict(), str(folder / "model.safetensors"))
         fragment = "does not fit torchvision vit_h_14"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    command = [
-        sys.executable,
-        "trainer/run.py",
-        "--config",
-        "configs/tiny_cpu.yaml",
-        "--run-dir",
-        str(tmp_path / "run"),
-    ]
     sets = [
         f"data.root={digits_shards}",
         "data.num_workers=0",
         "task.name=one_network",
         f"task.student.export={folder}",
     ]
-    out = subprocess.run(
-        [*command, "--set", *sets],
-        cwd=repo,
-        env={**env, "DS_ACCELERATOR": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_entry_point(repo, tmp_path / "run", sets)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]
     assert fragment in line and str(folder / "model.safetensors") in line
