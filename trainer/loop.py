@@ -32,7 +32,7 @@ from trainer.runtime.schedule import lr_at
 from trainer.runtime.signals import StopSignals
 from trainer.runtime.sinks import build_sinks, check_packages
 from trainer.runtime.timing import StepTiming
-from trainer.state.checkpoint import Checkpointer, check_resumable, rng_state, set_rng_state
+from trainer.state.checkpoint import Checkpointer, CheckpointError, check_resumable, rng_state, set_rng_state
 from trainer.state.reshard import fresh_rng_state
 from trainer.tasks import RunContext, build_task
 from typedconfig import to_mapping
@@ -181,7 +181,12 @@ class Trainer:
         self.bad_steps, self.skipped_total = int(client["bad_steps"]), int(client["skipped_total"])
         resharded = resumed.saved_world not in (0, self.world)
         loader = rank_state["loader"]
-        self.train_loader.load_state_dict(self.train_loader.resharded_state(loader) if resharded else loader)
+        if resharded:
+            try:
+                loader = self.train_loader.resharded_state(loader)
+            except ValueError as exc:  # one line and exit 2, like the other refusals
+                raise CheckpointError(f"checkpoint {tag}: {exc}") from None
+        self.train_loader.load_state_dict(loader)
         self.task.load_state(client, rank_state)  # on another world size: old rank (rank mod old world)'s
         if resharded and self.rank >= resumed.saved_world:  # a rank the checkpoint did not have: streams of its own
             fresh_rng_state(self.config.seed, self.rank, self.global_step)
