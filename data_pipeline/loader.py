@@ -142,6 +142,36 @@ class ResumableLoader:
             "batch_size": self.plan.batch_size,
         }
 
+    def resharded_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state``, saved by this split's loader on another world size or batch size, as this loader's own: the
+        same epoch, continued after the samples that all ranks together had consumed of it.
+
+        Every rank's share of a training epoch interleaves one order that depends on (seed, epoch) only (rank r
+        takes the order's positions r, r + world, r + 2·world, ...), so after ``p`` batches of ``b`` on ``w`` ranks
+        the ranks have consumed exactly the order's first ``p·b·w`` samples, whatever ``w`` was.  This loader
+        resumes at the batch where its own ranks have consumed that same prefix; nothing of the epoch is lost or
+        repeated.  ValueError when the prefix is not a whole number of batches over this loader's ranks (a global
+        batch that was not kept)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        for key, have in (("split", self.split), ("num_samples", self.plan.num_samples)):
+            if state[key] != have:
+                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has {key}={have}")
+        consumed = int(state["position"]) * int(state["batch_size"]) * int(state["world_size"])
+        per_batch = self.plan.batch_size * self.plan.world_size
+        if consumed % per_batch:
+            raise ValueError(
+                f"loader state was saved after {consumed} samples of epoch {state['epoch']} (over all ranks), not a "
+                f"whole number of batches of {self.plan.batch_size} on {self.plan.world_size} rank(s)"
+            )
+        return {
+            **state,
+            "position": consumed // per_batch,
+            "rank": self.plan.rank,
+            "world_size": self.plan.world_size,
+            "batch_size": self.plan.batch_size,
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")

@@ -5,6 +5,11 @@
 # Extra arguments are --set overrides of the config. On the USR1 signal (300 s before the time
 # limit, or `scancel --signal=USR1 JOBID`) every rank saves at the next step boundary, then rank 0
 # requeues the job, which resumes from that checkpoint with the same command.
+# Resuming on another node count (ZeRO 0-2): keep the global batch, data.batch_size x
+# optimizer.gradient_accumulation_steps x GPUs, e.g. a 2-node run with accumulation 4 continues on 4 nodes with
+#   sbatch --nodes=4 --export=ALL,RUN_DIR=runs/a4n slurm/alphanet.sh optimizer.gradient_accumulation_steps=2 --allow-config-change
+# (weights, optimizer state, data position and RNG streams carry over; docs/training.md). A node count that
+# cannot keep it stops at once with exit 2 and one line naming the values that would; so does ZeRO-3.
 #SBATCH --job-name=alphanet
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8

@@ -32,7 +32,15 @@ from trainer.runtime.schedule import lr_at
 from trainer.runtime.signals import StopSignals
 from trainer.runtime.sinks import build_sinks, check_packages
 from trainer.runtime.timing import StepTiming
-from trainer.state.checkpoint import Checkpointer, check_resumable, restore_loader, rng_state, set_rng_state
+from trainer.state.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    check_resumable,
+    restore_loader,
+    rng_state,
+    set_rng_state,
+)
+from trainer.state.reshard import fresh_rng_state
 from trainer.tasks import RunContext, build_task
 from typedconfig import to_mapping
 
@@ -116,7 +124,9 @@ class Trainer:
     def _build_checkpointer_and_resume(self) -> None:
         folder = self.run_dir / "checkpoints"
         every, keep = self.config.checkpoint.every_steps, self.config.checkpoint.keep
-        self.checkpointer = Checkpointer(folder, self.rank, self.world, keep=keep, every_steps=every)
+        self.checkpointer = Checkpointer(
+            folder, self.rank, self.world, keep=keep, every_steps=every, reshard_refusal=self._reshard_refusal()
+        )
         self.model_hash = model_hash(self.config)  # the model's identity and the task's
         self.global_step = self.bad_steps = self.skipped_total = 0
         self.resume_warnings: list[str] = []
@@ -134,12 +144,27 @@ class Trainer:
         self.log = MetricsLogger(self.run_dir, enabled=self.env.is_main, sinks=sinks, **steps)
         self.signals = StopSignals()  # USR1, TERM, INT (Ctrl-C) and the like: save at the next step boundary
 
+    def _reshard_refusal(self) -> str | None:
+        """Why this run cannot resume a checkpoint written by another number of ranks (None: it can)."""
+        engine = self.config.engine
+        if engine.zero_stage == 3:
+            return (
+                "ZeRO-3 partitions the weights themselves and resumes only on the world size that wrote them; "
+                "resume on that many ranks (ZeRO 0–2 resume on any world size that keeps the global batch)"
+            )
+        if engine.bf16:
+            return "the bf16 optimizer resumes only on the world size that wrote it (fp32 ZeRO 0–2 resume on any)"
+        return None
+
     # ------------------------------------------------------------------------------------------ state
     def _client_state(self) -> dict[str, Any]:
         return {
             "global_step": self.global_step,
             "model_hash": self.model_hash,
             "world_size": self.world,
+            "global_batch": self.global_batch,
+            "micro_batch": self.config.data.batch_size,
+            "accumulation": self.config.optimizer.gradient_accumulation_steps,
             "bad_steps": self.bad_steps,
             "skipped_total": self.skipped_total,
             **self.task.client_state(),
@@ -154,12 +179,32 @@ class Trainer:
             return None
         self.resume_warnings = [f"skipped unreadable checkpoint: {line}" for line in resumed.skipped]
         tag, client, rank_state = resumed.tag, resumed.client_state, resumed.rank_state
-        check_resumable(resumed, self.checkpointer.dir / tag, model_hash=self.model_hash, world=self.world)
+        shape = {
+            "micro_batch": self.config.data.batch_size,
+            "accumulation": self.config.optimizer.gradient_accumulation_steps,
+        }
+        check_resumable(resumed, self.checkpointer.dir / tag, model_hash=self.model_hash, world=self.world, **shape)
         self.global_step = int(client["global_step"])
         self.bad_steps, self.skipped_total = int(client["bad_steps"]), int(client["skipped_total"])
-        restore_loader(self.train_loader, rank_state["loader"], self.checkpointer.dir / tag, self.rank)
-        self.task.load_state(client, rank_state)
-        set_rng_state(rank_state["rng"])
+        resharded = resumed.saved_world not in (0, self.world)
+        loader = rank_state["loader"]
+        if resharded:
+            try:
+                loader = self.train_loader.resharded_state(loader)
+            except ValueError as exc:  # one line and exit 2, like the other refusals
+                raise CheckpointError(f"checkpoint {tag}: {exc}") from None
+        restore_loader(self.train_loader, loader, self.checkpointer.dir / tag, self.rank)
+        self.task.load_state(client, rank_state)  # on another world size: old rank (rank mod old world)'s
+        if resharded and self.rank >= resumed.saved_world:  # a rank the checkpoint did not have: streams of its own
+            fresh_rng_state(self.config.seed, self.rank, self.global_step)
+        else:
+            set_rng_state(rank_state["rng"])
+        if resharded and self.env.is_main:
+            self.resume_warnings.append(
+                f"resuming {tag} of {resumed.saved_world} rank(s) on {self.world}: weights and optimizer state "
+                f"resharded, epoch {self.train_loader.epoch} continues at batch {self.train_loader.position} of "
+                f"{len(self.train_loader)} per rank"
+            )
         return tag
 
     def save(self) -> str:

@@ -26,6 +26,13 @@ import torch.distributed as dist
 
 from fileops import atomic_output, atomic_write_text
 from trainer.runtime.collectives import all_reduce_
+from trainer.state.reshard import (
+    check_global_batch,
+    reshard_zero_optimizer,
+    saved_world_size,
+    source_rank,
+    zero_optim_files,
+)
 from trainer.state.safe_checkpoint import CheckpointFileError, GuardedCheckpointEngine, safe_load
 
 LATEST = "latest"
@@ -81,10 +88,15 @@ def committed_tags(checkpoint_dir: Path) -> list[str]:
     return sorted((t for t in tags if t <= newest), reverse=True)
 
 
-def rank_files(tag_dir: Path, rank: int) -> list[Path]:
+def rank_files(tag_dir: Path, rank: int, saved_world: int | None = None) -> list[Path]:
     """The files rank ``rank`` reads when resuming from ``tag_dir``: the shared model states (ZeRO 0–2),
-    its own ZeRO shards, and its trainer state."""
+    its own ZeRO shards, and its trainer state.  On another world size than ``saved_world`` (the ranks that wrote
+    it): the shared model states, every old rank's ZeRO-1/2 optimizer partition, and the trainer state of the old
+    rank it continues (:func:`trainer.state.reshard.source_rank`)."""
     files = [p for p in [tag_dir / "mp_rank_00_model_states.pt"] if p.is_file()]
+    if saved_world is not None and saved_world != 0:
+        source = source_rank(rank, saved_world)
+        return [*files, *zero_optim_files(tag_dir), tag_dir / f"trainer_rank{source}.pt"]
     files += sorted(tag_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_*.pt"))
     return [*files, tag_dir / f"trainer_rank{rank}.pt"]
 
@@ -98,20 +110,34 @@ class Resumed:
     rank_state: dict[str, Any]
     skipped: list[str] = field(default_factory=list)
     """One line per newer committed checkpoint that could not be read, naming the file and the reason."""
+    saved_world: int = 0
+    """How many ranks wrote it (0: unknown, an older layout); ``rank_state`` is then old rank
+    ``rank mod saved_world``'s."""
 
 
-def check_resumable(resumed: Resumed, where: Path, *, model_hash: str, world: int) -> None:
-    """A CheckpointError unless ``resumed`` was written for the same model config and the same number of ranks."""
+def check_resumable(
+    resumed: Resumed, where: Path, *, model_hash: str, world: int, micro_batch: int = 0, accumulation: int = 0
+) -> None:
+    """A CheckpointError unless ``resumed`` was written for the same model config, and by the same number of ranks
+    or with the global batch that ``micro_batch × accumulation × world`` keeps."""
     client = resumed.client_state
     if client.get("model_hash") != model_hash:
         raise CheckpointError(
             f"checkpoint {where} was written for a different model config (hash {client.get('model_hash')} vs "
             f"{model_hash}); use a new run_dir or the original config"
         )
-    if client.get("world_size") != world:
-        raise CheckpointError(
-            f"checkpoint {resumed.tag} was written by {client.get('world_size')} ranks, this run has {world}"
+    saved_world = client.get("world_size")
+    if saved_world != world:
+        problem = check_global_batch(
+            client,
+            resumed.tag,
+            saved_world=saved_world,
+            world=world,
+            micro_batch=micro_batch,
+            accumulation=accumulation,
         )
+        if problem is not None:
+            raise CheckpointError(problem)
 
 
 _LOADER_KEYS = {
@@ -152,8 +178,19 @@ def _failed_ranks(failed: bool, rank: int, world_size: int) -> list[int]:
 class Checkpointer:
     """Saves, prunes and loads the run's checkpoints; :meth:`should_save` is the one saving rule."""
 
-    def __init__(self, checkpoint_dir: Path, rank: int, world_size: int, *, keep: int, every_steps: int):
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        rank: int,
+        world_size: int,
+        *,
+        keep: int,
+        every_steps: int,
+        reshard_refusal: str | None = None,
+    ):
+        """``reshard_refusal``: why this run cannot resume a checkpoint of another world size (None: it can)."""
         self.dir = Path(checkpoint_dir)
+        self.reshard_refusal = reshard_refusal
         self.rank, self.world_size, self.keep, self.every_steps = rank, world_size, keep, every_steps
         self.last_tag: str | None = None
         """The newest tag this run saved or resumed from."""
@@ -210,11 +247,11 @@ class Checkpointer:
         for old in [t for t in tags if t != keep_tag][: max(0, len(tags) - self.keep)]:
             shutil.rmtree(self.dir / old, ignore_errors=True)
 
-    def _read_rank_files(self, tag: str) -> tuple[dict[str, Any] | None, str | None]:
+    def _read_rank_files(self, tag: str, saved_world: int) -> tuple[dict[str, Any] | None, str | None]:
         """(this rank's trainer state, None), or (None, why a file of ``tag`` this rank needs is unreadable).
         DeepSpeed's files are read into the guarded engine's cache, so the real load reads them once."""
         try:
-            files = rank_files(self.dir / tag, self.rank)
+            files = rank_files(self.dir / tag, self.rank, saved_world if saved_world != self.world_size else None)
             loaded = {path: safe_load(path) for path in files}
         except CheckpointFileError as exc:
             return None, str(exc)
@@ -227,7 +264,13 @@ class Checkpointer:
         skipped: list[str] = []
         for tag in committed_tags(self.dir):
             self._preloaded = {}
-            rank_state, problem = self._read_rank_files(tag)
+            saved_world = saved_world_size(self.dir / tag)
+            if saved_world not in (0, self.world_size) and self.reshard_refusal is not None:
+                raise CheckpointError(
+                    f"checkpoint {tag} was written by {saved_world} ranks, this run has {self.world_size}: "
+                    f"{self.reshard_refusal}"
+                )
+            rank_state, problem = self._read_rank_files(tag, saved_world)
             if problem is not None and self.rank != 0:  # rank 0 logs its own; the others say theirs here
                 print(f"rank {self.rank}: skipping unreadable checkpoint: {problem}", file=sys.stderr, flush=True)
             failed = _failed_ranks(problem is not None, self.rank, self.world_size)
@@ -237,16 +280,41 @@ class Checkpointer:
             guarded = _guarded(engine)
             guarded.preloaded = self._preloaded
             try:
-                path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
+                if saved_world in (0, self.world_size):
+                    path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
+                else:
+                    path, client_state = self._load_resharded(engine, tag)
             finally:
                 guarded.preloaded, self._preloaded = {}, {}
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
             self.last_tag = tag
-            return Resumed(tag, client_state, rank_state, skipped)
+            return Resumed(tag, client_state, rank_state, skipped, saved_world)
         if skipped:
             raise CheckpointError("no committed checkpoint can be read: " + "; ".join(skipped))
         return None
+
+    def _load_resharded(self, engine, tag: str) -> tuple[str | None, dict[str, Any]]:
+        """Load ``tag``, written by another number of ranks.  ZeRO-0 keeps the whole optimizer beside the weights,
+        so DeepSpeed's own load reads it on any world size; under ZeRO-1/2 DeepSpeed refuses optimizer partitions of
+        another data-parallel degree, so it loads the module only and the partitions are cut again here."""
+        if not engine.zero_optimization():
+            return engine.load_checkpoint(str(self.dir), tag=tag)
+        partitions = [_guarded(engine).load(str(p)) for p in zero_optim_files(self.dir / tag)]
+        path, client_state = engine.load_checkpoint(str(self.dir), tag=tag, load_module_only=True)
+        if path is None:
+            return path, client_state
+        try:
+            reshard_zero_optimizer(engine.optimizer, [p["optimizer_state_dict"] for p in partitions])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint {self.dir / tag}: the ZeRO optimizer state cannot be resharded: {exc}"
+            ) from exc
+        # what load_module_only leaves out of DeepSpeed's own counters (the trainer keeps its own step)
+        engine.global_steps = client_state.pop("global_steps", engine.global_steps)
+        engine.global_samples = client_state.pop("global_samples", engine.global_samples)
+        engine.skipped_steps = client_state.pop("skipped_steps", engine.skipped_steps)
+        return path, client_state
 
 
 def _guarded(engine) -> GuardedCheckpointEngine:

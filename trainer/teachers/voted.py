@@ -115,6 +115,10 @@ class VotedTeacher(InplaceTeacher):
 
     Config = VotedConfig
 
+    @property
+    def clean_targets(self) -> bool:
+        return False  # the in-place logits as AlphaNet takes them (VotedConfig has no clean_logits)
+
     def __init__(self, config: VotedConfig, context: TeacherContext):
         super().__init__(config, context)
         self.inplace = config.name == "inplace_and_voted"
