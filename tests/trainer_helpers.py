@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -93,8 +94,21 @@ def launch(repo, args: list[str], log: Path) -> subprocess.Popen:
     command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     command += ["trainer/run.py", "--config", "configs/tiny_cpu.yaml", "--set", *args]
     return subprocess.Popen(
-        command, cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+        command,
+        cwd=repo,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    """In the launcher's child before it execs: Ctrl-C's default action back, as in a terminal.  A test run started
+    in the background of a non-interactive shell (as CI may be) inherits SIGINT ignored, and Python then leaves it
+    ignored: the ``deepspeed`` runner would not react to the Ctrl-C these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def losses_by_step(run: Path) -> dict[int, dict]:

@@ -73,8 +73,21 @@ def test_constrained_sampler_respects_range_and_novelty():
 class ScoreAll:
     """A candidate store that remembers nothing: every arch is scored."""
 
-    def score(self, archs, evaluate):
+    def score(self, archs, evaluate, progress=None):
         return [evaluate(arch) for arch in archs]
+
+
+class Said:
+    """The search's console, keeping its lines (without progress)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def say(self, text: str) -> None:
+        self.lines.append(text)
+
+    def progress(self, phase: str):
+        return lambda *_: None
 
 
 def by_width(space):
@@ -93,19 +106,19 @@ def test_a_slimmable_search_smaller_than_its_draws_evaluates_every_width():
 
     space = load_search_space("tiny_slim_mbv2")
     assert len(space.widths) == 14
-    said: list[str] = []
+    said = Said()
     search = SearchConfig(population=6, min_mflops=0.1, max_mflops=1.0, bucket_mflops=0.05)
-    population = evolve(search, space, 10, ScoreAll(), by_width(space), said.append)
+    population = evolve(search, space, 10, ScoreAll(), by_width(space), said)
     assert sorted(c.arch.width for c in population) == list(space.widths)
-    assert said == ["'tiny_slim_mbv2' holds 14 sub-networks, 14 within the FLOPs range: evaluating all of them"]
+    assert said.lines == ["'tiny_slim_mbv2' holds 14 sub-networks, 14 within the FLOPs range: evaluating all of them"]
     # A search that draws fewer than the space holds still evolves: 6 + 1 × (2 + 2) of 14.
     small = SearchConfig(
         population=6, parents=3, crossovers=2, mutations=2, iterations=1, min_mflops=0.1, max_mflops=1.0
     )
-    population = evolve(small, space, 10, ScoreAll(), by_width(space), said.append)
+    population = evolve(small, space, 10, ScoreAll(), by_width(space), said)
     assert len({c.arch.width for c in population}) == len(population) == 10
     with pytest.raises(SpaceExhausted, match="no sub-network of 'tiny_slim_mbv2' within"):
-        evolve(SearchConfig(population=6, min_mflops=50, max_mflops=60), space, 10, ScoreAll(), by_width(space), print)
+        evolve(SearchConfig(population=6, min_mflops=50, max_mflops=60), space, 10, ScoreAll(), by_width(space), Said())
 
 
 # ---- a run folder with supernet weights, no training needed ----------------------------------------
@@ -154,13 +167,13 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_search_writes_front_resumes_and_exports(run_dir, repo, monkeypatch, tmp_path, capsys):
+def test_search_writes_front_resumes_and_exports(run_dir, repo, monkeypatch, tmp_path, capfd):
     from search import run as search
 
     monkeypatch.chdir(repo)
     out = run_dir / "run" / "search"
     assert search.main(search_cmd(run_dir, "--export", "tiny_m", "pareto@0.6")[1:]) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     # progress from the first candidate on, timestamped, before the generation's summary
     first = re.search(r"^\d\d:\d\d:\d\d generation 0: 1/5 scored, [\d.]+ s each", printed, re.M)
     assert first is not None and first.start() < printed.index("generation 0: 5 candidates"), printed

@@ -52,11 +52,13 @@ def test_resolver_single_process():
     assert resolve({"MASTER_PORT": "4567"}).master_port == 4567
 
 
-def test_run_dir_argument_is_taken_literally(capsys):
+def test_run_dir_argument_is_taken_literally(capsys, tmp_path, monkeypatch):
+    """Not parsed as YAML (`#` starts no comment); relative to the shell's folder, like any argument."""
     from trainer.config import main
 
+    monkeypatch.chdir(tmp_path)
     assert main(["--config", str(REPO / "configs/tiny_cpu.yaml"), "--run-dir", "runs/a #b"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["run_dir"] == "runs/a #b"
+    assert yaml.safe_load(capsys.readouterr().out)["run_dir"] == str(tmp_path / "runs/a #b")
 
 
 @pytest.mark.parametrize("script", ["slurm/alphanet.sh", "slurm/search.sh"])
