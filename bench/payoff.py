@@ -43,7 +43,7 @@ from fileops import atomic_write_text
 from models import load_named_archs
 from trainer.config import RunConfig, load_config
 from trainer.consolidate import consolidate
-from typedconfig import ConfigError, to_mapping
+from typedconfig import ConfigError, dotted_items, to_mapping
 
 LEVERS_OFF = ["loss.kd_warmup_epochs=0", "loss.kd_label_mix=0", "loss.kd_gate=none"]
 METHODS: dict[str, list[str]] = {
@@ -79,23 +79,13 @@ def method_overrides(method: str, epochs: int) -> list[str]:
     return [o.replace("0.5R", str(epochs / 2)) for o in METHODS[method]]
 
 
-def _flat(mapping: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-DEFAULTS = _flat(to_mapping(RunConfig()))
+DEFAULTS = dotted_items(to_mapping(RunConfig()))
 
 
 def run_key(config: RunConfig) -> str:
     """A short hash of what the resolved config sets away from the defaults (its run folder aside): the same
     training, the same key, and a key that a config field added later with its default does not change."""
-    chosen = {k: v for k, v in _flat(to_mapping(config)).items() if k != "run_dir" and DEFAULTS.get(k, ...) != v}
+    chosen = {k: v for k, v in dotted_items(to_mapping(config)).items() if k != "run_dir" and DEFAULTS.get(k, ...) != v}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

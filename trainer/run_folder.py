@@ -27,7 +27,7 @@ from fileops import atomic_write_text
 from trainer.config import RESOLVED_CONFIG_NAME, RunConfig
 from trainer.config_keys import current_keys
 from trainer.paths import recorded_anchor
-from typedconfig import ConfigError, from_mapping, to_mapping
+from typedconfig import ConfigError, dotted_items, from_mapping, to_mapping
 from typedconfig.paths import anchor_paths
 
 LOCK_NAME = ".lock"
@@ -100,21 +100,10 @@ class RunFolderLock:
             self._fd = None
 
 
-def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def config_changes(previous: dict[str, Any], current: RunConfig) -> dict[str, tuple[Any, Any]]:
     """``{key: (previous, current)}`` for every key that differs (keys only one side has included)."""
-    old = _flatten(previous)
-    new = _flatten(yaml.safe_load(yaml.safe_dump(to_mapping(current))))  # the form config.yaml stores
+    old = dotted_items(previous)
+    new = dotted_items(yaml.safe_load(yaml.safe_dump(to_mapping(current))))  # the form config.yaml stores
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 

@@ -337,3 +337,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], *, cls: type | N
             node = child
         node[parts[-1]] = value
     return result
+
+
+def dotted_items(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping flattened to ``{"section.key": value}`` (the form ``--set`` names keys in)."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(dotted_items(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

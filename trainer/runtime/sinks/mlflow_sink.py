@@ -9,6 +9,7 @@ from typing import Any
 
 from fileops import atomic_write_text
 from trainer.sections import MlflowConfig
+from typedconfig import dotted_items
 
 RUN_ID_FILE = "mlflow_run_id"
 """In the run folder: the MLflow run's id, written when the run is created and read by every resume."""
@@ -16,17 +17,6 @@ DATABASE = "mlflow.db"
 """The run folder's own MLflow store when ``log.mlflow.tracking_uri`` is null."""
 MAX_PARAM_CHARS = 6000
 """MLflow's limit on a parameter's value."""
-
-
-def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"section.key": "value"}``: MLflow's parameters are flat strings."""
-    flat: dict[str, str] = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)[:MAX_PARAM_CHARS]
-    return flat
 
 
 class MlflowSink:
@@ -55,7 +45,7 @@ class MlflowSink:
         self._run_id = run.info.run_id
         # Parameters cannot change once logged: a resume adds the keys the run lacks; a changed value (allowed
         # with --allow-config-change) stays as first logged, and RUN/config_changes.jsonl records the change.
-        params = {k: v for k, v in _flatten(run_config).items() if k not in run.data.params}
+        params = {k: str(v)[:MAX_PARAM_CHARS] for k, v in dotted_items(run_config).items() if k not in run.data.params}
         self._log_params(params)
 
     def _log_params(self, params: dict[str, str]) -> None:
